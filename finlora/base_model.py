@@ -79,6 +79,8 @@ def convert(gguf: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.eos_token = EOS
     tok.pad_token = EOS
+    # BPE: the WordPiece clean-up would strip spaces before punctuation on decode.
+    tok.clean_up_tokenization_spaces = False
     # fp32 keeps the de-quantised values exactly; training casts as its recipe says.
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     eos_id = tok.convert_tokens_to_ids(EOS)

@@ -1,0 +1,2 @@
+"""Data preparation: task registry, source readers, validation, splits, stats, and the
+`make data` entry point (finlora.data.prepare)."""

@@ -1,0 +1,376 @@
+"""`make eval`: score base, adapter and merged models on the FinLoRA tasks.
+
+Generation is batched greedy decoding (left padding, KV cache) over a task's test
+JSONL; scoring follows FinLoRA: for classification the prediction is the task label
+that appears first in the generated text (case-insensitive, whole words), scored by
+accuracy and weighted F1; NWGI's seven levels are folded to three; formula answers
+are compared as numbers rounded to two decimals; free-text tasks get ROUGE-L F1
+(BERTScore when the `bert_score` package and its model are available offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finlora import ROOT
+from finlora.data.tasks import SENTIMENT3, TASKS, Task
+
+# Tasks a model can be scored on, and the test file each reads from --data-dir.
+EVAL_SETS = ("fpb", "fiqa", "tfns", "nwgi", "headline", "ner", "formula", "xbrl_term", "financebench")
+MAX_NEW_TOKENS = {"label": 8, "number": 16, "text": 64}
+
+
+class EvalError(SystemExit):
+    pass
+
+
+@dataclass
+class Example:
+    id: int
+    context: str
+    target: str
+
+
+def test_file(data_dir: Path, name: str) -> Path:
+    return data_dir / f"{name}_test.jsonl"
+
+
+def parse_datasets(spec: str | None) -> list[str]:
+    names = [s.strip() for s in (spec or "fpb,fiqa").split(",") if s.strip()]
+    unknown = [n for n in names if n not in EVAL_SETS]
+    if unknown:
+        raise EvalError(f"error: unknown data set(s) {', '.join(unknown)}; known: {', '.join(EVAL_SETS)}")
+    return names
+
+
+def load_examples(path: Path, task: Task, limit: int | None = None) -> list[Example]:
+    """Read a test JSONL; every bad row is reported as file:line before anything runs."""
+    if not path.is_file():
+        raise EvalError(f"error: {path}: test file not found (run `make data` or pass --data-dir)")
+    rows, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{path}:{lineno}: expected a JSON object")
+                continue
+            bad = False
+            for key in ("context", "target"):
+                v = obj.get(key)
+                if v is None or (isinstance(v, str) and not v.strip()):
+                    problems.append(f"{path}:{lineno}: field '{key}' is missing or empty")
+                    bad = True
+                elif not isinstance(v, (str, int, float)):
+                    problems.append(f"{path}:{lineno}: field '{key}' has type {type(v).__name__}, expected a string")
+                    bad = True
+            if bad:
+                continue
+            target = str(obj["target"]).strip()
+            if task.labels and target.lower() not in {lab.lower() for lab in task.labels}:
+                problems.append(f"{path}:{lineno}: target {target!r} is not one of {task.name}'s labels "
+                                f"({', '.join(task.labels)})")
+                continue
+            rows.append(Example(len(rows), str(obj["context"]), target))
+    if problems:
+        shown = "\n".join(problems[:50])
+        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise EvalError(f"error: {len(problems)} bad row(s) in {path}:\n{shown}{more}")
+    return rows[:limit] if limit else rows
+
+
+# --- scoring -------------------------------------------------------------------
+
+def fold_nwgi(label: str) -> str:
+    """NWGI's seven levels to three, as FinLoRA scores them."""
+    low = label.lower()
+    for base in SENTIMENT3:
+        if base in low:
+            return base
+    return label
+
+
+def first_label(text: str, labels: tuple[str, ...]) -> str | None:
+    """The label whose first whole-word, case-insensitive occurrence comes first."""
+    best, best_pos = None, None
+    low = text.lower()
+    # longer labels first so "strong negative" wins over "negative" at the same spot
+    for lab in sorted(labels, key=len, reverse=True):
+        m = re.search(r"\b" + re.escape(lab.lower()) + r"\b", low)
+        if m and (best_pos is None or m.start() < best_pos):
+            best, best_pos = lab, m.start()
+    return best
+
+
+_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    m = _NUMBER.search(text)
+    if not m:
+        return None
+    try:
+        return float(m.group().replace("$", "").replace(",", "").replace(" ", ""))
+    except ValueError:
+        return None
+
+
+def parse_prediction(task: Task, text: str) -> str | None:
+    if task.answer_type == "label":
+        labels = SENTIMENT3 if task.name == "nwgi" else task.labels
+        return first_label(text, labels)
+    if task.answer_type == "number":
+        x = first_number(text)
+        return None if x is None else f"{x:.2f}"
+    return text.strip()
+
+
+def score(task: Task, preds: list[str | None], targets: list[str]) -> dict:
+    n = len(targets)
+    if task.answer_type == "label":
+        from sklearn.metrics import f1_score
+
+        fold = fold_nwgi if task.name == "nwgi" else (lambda s: s)
+        labels = SENTIMENT3 if task.name == "nwgi" else task.labels
+        canon = {lab.lower(): lab for lab in labels}
+        y_true = [canon[fold(t).lower()] for t in targets]
+        y_pred = [p if p is not None else "<none>" for p in preds]
+        acc = sum(a == b for a, b in zip(y_true, y_pred)) / n
+        f1 = f1_score(y_true, y_pred, labels=list(labels), average="weighted", zero_division=0)
+        return {"n": n, "accuracy": acc, "f1_weighted": float(f1),
+                "unparsed": sum(p is None for p in preds), "metric": "accuracy"}
+    if task.answer_type == "number":
+        ok = [p is not None and abs(float(p) - round(float(t), 2)) < 0.005 for p, t in zip(preds, targets)]
+        return {"n": n, "accuracy": sum(ok) / n, "unparsed": sum(p is None for p in preds), "metric": "accuracy"}
+    metric, values = text_similarity([p or "" for p in preds], targets)
+    return {"n": n, metric: sum(values) / n, "metric": metric}
+
+
+def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]]:
+    try:
+        from bert_score import score as bert_score  # optional extra
+
+        _, _, f1 = bert_score(preds, refs, lang="en", verbose=False)
+        return "bertscore_f1", [float(x) for x in f1]
+    except Exception:  # not installed, or its model cannot be loaded offline
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return "rougeL_f1", [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
+
+
+# --- models and generation -----------------------------------------------------
+
+def _same_base(adapter_dir: Path, base: str) -> bool:
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not recorded:
+        return True
+    def norm(s: str) -> str:
+        p = Path(s) if Path(s).is_absolute() else ROOT / s
+        return str(p.resolve()) if p.exists() else s.rstrip("/")
+    return norm(recorded) == norm(base)
+
+
+def load_model(base: str, adapter: str | None = None, merged: str | None = None, dtype: str = "float32",
+               allow_base_mismatch: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    src = merged or base
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.padding_side = "left"  # generation appends on the right, so pad on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+    if adapter:
+        adapter_dir = Path(adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise EvalError(f"error: {adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
+        if not allow_base_mismatch and not _same_base(adapter_dir, base):
+            rec = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+            raise EvalError(f"error: adapter {adapter_dir} was trained on {rec!r}, not on --base {base!r} "
+                            "(pass --allow-base-mismatch if they are the same weights)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tok
+
+
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+             desc: str = "generate") -> list[str]:
+    """Greedy decoding in length-sorted batches; results come back in input order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    eos = tok.eos_token_id
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new):
+                out[i] = tok.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            bar.update(len(idx))
+    return out
+
+
+def evaluate_set(model, tok, name: str, examples: list[Example], batch_size: int, label: str) -> tuple[dict, list[dict]]:
+    task = TASKS[name]
+    t0 = time.perf_counter()
+    texts = generate(model, tok, [e.context for e in examples], MAX_NEW_TOKENS[task.answer_type],
+                     batch_size, desc=f"{label}:{name}")
+    secs = time.perf_counter() - t0
+    preds = [parse_prediction(task, t) for t in texts]
+    metrics = score(task, preds, [e.target for e in examples])
+    metrics["seconds"] = round(secs, 2)
+    rows = [{"id": e.id, "generated": t, "parsed": p, "target": e.target}
+            for e, t, p in zip(examples, texts, preds)]
+    return metrics, rows
+
+
+# --- report --------------------------------------------------------------------
+
+def headline(m: dict) -> float:
+    return m[m["metric"]]
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    models = list(results)
+    sets = list(dict.fromkeys(s for r in results.values() for s in r))
+    cols = ["data set", "metric"] + models
+    if len(models) == 2:
+        cols.append(f"{models[1]} - {models[0]}")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for s in sets:
+        first = next(r[s] for r in results.values() if s in r)
+        metric_names = [first["metric"]] + (["f1_weighted"] if "f1_weighted" in first else [])
+        for metric in metric_names:
+            vals = [results[m].get(s, {}).get(metric) for m in models]
+            cells = [s, metric] + [f"{v:.4f}" if v is not None else "-" for v in vals]
+            if len(models) == 2:
+                cells.append(f"{vals[1] - vals[0]:+.4f}" if None not in vals else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    n = {s: next(r[s]["n"] for r in results.values() if s in r) for s in sets}
+    lines.append("")
+    lines.append("Rows scored: " + ", ".join(f"{s} {k}" for s, k in n.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict[str, dict[str, dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from finlora.atomic import atomic_open
+
+    models = list(results)
+    sets = list(dict.fromkeys(s for r in results.values() for s in r))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sets) + 2), 4), dpi=110)
+    for k, m in enumerate(models):
+        vals = [headline(results[m][s]) if s in results[m] else 0 for s in sets]
+        bars = ax.bar([i + k * width for i in range(len(sets))], vals, width, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(sets))])
+    ax.set_xticklabels([f"{s}\n({results[models[0]].get(s, {}).get('metric', '')})" for s in sets])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(out, "wb", encoding=None) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+# --- CLI -----------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from finlora import recipes
+    from finlora.atomic import write_json, write_jsonl, write_text
+
+    p = argparse.ArgumentParser(description="Score base / adapter / merged models on FinLoRA test sets")
+    p.add_argument("--recipe", help="take --base and --adapter from this recipe (name or YAML)")
+    p.add_argument("--base", help="base model folder or hub name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="LoRA adapter folder (scored against the base)")
+    src.add_argument("--merged", help="merged model folder (scored against the base)")
+    p.add_argument("--datasets", default="fpb,fiqa", help=f"comma list of: {', '.join(EVAL_SETS)}")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "test",
+                   help="folder with <dataset>_test.jsonl files")
+    p.add_argument("--out", type=Path, help="report folder (default: <adapter or merged>/eval)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each set")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-base", action="store_true", help="skip scoring the base model")
+    p.add_argument("--allow-base-mismatch", action="store_true")
+    a = p.parse_args(argv)
+
+    if a.recipe:
+        cfg = recipes.load(recipes.resolve(a.recipe))
+        a.base = a.base or cfg["base_model"]
+        if not a.merged and not a.adapter:
+            a.adapter = str(recipes.resolve_path(cfg.get("output_dir", "")))
+    if not a.base:
+        raise EvalError("error: give --recipe or --base")
+    names = parse_datasets(a.datasets)
+    sets = {n: load_examples(test_file(a.data_dir, n), TASKS[n], a.limit) for n in names}
+    tuned = a.adapter or a.merged
+    out = a.out or (Path(tuned) / "eval" if tuned else ROOT / "outputs" / "eval")
+
+    results: dict[str, dict[str, dict]] = {}
+    preds: dict[str, list[dict]] = {}
+    if a.merged:
+        if not a.no_base:
+            base_model, tok = load_model(a.base, dtype=a.dtype)
+            for n, ex in sets.items():
+                results.setdefault("base", {})[n], preds[f"base_{n}"] = evaluate_set(base_model, tok, n, ex, a.batch_size, "base")
+            del base_model
+        model, tok = load_model(a.base, merged=a.merged, dtype=a.dtype)
+        for n, ex in sets.items():
+            results.setdefault("merged", {})[n], preds[f"merged_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, "merged")
+    else:
+        model, tok = load_model(a.base, adapter=a.adapter, dtype=a.dtype, allow_base_mismatch=a.allow_base_mismatch)
+        if a.adapter and not a.no_base:
+            # The base is the same weights with the adapter switched off: no second load.
+            with model.disable_adapter():
+                for n, ex in sets.items():
+                    results.setdefault("base", {})[n], preds[f"base_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, "base")
+        label = "adapter" if a.adapter else "base"
+        for n, ex in sets.items():
+            results.setdefault(label, {})[n], preds[f"{label}_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, label)
+
+    for key, rows in preds.items():
+        write_jsonl(out / f"predictions_{key}.jsonl", rows)
+    meta = {"base": a.base, "adapter": a.adapter, "merged": a.merged, "data_dir": str(a.data_dir),
+            "limit": a.limit, "dtype": a.dtype, "batch_size": a.batch_size}
+    write_json(out / "metrics.json", {"meta": meta, "results": results})
+    table = markdown_table(results)
+    write_text(out / "report.md", f"# Evaluation\n\nbase: `{a.base}`  \n"
+               f"{'adapter' if a.adapter else 'merged'}: `{tuned}`\n\n{table}")
+    bar_chart(results, out / "scores.png")
+    print(table)
+    print(f"eval: wrote {out}/report.md, metrics.json, scores.png, predictions_*.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

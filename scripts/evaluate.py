@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Score models on FinLoRA test sets: `python scripts/evaluate.py --recipe NAME --datasets fpb,fiqa`."""
+import sys
+
+from finlora.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Data preparation (finlora.data): sources, validation, splits, leakage, safe writes.
+
+Small fixtures are written into tmp_path by the tests themselves; the real public
+files in ../shared/data are used when present (those tests skip otherwise). Nothing
+here trains or loads a model; the token-length checks load only the base model's
+tokenizer and skip when it has not been built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finlora import ROOT
+from finlora.data import prepare
+from finlora.data.convert import Example, Mapping, input_text
+from finlora.data.prepare import main
+from finlora.data.sources import read_hf
+from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label
+
+SHARED = (ROOT.parent / "shared" / "data").resolve()
+TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
+
+needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(), reason=f"real data not found at {SHARED}")
+needs_tokenizer = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").is_file(),
+                                     reason="base model tokenizer not built (make base-model)")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv(prepare.ENV_SRC, raising=False)
+
+
+def news(text: str) -> str:
+    return SENTIMENT_NEWS.replace("{text}", text)
+
+
+def read_out(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    assert b"\r" not in raw
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+ROWS = [("Operating profit rose to EUR 13.1 mn .", "positive"),
+        ("The company's sales fell by 20 % .", "negative"),
+        ("The annual meeting will be held in Helsinki .", "neutral")]
+
+
+# --- sources: one round trip per format -------------------------------------------------
+
+def _write(fmt: str, path: Path) -> None:
+    if fmt in ("csv", "tsv"):
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="," if fmt == "csv" else "\t")
+            w.writerow(["id", "content", "label"])
+            for i, (t, lab) in enumerate(ROWS):
+                w.writerow([i, t, lab])
+    elif fmt == "json":
+        path.write_text(json.dumps([{"content": t, "label": lab} for t, lab in ROWS], indent=2))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"content": t, "label": lab}) + "\n" for t, lab in ROWS))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"content": [t for t, _ in ROWS], "label": [lab for _, lab in ROWS]}), path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_round_trip_formats(tmp_path, capsys, fmt):
+    src = tmp_path / f"in.{fmt}"
+    _write(fmt, src)
+    rc, out, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--label-col", "label",
+                       "--name", "x", "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0, err
+    assert read_out(tmp_path / "d/train/x_train.jsonl") == [{"context": news(t), "target": lab} for t, lab in ROWS]
+    assert json.loads((tmp_path / "d/stats/x_train.json").read_text())["labels"] == \
+        {"negative": 1, "neutral": 1, "positive": 1}
+
+
+def test_hub_code_path_on_local_files(tmp_path, capsys):
+    """The hub reader is datasets.load_dataset; the same call reads a local JSON file."""
+    src = tmp_path / "in.jsonl"
+    _write("jsonl", src)
+    rows = list(read_hf("json", split="train", data_files=str(src)))
+    assert [r.data["content"] for r in rows] == [t for t, _ in ROWS] and rows[0].line == 1
+    rc, _, err = run(capsys, "--task", "sentiment", "--format", "hf", "--input", "json", "--data-files", src,
+                     "--text-col", "content", "--name", "h", "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0, err
+    assert [r["target"] for r in read_out(tmp_path / "d/train/h_train.jsonl")] == [lab for _, lab in ROWS]
+
+
+def test_fpb_sentence_at_label_latin1(tmp_path, capsys):
+    src = tmp_path / "Sentences_50Agree.txt"
+    src.write_bytes("Caf\u00e9 chain \u00c5kerman's sales rose 5 % .@positive\r\n"
+                    "Profit fell to EUR 2 mn @ year end .@negative\n\nThe meeting is in May .@neutral\n".encode("latin-1"))
+    rc, out, err = run(capsys, "--task", "fpb", "--input", src, "--name", "fpb", "--out-dir", tmp_path / "d",
+                       "--no-token-check")
+    assert rc == 0, err
+    got = read_out(tmp_path / "d/train/fpb_train.jsonl")
+    assert [input_text(r["context"]) for r in got] == [
+        "Caf\u00e9 chain \u00c5kerman's sales rose 5 % .", "Profit fell to EUR 2 mn @ year end .", "The meeting is in May ."]
+    assert [r["target"] for r in got] == ["positive", "negative", "neutral"]
+    assert "read as Latin-1" in out
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_all_data_csv_with_a_non_utf8_byte(tmp_path, capsys, header):
+    src = tmp_path / "all-data.csv"
+    body = (b"label,content\r\n" if header else b"") + (
+        b'neutral,"According to Gran , the company has no plans ."\r\n'
+        b'positive,"Sales of Tel\xf1aco rose , says the CEO ."\r\n'
+        b"negative,Net loss widened to EUR 1 mn .\r\n")
+    src.write_bytes(body)
+    rc, out, err = run(capsys, "--task", "fpb", "--input", src, "--format", "all-data-csv", "--name", "ad",
+                       "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0, err
+    got = read_out(tmp_path / "d/train/ad_train.jsonl")
+    assert [r["target"] for r in got] == ["neutral", "positive", "negative"]
+    assert input_text(got[1]["context"]) == "Sales of Tel\u00f1aco rose , says the CEO ."
+    assert f"line(s) not UTF-8, read as Latin-1 (lines {3 if header else 2})" in out
+
+
+def test_fiqa_post_json_thresholds(tmp_path, capsys):
+    scores = {"1": -0.374, "2": "-0.1", "3": 0.0999, "4": "0.1", "5": -0.10001, "6": 0.8}
+    doc = {k: {"sentence": f"$AAPL post number {k}",
+               "info": [{"snippets": "['x']", "target": "AAPL", "sentiment_score": str(v) if not isinstance(v, str) else v,
+                         "aspects": "['Stock/Price Action']"}]} for k, v in scores.items()}
+    src = tmp_path / "task1_post_ABSA_train.json"
+    src.write_text(json.dumps(doc, indent=1))
+    rc, _, err = run(capsys, "--task", "fiqa", "--input", src, "--format", "fiqa-json", "--name", "fq",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0, err
+    got = read_out(tmp_path / "d/train/fq_train.jsonl")
+    assert [r["target"] for r in got] == ["negative", "neutral", "neutral", "positive", "negative", "positive"]
+    assert got[0]["context"] == SENTIMENT_TWEET.replace("{text}", "$AAPL post number 1")  # posts read as tweets
+    assert [fiqa_label(x) for x in (-0.1, 0.1, -0.11, 0.0)] == ["neutral", "positive", "negative", "neutral"]
+
+
+# --- validation ------------------------------------------------------------------------------
+
+BAD_JSONL = [
+    '{"content": "Shares rose 5 % .", "label": "positive"}',          # 1 ok
+    '{"content": "Shares fell", "label": "negative"',                 # 2 invalid JSON
+    '{"label": "neutral"}',                                            # 3 missing field
+    '{"content": "   ", "label": "neutral"}',                          # 4 empty field
+    '{"content": ["a list"], "label": "neutral"}',                     # 5 wrong type
+    '{"content": "Profit doubled .", "label": "bullish"}',             # 6 label outside the set
+    '{"content": "The meeting is in May .", "label": "neutral"}',      # 7 ok
+]
+BAD_REASONS = {2: "invalid JSON", 3: "missing field 'content'", 4: "empty field 'content'",
+               5: "wrong type for field 'content': list", 6: "label 'bullish' is not one of negative, neutral, positive"}
+
+
+def test_every_bad_row_reported_and_nothing_written(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(BAD_JSONL) + "\n")
+    out_file = tmp_path / "d/train/b_train.jsonl"
+    out_file.parent.mkdir(parents=True)
+    out_file.write_text("previous\n")
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--name", "b",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1
+    for line, reason in BAD_REASONS.items():
+        assert f"{src}:{line}: {reason}" in err
+    assert f"{src}:1:" not in err and f"{src}:7:" not in err
+    assert "5 bad row(s)" in err
+    assert out_file.read_text() == "previous\n"
+    assert not (tmp_path / "d/stats").exists()
+
+
+def test_skip_bad_counts_and_lists(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(BAD_JSONL) + "\n")
+    rc, out, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--name", "b",
+                       "--out-dir", tmp_path / "d", "--no-token-check", "--skip-bad")
+    assert rc == 0, err
+    assert "skipping 5 bad row(s) (--skip-bad)" in out
+    for line in BAD_REASONS:
+        assert f"{src}:{line}:" in out
+    assert [r["target"] for r in read_out(tmp_path / "d/train/b_train.jsonl")] == ["positive", "neutral"]
+    st = json.loads((tmp_path / "d/stats/b_train.json").read_text())
+    assert len(st["bad_rows_skipped"]) == 5 and st["rows"] == 2
+
+
+def test_csv_missing_column_and_short_row(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text("content,label\nShares rose .,positive\nonly one field\n")
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--name", "c",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and f"{src}:3: 1 fields, the header has 2" in err
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "sentence", "--name", "c",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and "missing field 'sentence'" in err
+
+
+@needs_tokenizer
+def test_too_long_in_tokens(tmp_path, capsys):
+    src = tmp_path / "long.jsonl"
+    rows = [{"text": "Sales rose .", "label": "positive"}, {"text": "profit " * 300, "label": "positive"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "text", "--name", "l",
+                     "--out-dir", tmp_path / "d")
+    assert rc == 1
+    assert f"{src}:2: too long:" in err and "> sequence_len 256" in err and f"{src}:1:" not in err
+    # the recipe decides: a tighter sequence_len flags the short row too
+    recipe = tmp_path / "tight.yml"
+    recipe.write_text(f"base_model: {TOKENIZER}\nsequence_len: 16\n")
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "text", "--name", "l",
+                     "--out-dir", tmp_path / "d", "--recipe", recipe)
+    assert rc == 1 and f"{src}:1: too long:" in err and "> sequence_len 16" in err
+
+
+# --- labels at the source -----------------------------------------------------------------
+
+def test_tfns_ids_mapped_at_the_source(tmp_path, capsys):
+    src = tmp_path / "sent_valid.csv"
+    src.write_text("text,label\n$X - X cut to Sell,0\n$Y - Y upped to Buy,1\n$Z - Z to present at conference,2\n")
+    rc, _, err = run(capsys, "--task", "tfns", "--input", src, "--name", "t", "--split", "test",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0, err
+    assert [r["target"] for r in read_out(tmp_path / "d/test/t_test.jsonl")] == ["negative", "positive", "neutral"]
+    assert LABEL_MAPS["tfns"] == {"0": "negative", "1": "positive", "2": "neutral"}
+
+
+@needs_shared
+def test_tfns_swap_repair_on_the_real_file(tmp_path, capsys):
+    src = SHARED / "finlora/test/tfns_test.jsonl"
+    as_published = {input_text(json.loads(line)["context"]): json.loads(line)["target"] for line in src.open()}
+    key = next(t for t in as_published if "upped to Buy at Deutsche Bank" in t)
+    assert as_published[key] == "neutral"  # the publisher's error
+    rc, _, err = run(capsys, "--task", "tfns", "--input", src, "--format", "finlora", "--split", "test",
+                     "--fix", "tfns-swap", "--name", "tfns", "--out-dir", tmp_path / "d")
+    assert rc == 0, err
+    fixed = {input_text(r["context"]): r["target"] for r in read_out(tmp_path / "d/test/tfns_test.jsonl")}
+    assert fixed[key] == "positive"
+    swap = dict([FIXES["tfns-swap"], FIXES["tfns-swap"][::-1]])
+    assert all(fixed[t] == swap.get(lab, lab) for t, lab in as_published.items())
+    rc, _, _ = run(capsys, "--task", "tfns", "--input", src, "--split", "test", "--swap-labels", "positive,neutral",
+                   "--name", "tfns2", "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 0 and (tmp_path / "d/test/tfns2_test.jsonl").read_bytes() == (tmp_path / "d/test/tfns_test.jsonl").read_bytes()
+
+
+@needs_shared
+def test_registry_templates_match_the_finlora_files():
+    for task, name in [("fiqa", "fiqa_test"), ("tfns", "tfns_test"), ("nwgi", "nwgi_test")]:
+        t = TASKS[task]
+        for line in (SHARED / f"finlora/test/{name}.jsonl").open():
+            row = json.loads(line)
+            ctx = row["context"]
+            kinds = [None, *t.variants]
+            assert any(t.render({"text": input_text(ctx)}, k) == ctx for k in kinds), ctx
+            assert row["target"] in t.labels
+    row = json.loads((SHARED / "finlora/test/xbrl_term_test.jsonl").open().readline())
+    term = row["context"].removeprefix("Explain this XBRL term briefly in one sentence: ").removesuffix(". Answer:")
+    assert TASKS["xbrl_term"].render({"text": term}) == row["context"]
+
+
+# --- duplicates, leakage -------------------------------------------------------------------
+
+def test_duplicates_removed_and_counted(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    rows = [("Sales rose .", "positive"), ("sales  ROSE .", "positive"), ("Sales fell .", "negative"),
+            ("Sales rose .", "positive")]
+    src.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    rc, out, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "text", "--name", "dd",
+                       "--out-dir", tmp_path / "o", "--no-token-check")
+    assert rc == 0, err
+    assert "removed 2 duplicate row(s)" in out and f"{src}:2 repeats {src}:1" in out
+    assert len(read_out(tmp_path / "o/train/dd_train.jsonl")) == 2
+    assert json.loads((tmp_path / "o/stats/dd_train.json").read_text())["duplicates_removed"] == 2
+
+
+def test_leakage_fails_unless_allowed(tmp_path, capsys):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nProfit rose 10 % .,positive\nCosts fell .,positive\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"context": news("  profit ROSE 10 %  ."), "target": "positive"}) + "\n")
+    args = ["--task", "sentiment", "--input", train, "--name", "lk", "--out-dir", tmp_path / "o",
+            "--no-token-check", "--against", test]
+    rc, _, err = run(capsys, *args)
+    assert rc == 1 and "1 train example(s) also in a test split" in err and f"{train}:2 (train) = {test}:1 (test)" in err
+    assert not (tmp_path / "o/train/lk_train.jsonl").exists()
+    rc, out, err = run(capsys, *args, "--allow-overlap")
+    assert rc == 0 and "--allow-overlap" in out
+    assert json.loads((tmp_path / "o/stats/lk_train.json").read_text())["train_test_overlap"] == 1
+
+
+def _many(tmp_path: Path, n: int = 60) -> Path:
+    src = tmp_path / "many.csv"
+    labs = ["negative", "neutral", "positive"]
+    lines = [f"Headline number {i} about company {i % 7} .,{labs[i % 3]}" for i in range(n)]
+    lines.append("Headline number 0 about company 0 .,negative")  # a repeat: must stay on one side
+    src.write_text("text,label\n" + "\n".join(lines) + "\n")
+    return src
+
+
+def test_split_is_deterministic_stratified_and_leak_free(tmp_path, capsys):
+    src = _many(tmp_path)
+    outs = []
+    for d, seed in [("a", 42), ("b", 42), ("c", 7)]:
+        rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--name", "s", "--test-fraction", "0.2",
+                         "--seed", seed, "--out-dir", tmp_path / d, "--no-token-check")
+        assert rc == 0, err
+        outs.append(((tmp_path / d / "train/s_train.jsonl").read_bytes(), (tmp_path / d / "test/s_test.jsonl").read_bytes()))
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+    test = read_out(tmp_path / "a/test/s_test.jsonl")
+    assert sorted(r["target"] for r in test) == ["negative"] * 4 + ["neutral"] * 4 + ["positive"] * 4
+
+
+# --- safe writes -----------------------------------------------------------------------------
+
+def test_interrupted_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "train" / "x.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"context": "old", "target": "neutral"}\n')
+
+    def rows():
+        for i in range(1000):
+            if i == 500:
+                raise KeyboardInterrupt
+            yield Example(news(f"row {i}"), "neutral", f"row {i}", "mem", i + 1)
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_examples(path, rows())
+    assert path.read_text() == '{"context": "old", "target": "neutral"}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["x.jsonl"]
+
+
+# --- the default preparation -----------------------------------------------------------------
+
+def test_default_outputs():
+    outs = prepare.default_outputs()
+    assert (ROOT / "data/train/sentiment_cpu_train.jsonl").resolve() in outs
+    assert all(p.is_absolute() for p in outs)
+
+
+def test_synthetic_fallback_offline_makes_a_symlink(tmp_path, capsys):
+    out = tmp_path / "data"
+    prepare.prepare_default(None, out_dir=out)
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and "symlink" in printed
+    link = out / "train/sentiment_cpu_train.jsonl"
+    assert link.is_symlink() and os.readlink(link) == "synthetic_sentiment_train.jsonl"
+    rows = read_out(link)
+    assert 150 <= len(rows) <= 500 and {r["target"] for r in rows} == {"negative", "neutral", "positive"}
+    assert json.loads((out / "stats/synthetic_sentiment_train.json").read_text())["synthetic"] is True
+    first = link.read_bytes()
+    prepare.prepare_default(None, out_dir=out)
+    assert link.read_bytes() == first  # seeded
+    assert not [p for p in (out / "train").iterdir() if p.name.startswith(".")]
+
+
+@needs_shared
+def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "data"
+    prepare.prepare_default(None, out_dir=out)  # synthetic first: the real run must replace the link
+    monkeypatch.setenv(prepare.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
+    prepare.prepare_default(None, out_dir=out)
+    printed = capsys.readouterr().out
+    train = out / "train/sentiment_cpu_train.jsonl"
+    assert train.is_file() and not train.is_symlink()
+    tr, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
+    n_raw = sum(1 for _ in (SHARED / "raw/financial_phrasebank_train.csv").open(encoding="latin-1")) - 1
+    assert len(tr) + len(fpb) == n_raw - 1  # one duplicate sentence in the raw file, removed and reported
+    assert "removed 1 duplicate" in printed and "read as Latin-1" in printed
+    assert 0.18 < len(fpb) / (len(tr) + len(fpb)) < 0.22
+    assert not {input_text(r["context"]).casefold() for r in tr} & {input_text(r["context"]).casefold() for r in fpb}
+    tfns = {input_text(r["context"]): r["target"] for r in read_out(out / "test/tfns_test.jsonl")}
+    assert next(v for k, v in tfns.items() if "upped to Buy at Deutsche Bank" in k) == "positive"
+    assert len(read_out(out / "test/fiqa_test.jsonl")) > 200
+    st = json.loads((out / "stats/sentiment_cpu_train.json").read_text())
+    assert st["rows"] == len(tr) and set(st["labels"]) == {"negative", "neutral", "positive"}
+    if (TOKENIZER / "tokenizer.json").is_file():
+        assert st["tokens"]["max"] <= 256 and st["tokens"]["p50"] <= st["tokens"]["p90"] <= st["tokens"]["p99"]
+    again = tmp_path / "again"
+    prepare.prepare_default(SHARED, out_dir=again)
+    for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/tfns_test.jsonl"]:
+        assert (again / rel).read_bytes() == (out / rel).read_bytes()
+
+
+def test_script_entry_point_help():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "--help"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0
+    for flag in ("--src", "--task", "--skip-bad", "--allow-overlap", "--fix", "--swap-labels", "--test-fraction", "--seed"):
+        assert flag in r.stdout
+
+
+def test_mapping_defaults_are_sane():
+    assert Mapping().text_col == "text"
+    for t in TASKS.values():
+        assert "{text}" in t.template and (t.labels is None) == (t.answer_type != "label")
+
+
+def test_json_array_and_parquet_problems_name_the_line_or_row(tmp_path, capsys):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"content": "Sales rose .", "label": "positive"},
+                               {"content": "Sales fell .", "label": 3}], indent=2))
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--name", "j",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and f"{src}:6: wrong type for field 'label': int" in err  # element 2 starts on line 6
+    src.write_text('[{"content": "x",\n "label": }]')
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", "--name", "j",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and f"{src}:2: invalid JSON" in err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq_src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"content": ["Sales rose .", None], "label": ["positive", "neutral"]}), pq_src)
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", pq_src, "--text-col", "content", "--name", "p",
+                     "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and f"{pq_src}:2: empty field 'content' (null)" in err

@@ -1,0 +1,115 @@
+"""Evaluation: FinLoRA scoring rules, bad input, and a real batched run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SENTIMENT_PROMPT, TINY_ROWS
+from finlora.data.tasks import TASKS
+from finlora.evaluate import (EvalError, fold_nwgi, first_label, first_number, load_examples, main,
+                              parse_datasets, parse_prediction, score)
+
+
+def test_first_label_is_the_earliest_whole_word():
+    labs = TASKS["fpb"].labels
+    assert first_label("Positive, not negative", labs) == "positive"
+    assert first_label("the answer is: NEGATIVE.", labs) == "negative"
+    assert first_label("neutralise", labs) is None  # whole words only
+    assert first_label("1\n\nThe company", labs) is None
+    assert first_label("No. Yes", TASKS["headline"].labels) == "No"
+    assert first_label("I do not know", TASKS["headline"].labels) is None
+
+
+def test_nwgi_is_folded_to_three_levels():
+    assert fold_nwgi("strong negative") == "negative"
+    assert fold_nwgi("mildly positive") == "positive"
+    assert fold_nwgi("neutral") == "neutral"
+    t = TASKS["nwgi"]
+    assert parse_prediction(t, "moderately positive") == "positive"
+    m = score(t, ["positive", "negative", "neutral"], ["mildly positive", "strong positive", "neutral"])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_formula_compares_numbers_to_two_decimals():
+    t = TASKS["formula"]
+    assert first_number("The NPV is $15,092.44.") == pytest.approx(15092.44)
+    assert parse_prediction(t, "-3.14159") == "-3.14"
+    m = score(t, [parse_prediction(t, x) for x in ["15092.44", "15092.4", "n/a"]], ["15092.44", "15092.44", "1"])
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["unparsed"] == 1
+
+
+def test_accuracy_and_weighted_f1_by_hand():
+    t = TASKS["fpb"]
+    y = ["positive", "positive", "negative", "neutral"]
+    p = ["positive", "negative", "negative", None]
+    m = score(t, p, y)
+    assert m["accuracy"] == 0.5 and m["unparsed"] == 1
+    # per class F1: positive P=1 R=.5 -> 2/3; negative P=.5 R=1 -> 2/3; neutral 0
+    assert m["f1_weighted"] == pytest.approx((2 * 2 / 3 + 1 * 2 / 3 + 0) / 4)
+
+
+def test_free_text_reports_its_metric():
+    m = score(TASKS["xbrl_term"], ["amount of cash paid"], ["amount of cash paid for taxes"])
+    assert m["metric"] in ("rougeL_f1", "bertscore_f1") and 0 < m[m["metric"]] < 1
+
+
+def test_unknown_dataset_lists_known():
+    with pytest.raises(EvalError, match="known: fpb, fiqa"):
+        parse_datasets("fpb,nosuch")
+
+
+def test_bad_test_rows_are_reported_by_line(tmp_path):
+    f = tmp_path / "fpb_test.jsonl"
+    f.write_text('{"context": "a", "target": "positive"}\n'
+                 '{"context": "b"}\n'
+                 '{"context": "c", "target": "bullish"}\n'
+                 'not json\n')
+    with pytest.raises(EvalError) as e:
+        load_examples(f, TASKS["fpb"])
+    msg = str(e.value)
+    assert f"{f}:2: field 'target' is missing" in msg
+    assert f"{f}:3: target 'bullish' is not one of fpb's labels" in msg
+    assert f"{f}:4: invalid JSON" in msg
+    assert f"{f}:1" not in msg
+
+
+@pytest.mark.slow
+def test_adapter_for_another_base_is_refused(tiny_run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_run["out"], adapter, ignore=shutil.ignore_patterns("prepared", "checkpoint-*"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B-Instruct"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "fpb_test.jsonl"
+    data.write_text(json.dumps({"context": "x", "target": "positive"}) + "\n")
+    with pytest.raises(EvalError, match="was trained on 'meta-llama/Llama-3.1-8B-Instruct'"):
+        main(["--base", str(tiny_run["base"]), "--adapter", str(adapter), "--datasets", "fpb",
+              "--data-dir", str(tmp_path), "--out", str(tmp_path / "eval")])
+
+
+@pytest.mark.slow
+def test_eval_writes_report_and_batched_equals_single(tiny_run, tmp_path):
+    data = tmp_path / "fpb_test.jsonl"
+    data.write_text("".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n"
+                            for t, y in TINY_ROWS))
+    reports = {}
+    for bs in (8, 1):
+        out = tmp_path / f"eval_bs{bs}"
+        assert main(["--base", str(tiny_run["base"]), "--adapter", str(tiny_run["out"]), "--datasets", "fpb",
+                     "--data-dir", str(tmp_path), "--out", str(out), "--batch-size", str(bs)]) == 0
+        reports[bs] = out
+    out = reports[8]
+    metrics = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(metrics) == {"base", "adapter"} and metrics["adapter"]["fpb"]["n"] == len(TINY_ROWS)
+    assert "| fpb | accuracy |" in (out / "report.md").read_text()
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    for key in ("base_fpb", "adapter_fpb"):
+        batched = (out / f"predictions_{key}.jsonl").read_text().splitlines()
+        single = (reports[1] / f"predictions_{key}.jsonl").read_text().splitlines()
+        assert len(batched) == len(TINY_ROWS)
+        assert [json.loads(r)["parsed"] for r in batched] == [json.loads(r)["parsed"] for r in single]
+        row = json.loads(batched[0])
+        assert set(row) == {"id", "generated", "parsed", "target"}
