@@ -7,6 +7,8 @@ RECIPE     ?= smollm2_sentiment_r8
 GPU        ?=
 SRC        ?=
 ARGS       ?=
+GPUS       ?=
+NODES      ?=
 
 # Offline-safe defaults; real GPU users may override any of them from the shell.
 export AXOLOTL_DO_NOT_TRACK ?= 1
@@ -14,13 +16,18 @@ export WANDB_MODE ?= disabled
 
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
-.PHONY: help setup base-model data train test clean-outputs
+.PHONY: help setup base-model data train eval infer merge recipes recipes-check params plan test clean-outputs
 
 help:
 	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
 	@echo "make base-model       SmolLM2-135M-Instruct in HF format under outputs/base/ (offline)"
 	@echo "make data [SRC=dir]   validated JSONL for the default recipe under data/"
-	@echo "make train [RECIPE=x] train recipes/x.yml with Axolotl (default: $(RECIPE))"
+	@echo "make train [RECIPE=x] [GPUS=n] [NODES=m]  train recipes/x.yml with Axolotl (default: $(RECIPE))"
+	@echo "make eval [RECIPE=x] [DATASETS=fpb,fiqa]  score base vs adapter on FinLoRA test sets"
+	@echo "make infer [RECIPE=x] PROMPT='...'        ask the trained adapter (streams the answer)"
+	@echo "make merge [RECIPE=x] [OUT=dir] [VERIFY=1] fold the adapter into the base weights"
+	@echo "make recipes | recipes-check           regenerate / check recipes from recipes/matrix.yml"
+	@echo "make params RECIPE=x | plan RECIPE=x GPUS=n  trainable parameters / GPU memory plan"
 	@echo "make test             the test suite (pytest)"
 
 setup: $(STAMP)
@@ -45,7 +52,7 @@ data: $(STAMP)
 	$(BIN)/python scripts/prepare_data.py $(if $(SRC),--src $(SRC))
 
 train: $(STAMP)
-	$(BIN)/python scripts/train.py $(RECIPE) $(ARGS)
+	$(BIN)/python scripts/train.py $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) $(RECIPE) $(ARGS)
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: $(STAMP)
@@ -53,3 +60,25 @@ test: $(STAMP)
 
 clean-outputs:
 	find outputs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+eval: $(STAMP)
+	$(BIN)/python scripts/evaluate.py --recipe $(RECIPE) $(if $(DATASETS),--datasets $(DATASETS)) $(ARGS)
+
+PROMPT ?= Shares of the company fell 8% after it cut its full-year profit forecast.
+infer: $(STAMP)
+	$(BIN)/python scripts/infer.py --recipe $(RECIPE) --prompt "$(PROMPT)" $(ARGS)
+
+merge: $(STAMP)
+	$(BIN)/python scripts/merge.py --recipe $(RECIPE) $(if $(OUT),--out $(OUT)) $(if $(VERIFY),--verify) $(ARGS)
+
+recipes: $(STAMP)
+	$(BIN)/python scripts/gen_recipes.py
+
+recipes-check: $(STAMP)
+	$(BIN)/python scripts/gen_recipes.py --check
+
+params: $(STAMP)
+	$(BIN)/python scripts/params.py --recipe $(RECIPE)
+
+plan: $(STAMP)
+	$(BIN)/python scripts/plan.py $(RECIPE) --gpus $$(( $(or $(GPUS),1) * $(or $(NODES),1) ))

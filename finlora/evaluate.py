@@ -20,6 +20,7 @@ from pathlib import Path
 
 from finlora import ROOT
 from finlora.data.tasks import SENTIMENT3, TASKS, Task
+from finlora.models import load_model
 
 # Tasks a model can be scored on, and the test file each reads from --data-dir.
 EVAL_SETS = ("fpb", "fiqa", "tfns", "nwgi", "headline", "ner", "formula", "xbrl_term", "financebench")
@@ -171,43 +172,6 @@ def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]
 
 
 # --- models and generation -----------------------------------------------------
-
-def _same_base(adapter_dir: Path, base: str) -> bool:
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    if not recorded:
-        return True
-    def norm(s: str) -> str:
-        p = Path(s) if Path(s).is_absolute() else ROOT / s
-        return str(p.resolve()) if p.exists() else s.rstrip("/")
-    return norm(recorded) == norm(base)
-
-
-def load_model(base: str, adapter: str | None = None, merged: str | None = None, dtype: str = "float32",
-               allow_base_mismatch: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    src = merged or base
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.padding_side = "left"  # generation appends on the right, so pad on the left
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
-    if adapter:
-        adapter_dir = Path(adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise EvalError(f"error: {adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
-        if not allow_base_mismatch and not _same_base(adapter_dir, base):
-            rec = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-            raise EvalError(f"error: adapter {adapter_dir} was trained on {rec!r}, not on --base {base!r} "
-                            "(pass --allow-base-mismatch if they are the same weights)")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    return model, tok
-
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
              desc: str = "generate") -> list[str]:

@@ -73,8 +73,20 @@ def summarise(output_dir: Path) -> None:
         print(f"train: curve     {output_dir / 'loss.png'}")
 
 
+def override(args: list[str], key: str) -> str | None:
+    """The value of an `axolotl train` override such as `--output-dir X` / `--output_dir=X`."""
+    names = {f"--{key}", f"--{key.replace('_', '-')}"}
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train a recipe with Axolotl")
+    p.add_argument("--gpus", type=int, help="GPUs per node: launch through accelerate with recipes/accelerate/")
+    p.add_argument("--nodes", type=int, help="number of nodes (needs MACHINE_RANK and MASTER_ADDR)")
     p.add_argument("recipe", nargs="?", default=recipes.DEFAULT_RECIPE, help="recipe name or YAML path")
     p.add_argument("axolotl_args", nargs=argparse.REMAINDER, help="extra `axolotl train` overrides, e.g. --max-steps 3")
     a = p.parse_args(argv)
@@ -82,14 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     path = recipes.resolve(a.recipe)
     cfg = recipes.load(path)
     ensure_inputs(path, cfg)
-    output_dir = recipes.resolve_path(cfg.get("output_dir", f"./outputs/{path.stem}"))
+    output_dir = recipes.resolve_path(
+        override(a.axolotl_args, "output_dir") or cfg.get("output_dir", f"./outputs/{path.stem}"))
     # Axolotl keys its tokenised-data cache on the data file's path, not its
     # content: a fresh `make data` would otherwise train on the stale cache.
     prepared = cfg.get("dataset_prepared_path")
     if prepared and recipes.resolve_path(prepared).is_dir():
         shutil.rmtree(recipes.resolve_path(prepared))
 
-    cmd = [str(Path(sys.executable).parent / "axolotl"), "train", str(path), *a.axolotl_args]
+    from finlora.recipe_matrix import launch_command
+
+    try:
+        cmd = launch_command(path, a.gpus, a.nodes, extra_args=a.axolotl_args)
+    except ValueError as e:
+        raise recipes.RecipeError(f"error: {e}") from None
     print("train: " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT, env=axolotl_env(cfg))
     if rc != 0:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from finlora import ROOT
 from finlora.data.tasks import TASKS
-from finlora.evaluate import MAX_NEW_TOKENS, generate, load_examples, load_model, parse_prediction
+from finlora.evaluate import MAX_NEW_TOKENS, generate, load_examples, parse_prediction
+from finlora.models import load_model
 
 
 def main() -> int:

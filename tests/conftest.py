@@ -53,28 +53,47 @@ def base_model_dir() -> Path:
     return build(DEFAULT_OUT)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(base_model_dir, tmp_path_factory) -> dict:
-    """A few steps of the default recipe, unchanged but for data, size and output folder,
+def train_tiny(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Train the default recipe, unchanged but for data, size and output folder,
     through the same entry point as `make train`."""
-    work = tmp_path_factory.mktemp("tiny_run")
     data = work / "train.jsonl"
     data.write_text(
-        "".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n" for t, y in TINY_ROWS)
+        "".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n" for t, y in rows)
     )
     cfg = yaml.safe_load(DEFAULT_RECIPE.read_text())
     cfg["datasets"][0]["path"] = str(data)
     cfg["output_dir"] = str(work / "out")
     cfg["dataset_prepared_path"] = str(work / "prepared")
     cfg.update(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=3, warmup_steps=0)
+    cfg.update(overrides)
     recipe = work / "tiny.yml"
     recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    base_hash = sha256(base_model_dir / "model.safetensors")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     (work / "train.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"training failed; log in {work / 'train.log'}:\n{proc.stderr[-3000:]}"
-    return {"out": work / "out", "cfg": cfg, "base": base_model_dir, "base_hash_before": base_hash,
-            "stdout": proc.stdout}
+    return recipe, cfg, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(base_model_dir, tmp_path_factory) -> dict:
+    """A few steps of the default recipe on eight real-looking rows."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    base_hash = sha256(base_model_dir / "model.safetensors")
+    recipe, cfg, proc = train_tiny(work, TINY_ROWS)
+    return {"out": work / "out", "cfg": cfg, "recipe": recipe, "base": base_model_dir,
+            "base_hash_before": base_hash, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def label_adapters(base_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters trained to answer one label each, to tell them apart when switching."""
+    out = {}
+    for label in ("positive", "negative"):
+        work = tmp_path_factory.mktemp(f"always_{label}")
+        train_tiny(work, [(t, label) for t, _ in TINY_ROWS], learning_rate=0.01, max_steps=4,
+                   micro_batch_size=4)
+        out[label] = work / "out"
+    return out

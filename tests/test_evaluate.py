@@ -9,6 +9,7 @@ import pytest
 
 from conftest import SENTIMENT_PROMPT, TINY_ROWS
 from finlora.data.tasks import TASKS
+from finlora.models import ModelError
 from finlora.evaluate import (EvalError, fold_nwgi, first_label, first_number, load_examples, main,
                               parse_datasets, parse_prediction, score)
 
@@ -85,7 +86,7 @@ def test_adapter_for_another_base_is_refused(tiny_run, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     data = tmp_path / "fpb_test.jsonl"
     data.write_text(json.dumps({"context": "x", "target": "positive"}) + "\n")
-    with pytest.raises(EvalError, match="was trained on 'meta-llama/Llama-3.1-8B-Instruct'"):
+    with pytest.raises(ModelError, match="was trained on 'meta-llama/Llama-3.1-8B-Instruct'"):
         main(["--base", str(tiny_run["base"]), "--adapter", str(adapter), "--datasets", "fpb",
               "--data-dir", str(tmp_path), "--out", str(tmp_path / "eval")])
 

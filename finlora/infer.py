@@ -1,0 +1,233 @@
+"""`make infer`: ask a base model with an adapter, a merged model, or several task
+adapters on one base, streaming the answer token by token.
+
+Prompts go through the template the recipe trained with: the recipe's dataset
+`format` (FinLoRA's raw "Instruction / Input / Answer" text) or, for chat-template
+datasets, the tokenizer's chat template. A bare sentence is first put into the
+task's FinLoRA template (`--task`, or the task named by the recipe's data file).
+
+Several adapters share one base in memory (PEFT `load_adapter` + `set_adapter`):
+each prompt is tagged with the adapter that answers it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from finlora import ROOT, recipes
+from finlora.models import ModelError, check_adapter, load_base
+
+
+class InferError(SystemExit):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: str
+    adapter: str | None = None
+    where: str = "--prompt"
+
+
+@dataclass
+class Template:
+    """How a prompt becomes model input, as the recipe trained it."""
+
+    style: str = "raw"            # "raw" (the dataset's format string) or "chat"
+    format: str = "{instruction}"
+    task: str | None = None       # FinLoRA task whose template wraps a bare sentence
+
+    def apply(self, text: str, tok) -> str:
+        if self.task and "Answer:" not in text:
+            from finlora.data.tasks import get_task
+
+            task = get_task(self.task)
+            text = task.render({**task.defaults, **{f: text for f in task.fields if f not in task.defaults}})
+        if self.style == "chat":
+            return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        return self.format.replace("{instruction}", text)
+
+
+def template_from_recipe(cfg: dict, task: str | None = None) -> Template:
+    from finlora.data.tasks import TASKS
+
+    ds = (cfg.get("datasets") or [{}])[0]
+    dtype = ds.get("type")
+    if dtype == "chat_template":
+        t = Template(style="chat")
+    elif isinstance(dtype, dict):
+        t = Template(style="raw", format=dtype.get("no_input_format") or dtype.get("format") or "{instruction}")
+    else:
+        t = Template()
+    if task is None:
+        # FinLoRA names data files <task>_train.jsonl; the longest matching task name wins
+        stem = Path(ds.get("path", "")).name
+        matches = [name for name in TASKS if stem.startswith(name + "_")]
+        task = max(matches, key=len) if matches else None
+    t.task = task
+    return t
+
+
+def read_requests(path: Path, adapters: dict[str, str]) -> list[Request]:
+    """JSONL lines {"prompt": ..., "adapter": ...}, or plain text lines "[tag] prompt" / "prompt"."""
+    out, problems = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: invalid JSON ({e.msg})")
+                continue
+            prompt, tag = obj.get("prompt"), obj.get("adapter")
+            if not isinstance(prompt, str) or not prompt.strip():
+                problems.append(f"{where}: field 'prompt' is missing or empty")
+                continue
+        elif line.startswith("[") and "]" in line:
+            tag, prompt = line[1:line.index("]")].strip(), line[line.index("]") + 1:].strip()
+        else:
+            tag, prompt = None, line.strip()
+        if tag is not None and tag not in adapters:
+            known = ", ".join(adapters) or "none were given"
+            problems.append(f"{where}: unknown adapter tag {tag!r} (adapters: {known})")
+            continue
+        out.append(Request(prompt.replace("\\n", "\n"), tag, where))
+    if problems:
+        raise InferError("error: bad prompt file:\n" + "\n".join(problems))
+    return out
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """--adapter DIR (named "default") or --adapter NAME=DIR, repeatable."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = "default", spec
+        if name in out:
+            raise InferError(f"error: adapter name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def load(base: str, adapters: dict[str, str], merged: str | None, dtype: str, quant: str | None,
+         allow_mismatch: bool = False, verbose: bool = True):
+    """One base in memory; every adapter attached to it under its own name."""
+    for path in adapters.values():
+        check_adapter(path, base, allow_mismatch)  # all refusals happen before any load
+    before = rss_mib()
+    model, tok = load_base(merged or base, dtype=dtype, quant=quant)
+    report = [("base" if not merged else "merged", rss_mib() - before, sum(p.numel() for p in model.parameters()))]
+    if adapters:
+        from peft import PeftModel
+
+        names = list(adapters)
+        before = rss_mib()
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        report.append((f"adapter {names[0]}", rss_mib() - before, _adapter_params(model, names[0])))
+        for name in names[1:]:
+            before = rss_mib()
+            model.load_adapter(adapters[name], adapter_name=name)
+            report.append((f"adapter {name}", rss_mib() - before, _adapter_params(model, name)))
+        model.eval()
+    if verbose:
+        for what, mib, n in report:
+            print(f"infer: loaded {what}: {n:,} parameters, +{mib:.0f} MiB RSS", file=sys.stderr)
+        print(f"infer: process RSS {rss_mib():.0f} MiB", file=sys.stderr)
+    return model, tok, report
+
+
+def _adapter_params(model, name: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n)
+
+
+def generate(model, tok, prompt: str, max_new_tokens: int, temperature: float, stream: bool) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    enc = tok(prompt, return_tensors="pt").to(model.device)
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+    else:
+        kwargs.update(do_sample=False, num_beams=1)
+    if stream:
+        kwargs["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, **kwargs)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Generate with a base model + LoRA adapter(s) or a merged model")
+    p.add_argument("--recipe", help="take --base, the adapter and the prompt template from this recipe")
+    p.add_argument("--base", help="base model folder or hub name")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="LoRA adapter; repeat with NAME=DIR to keep several on one base")
+    p.add_argument("--merged", help="merged model folder (instead of base + adapter)")
+    p.add_argument("--no-adapter", action="store_true", help="with --recipe: the base model alone")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (a bare sentence is put into the task's template)")
+    src.add_argument("--file", type=Path, help="prompts, one per line: '[adapter] text' or JSONL")
+    p.add_argument("--task", help="FinLoRA task template for bare sentences (default: from the recipe's data)")
+    p.add_argument("--raw", action="store_true", help="send prompts exactly as given, no template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--load-in-8bit", action="store_true")
+    p.add_argument("--load-in-4bit", action="store_true")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON line per answer instead of text")
+    p.add_argument("--allow-base-mismatch", action="store_true")
+    a = p.parse_args(argv)
+
+    template = Template(task=a.task)
+    adapters = parse_adapters(a.adapter)
+    if a.recipe:
+        cfg = recipes.load(recipes.resolve(a.recipe))
+        a.base = a.base or str(recipes.resolve_path(cfg["base_model"]) if cfg["base_model"].startswith(("./", "outputs/"))
+                               else cfg["base_model"])
+        if not adapters and not a.merged and not a.no_adapter:
+            adapters = {"default": str(recipes.resolve_path(cfg.get("output_dir", "")))}
+        template = template_from_recipe(cfg, a.task)
+    if not a.base:
+        raise InferError("error: give --recipe or --base")
+    if a.merged and adapters:
+        raise InferError("error: --merged already contains its adapter; do not also pass --adapter")
+    if a.raw:
+        template = Template()
+    quant = "8bit" if a.load_in_8bit else "4bit" if a.load_in_4bit else None
+
+    requests = read_requests(a.file, adapters) if a.file else [Request(a.prompt)]
+    model, tok, _ = load(a.base, adapters, a.merged, a.dtype, quant, a.allow_base_mismatch, verbose=not a.json)
+    stream = not (a.no_stream or a.json)
+    for req in requests:
+        name = req.adapter or (next(iter(adapters)) if adapters else None)
+        if len(adapters) > 1:
+            model.set_adapter(name)
+        text = template.apply(req.prompt, tok)
+        if not a.json:
+            print(f"--- [{name or ('merged' if a.merged else 'base')}] {req.prompt}", flush=True)
+        answer = generate(model, tok, text, a.max_new_tokens, a.temperature, stream)
+        if a.json:
+            print(json.dumps({"adapter": name, "prompt": req.prompt, "answer": answer}, ensure_ascii=False), flush=True)
+        elif not stream:
+            print(answer, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,709 @@
+"""Fold a LoRA adapter into its base model's weights: W = W0 + s * B @ A, streamed.
+
+`make merge RECIPE=x [OUT=dir] [VERIFY=1]` -> `scripts/merge.py` -> `main(argv)`.
+
+The naive route (load the whole model, `merge_and_unload`, `save_pretrained`) needs
+the full model in RAM, twice over while saving: >140 GB for a 70B model. Here the
+base checkpoint is read one tensor at a time and the output shards are written as
+we go (finlora.merge_io), so peak memory is one weight matrix in float32 plus the
+adapter, whatever the model size.
+
+Order of work: everything that can be checked is checked before anything is
+written (adapter config, every adapter key, the shape and rank of every adapted
+module, tied weights, quantized bases); then the output is built in a temporary
+folder beside the destination and renamed into place only when complete
+(finlora.atomic.atomic_dir). `--verify` runs on that temporary folder, so a merge
+that fails verification never reaches the destination either.
+
+Math, matching PEFT 0.20 (`peft/tuners/lora/layer.py`, `variants.py`, `dora.py`):
+  scale  = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha per module
+           from rank_pattern / alpha_pattern (same regex rule as peft's get_pattern_key)
+  delta  = transpose(B @ A, fan_in_fan_out) * scale        (Linear, Conv1D)
+           (B @ A).T * scale                                (Embedding)
+  LoRA:  W = W0 + delta
+  DoRA:  V = W0 + delta; W = m / ||V||_row * V, the norm over the input dimension
+         for each output row (rows of the [out, in] matrix; columns if fan_in_fan_out)
+Each adapted matrix is merged in float32 and cast back to its stored dtype once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from finlora import ROOT
+from finlora.atomic import atomic_dir, write_json
+from finlora.merge_io import (
+    FLOAT_DTYPES,
+    SafetensorsError,
+    ShardWriter,
+    TensorInfo,
+    parse_size,
+    read_header,
+    read_tensor,
+)
+
+PID_FILE = ".finlora-merge.pid"
+PREFIX = "base_model.model."
+DEFAULT_SHARD = "2GB"
+COPY_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "spiece.model",
+)
+# Config keys that fix the shapes of a decoder; an adapter saved with a different value
+# was trained on another model. (vocab_size is left out: resized vocabularies are
+# caught by the shape check of the embedding instead.)
+ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "intermediate_size", "head_dim")
+EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+# --verify tolerances on logits. Both models are evaluated in float32 on the same
+# prompts, so the only differences left are (a) float reassociation, W0x + s*B(Ax)
+# versus (W0 + sBA)x, compounded through the layers, and (b) rounding each merged
+# matrix back to its stored dtype. A merge passes if
+#     max|diff| <= atol + rtol * max|reference logit|.
+#  float32: (a) only. Measured on SmolLM2-135M (30 layers, logits up to ~36) with the
+#           trained r=8 q/k/v adapter: 2.4e-4 absolute = 6.7e-6 of the logit range, and
+#           PEFT's own merge_and_unload gives the identical figure (our weights are
+#           bit-identical to it). 1e-4 + 3e-5 * range leaves ~4x margin; a wrong
+#           scale, a missing module or a transposed delta moves logits by ~1e-1 to 1
+#           (the adapter's whole effect there is ~1.0).
+#  bfloat16: (b) dominates: 8 significand bits, unit roundoff 2^-9 ~ 2e-3 on every merged
+#           weight, and a small delta can vanish entirely in the rounding. 5e-2 of the
+#           logit range leaves margin over the measured figure and still fails a scale
+#           off by 2x or a skipped module for an adapter that does anything.
+#  float16: 11 significand bits, 8x finer than bf16: 1e-2 of the logit range.
+TOLERANCES = {
+    "float32": {"atol": 1e-4, "rtol": 3e-5},
+    "float64": {"atol": 1e-8, "rtol": 1e-12},
+    "bfloat16": {"atol": 0.0, "rtol": 5e-2},
+    "float16": {"atol": 0.0, "rtol": 1e-2},
+}
+VERIFY_PROMPTS = (
+    "Instruction: What is the sentiment of this news? Please choose an answer from "
+    "{negative/neutral/positive}.\nInput: Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.\nAnswer: ",
+    "Instruction: What is the sentiment of this news? Please choose an answer from "
+    "{negative/neutral/positive}.\nInput: Shares fell 9% after the bank cut its guidance.\nAnswer: ",
+    "The company has 120 employees in Finland and its headquarters are in Helsinki.",
+)
+
+
+class MergeError(Exception):
+    """A problem the user must fix; the message names the file, module or option."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read JSON: {e}") from None
+
+
+def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
+    """All tensors of a safetensors checkpoint (one file or sharded with an index),
+    in file order: the order they are read and written."""
+    base_dir = Path(base_dir)
+    index = base_dir / "model.safetensors.index.json"
+    single = base_dir / "model.safetensors"
+    try:
+        if index.is_file():
+            wmap = _read_json(index).get("weight_map") or {}
+            files = list(dict.fromkeys(wmap.values()))
+            out: dict[str, TensorInfo] = {}
+            for name in files:
+                path = base_dir / name
+                if not path.is_file():
+                    raise MergeError(f"{index} names shard {name}, which is missing")
+                hdr, _ = read_header(path)
+                for k, info in sorted(hdr.items(), key=lambda kv: kv[1].start):
+                    if wmap.get(k) == name:
+                        out[k] = info
+            missing = sorted(set(wmap) - set(out))
+            if missing:
+                raise MergeError(f"{index} maps {missing[0]} (and {len(missing) - 1} more) to a shard that lacks it")
+            return out
+        if single.is_file():
+            hdr, _ = read_header(single)
+            return dict(sorted(hdr.items(), key=lambda kv: kv[1].start))
+    except SafetensorsError as e:
+        raise MergeError(str(e)) from None
+    if list(base_dir.glob("*.bin")) or list(base_dir.glob("*.pt")):
+        raise MergeError(f"{base_dir}: the base model is stored as pickled .bin files; only safetensors "
+                         f"bases are merged (convert it once with save_pretrained(safe_serialization=True))")
+    raise MergeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (is this a model folder?)")
+
+
+class AdapterWeights:
+    """The adapter's tensors by saved name; read on demand (they are small, but an
+    adapter that targets embeddings also carries copies of them)."""
+
+    def __init__(self, adapter_dir: Path, allow_pickle: bool):
+        st = adapter_dir / "adapter_model.safetensors"
+        binf = adapter_dir / "adapter_model.bin"
+        self.path = st
+        self._infos: dict[str, TensorInfo] = {}
+        self._loaded: dict[str, torch.Tensor] = {}
+        self.pickled = False
+        if st.is_file():
+            try:
+                self._infos, _ = read_header(st)
+            except SafetensorsError as e:
+                raise MergeError(str(e)) from None
+        elif binf.is_file():
+            if not allow_pickle:
+                raise MergeError(
+                    f"{binf} is a pickled adapter: unpickling can run arbitrary code, so it is refused. "
+                    f"Re-save it as safetensors, or pass --allow-pickle if you trust its source.")
+            self.path, self.pickled = binf, True
+            # weights_only=True still refuses anything but tensors and plain containers
+            self._loaded = torch.load(binf, map_location="cpu", weights_only=True)
+        else:
+            raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (train the adapter first?)")
+
+    def keys(self) -> list[str]:
+        return list(self._infos) if self._infos else list(self._loaded)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._infos[key].shape if self._infos else tuple(self._loaded[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return read_tensor(self._infos[key]) if self._infos else self._loaded[key]
+
+
+_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?:"
+    r"(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight"
+    r"|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?"
+    r"|(?P<mag>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
+    r"|(?P<copy>base_layer\.weight)"
+    r")$"
+)
+
+
+@dataclass
+class ModuleDelta:
+    module: str                     # as in the base model's named_modules, e.g. model.layers.0.self_attn.q_proj
+    kind: str                       # "linear" or "embedding"
+    keys: dict = field(default_factory=dict)   # role (A, B, m, copy) -> adapter key
+    r: int = 0
+    alpha: float = 0.0
+    scale: float = 0.0
+
+    @property
+    def base_key(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def short(self) -> str:
+        return self.module.rsplit(".", 1)[-1]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # peft.utils.other.get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module)
+    for k in patterns or {}:
+        if re.match(rf"(.*\.)?({k})$", module):
+            return patterns[k]
+    return default
+
+
+# Adapter-config features whose effect cannot be folded into the weights (or that
+# this merger does not implement): refuse rather than produce a model that differs.
+_UNMERGEABLE = {
+    "alora_invocation_tokens": "aLoRA applies only after its invocation tokens, so it has no weight-space merge",
+    "lora_bias": "lora_bias (a trained bias on lora_B) is not supported by this merger",
+    "modules_to_save": "modules_to_save (fully trained extra modules) are not supported by this merger",
+    "trainable_token_indices": "trainable token indices are not supported by this merger",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported by this merger",
+    "layer_replication": "layer_replication changes the layer structure; not supported by this merger",
+    "use_qalora": "QA-LoRA is not supported by this merger",
+    "arrow_config": "Arrow routing has no single weight-space merge",
+    "use_bdlora": "BD-LoRA is not supported by this merger",
+    "velora_config": "VeLoRA is not supported by this merger",
+    "monteclora_config": "MonteCLoRA is not supported by this merger",
+    "mica": "MiCA is not supported by this merger",
+}
+
+
+def adapter_modules(cfg: dict, weights: AdapterWeights, where: Path) -> dict[str, ModuleDelta]:
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise MergeError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LoRA/DoRA adapters can be merged here")
+    for key, why in _UNMERGEABLE.items():
+        if cfg.get(key):
+            raise MergeError(f"{where}: {key}={cfg[key]!r}: {why}")
+    r0, a0 = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r0, int) or r0 <= 0 or not isinstance(a0, (int, float)):
+        raise MergeError(f"{where}: adapter_config.json needs a positive integer r and a number lora_alpha")
+    mods: dict[str, ModuleDelta] = {}
+    unknown = []
+    for key in weights.keys():
+        m = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        if not key.startswith(PREFIX) or not m:
+            unknown.append(key)
+            continue
+        name = m.group("mod")
+        d = mods.setdefault(name, ModuleDelta(module=name, kind="linear"))
+        if m.group("lin"):
+            d.keys[m.group("lin")[-1]] = key
+        elif m.group("emb"):
+            d.kind = "embedding"
+            d.keys[m.group("emb")[-1]] = key
+        elif m.group("mag"):
+            d.keys["m"] = key
+        else:
+            d.keys["copy"] = key
+    if unknown:
+        raise MergeError(f"{weights.path}: {len(unknown)} tensor(s) that are not LoRA weights, e.g. {unknown[0]!r} "
+                         f"(modules_to_save or another PEFT method?); refusing to merge what it cannot interpret")
+    use_rslora = bool(cfg.get("use_rslora"))
+    for d in mods.values():
+        if not ("A" in d.keys and "B" in d.keys):
+            if set(d.keys) == {"copy"}:
+                continue  # a saved copy of a base layer without LoRA: checked in plan()
+            raise MergeError(f"{weights.path}: module {d.module} has "
+                             f"{'lora_A' if 'A' in d.keys else 'lora_B'} but not "
+                             f"{'lora_B' if 'A' in d.keys else 'lora_A'}")
+        d.r = int(_pattern_value(cfg.get("rank_pattern"), d.module, r0))
+        d.alpha = float(_pattern_value(cfg.get("alpha_pattern"), d.module, a0))
+        d.scale = d.alpha / math.sqrt(d.r) if use_rslora else d.alpha / d.r
+        if bool(cfg.get("use_dora")) != ("m" in d.keys):
+            raise MergeError(f"{weights.path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
+                             f"adapter_config.json but the magnitude vector is "
+                             f"{'present' if 'm' in d.keys else 'missing'}")
+        if d.kind == "embedding" and "m" in d.keys:
+            raise MergeError(f"module {d.module}: DoRA on an embedding is not supported by this merger")
+    return {k: v for k, v in mods.items() if "A" in v.keys}
+
+
+# --------------------------------------------------------------------------- plan
+
+@dataclass
+class Plan:
+    base: Path
+    adapter: Path
+    base_cfg: dict
+    adapter_cfg: dict
+    tensors: dict[str, TensorInfo]
+    deltas: dict[str, ModuleDelta]          # by base key
+    weights: AdapterWeights
+    quantized_training: list[str]
+    warnings: list[str]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.adapter_cfg.get("fan_in_fan_out"))
+
+
+def _arch_diff(a: dict, b: dict) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ARCH_KEYS if k in a and k in b and a[k] != b[k]]
+
+
+def _quantization_notes(adapter_dir: Path, recipe_cfg: dict | None) -> list[str]:
+    notes = []
+    if recipe_cfg:
+        for k in ("load_in_8bit", "load_in_4bit"):
+            if recipe_cfg.get(k):
+                notes.append(f"recipe {k}: true")
+        if str(recipe_cfg.get("adapter", "")).lower() == "qlora" and not notes:
+            notes.append("recipe adapter: qlora")
+    for cfg_path in (adapter_dir / "config.json",):
+        if cfg_path.is_file():
+            q = _read_json(cfg_path).get("quantization_config")
+            if q:
+                bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else q.get("quant_method", "?")
+                notes.append(f"{cfg_path.name} in the adapter folder records a {bits} quantized base")
+    return notes
+
+
+def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict | None = None) -> Plan:
+    """Check that `adapter` fits `base`; read headers and adapter config only."""
+    base, adapter = Path(base), Path(adapter)
+    if not (base / "config.json").is_file():
+        raise MergeError(f"{base}: no config.json (is this a Hugging Face model folder?)")
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter}: no adapter_config.json (train the adapter first, or check --adapter)")
+    base_cfg = _read_json(base / "config.json")
+    acfg = _read_json(adapter / "adapter_config.json")
+    if base_cfg.get("quantization_config"):
+        raise MergeError(f"{base}/config.json has a quantization_config: the base itself is quantized. Merge into "
+                         f"the unquantized (fp32/bf16/fp16) base weights the adapter was trained from.")
+    warnings: list[str] = []
+
+    # other architecture, where detectable: the model config Axolotl saves beside the
+    # adapter, and the base the adapter names if that is a local folder
+    claimed = acfg.get("base_model_name_or_path") or ""
+    candidates = [adapter / "config.json"]
+    if claimed:
+        for root in (Path.cwd(), ROOT, adapter):
+            p = Path(claimed) if Path(claimed).is_absolute() else root / claimed
+            if (p / "config.json").is_file():
+                candidates.append(p / "config.json")
+                break
+    for c in candidates:
+        if c.is_file():
+            diff = _arch_diff(_read_json(c), base_cfg)
+            if diff:
+                raise MergeError(f"the adapter in {adapter} was trained on another model than {base}: "
+                                 f"{c} differs in " + "; ".join(diff))
+    if claimed and Path(claimed.rstrip("/")).name != base.resolve().name:
+        warnings.append(f"adapter_config.json names base {claimed!r}, merging into {base} (shapes match)")
+
+    tensors = base_tensors(base)
+    weights = AdapterWeights(adapter, allow_pickle)
+    mods = adapter_modules(acfg, weights, adapter / "adapter_config.json")
+    if not mods:
+        raise MergeError(f"{weights.path}: no LoRA weights in the adapter, nothing to merge")
+
+    tied = bool(base_cfg.get("tie_word_embeddings", (base_cfg.get("text_config") or {}).get("tie_word_embeddings", False)))
+    fifo = bool(acfg.get("fan_in_fan_out"))
+    deltas: dict[str, ModuleDelta] = {}
+    for d in mods.values():
+        short = d.short
+        is_tied_weight = d.kind == "embedding" or short in EMBED_NAMES or short in HEAD_NAMES
+        if tied and is_tied_weight:
+            raise MergeError(
+                f"module {d.module}: the base ties its input embeddings and output head (tie_word_embeddings=true), "
+                f"and the adapter targets {d.module}. PEFT applied the adapter to that module alone; merging it into "
+                f"the shared matrix would change the other one too, so the merge is refused. Retrain without "
+                f"{short} in lora_target_modules.")
+        if d.base_key not in tensors:
+            raise MergeError(f"module {d.module} (targeted by the adapter) is not in the base model: no tensor "
+                             f"{d.base_key} in {base}. Was the adapter trained on another model?")
+        w = tensors[d.base_key]
+        if w.dtype not in FLOAT_DTYPES:
+            raise MergeError(f"module {d.module}: base weight is stored as {w.dtype}, not a float; a quantized "
+                             f"checkpoint cannot be merged into (use the unquantized base)")
+        a_shape, b_shape = weights.shape(d.keys["A"]), weights.shape(d.keys["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or len(w.shape) != 2:
+            raise MergeError(f"module {d.module}: only 2-D weights are merged (got base {list(w.shape)}, "
+                             f"lora_A {list(a_shape)}, lora_B {list(b_shape)})")
+        if a_shape[0] != d.r:
+            raise MergeError(f"module {d.module}: lora_A has {a_shape[0]} rows but adapter_config.json says r={d.r}"
+                             f"{' (from rank_pattern)' if d.r != acfg.get('r') else ''}; the config does not "
+                             f"belong to these weights")
+        if b_shape[1] != a_shape[0]:
+            raise MergeError(f"module {d.module}: lora_B {list(b_shape)} and lora_A {list(a_shape)} disagree on the rank")
+        if d.kind == "embedding":
+            expect = (a_shape[1], b_shape[0])          # [num_embeddings, dim]
+        else:
+            expect = (b_shape[0], a_shape[1])          # [out, in]
+            if fifo:
+                expect = expect[::-1]
+        if tuple(w.shape) != expect:
+            hint = ""
+            if d.kind == "linear" and tuple(w.shape) == expect[::-1]:
+                hint = f" (transposed: fan_in_fan_out={fifo} in adapter_config.json does not fit this layer)"
+            raise MergeError(f"module {d.module}: shape mismatch: the adapter implies a weight of "
+                             f"{list(expect)} but {d.base_key} in the base is {list(w.shape)}{hint}")
+        if "m" in d.keys:
+            out_dim = expect[1] if fifo else expect[0]
+            if weights.shape(d.keys["m"]) != (out_dim,):
+                raise MergeError(f"module {d.module}: DoRA magnitude has shape {list(weights.shape(d.keys['m']))}, "
+                                 f"expected [{out_dim}]")
+        if "copy" in d.keys and weights.shape(d.keys["copy"]) != tuple(w.shape):
+            raise MergeError(f"module {d.module}: the adapter carries its own copy of {d.base_key} with shape "
+                             f"{list(weights.shape(d.keys['copy']))} != {list(w.shape)} (resized vocabulary?); "
+                             f"this merger does not handle resized embeddings")
+        deltas[d.base_key] = d
+    return Plan(base, adapter, base_cfg, acfg, tensors, deltas, weights,
+                _quantization_notes(adapter, recipe_cfg), warnings)
+
+
+# --------------------------------------------------------------------------- merge
+
+def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: AdapterWeights, fifo: bool) -> torch.Tensor:
+    """W0 + delta (or the DoRA update) in float32, cast back to w0's dtype."""
+    a = weights.get(d.keys["A"]).float()
+    b = weights.get(d.keys["B"]).float()
+    if d.kind == "embedding":
+        delta = (b @ a).T * d.scale
+    else:
+        delta = b @ a
+        if fifo:
+            delta = delta.T
+        delta = delta * d.scale
+    w = w0.float()
+    if "copy" in d.keys and not torch.equal(weights.get(d.keys["copy"]), w0):
+        raise MergeError(f"module {d.module}: the adapter's saved copy of {d.base_key} differs from the base's; "
+                         f"the adapter was trained on another version of the base model")
+    if "m" in d.keys:
+        mag = weights.get(d.keys["m"]).float()
+        v = w + delta
+        vt = v.T if fifo else v                      # [out, in]
+        norm = torch.linalg.norm(vt, dim=1)          # per output row, over the input dim (PEFT)
+        factor = (mag / norm).view(-1, 1)
+        out = factor.T * v if fifo else factor * v
+    else:
+        out = w.add_(delta)
+    if not torch.isfinite(out).all():
+        raise MergeError(f"module {d.module}: the merged weight has NaN or inf; the adapter is broken")
+    return out.to(w0.dtype)
+
+
+def _plan_shards(tensors: dict[str, TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in tensors.values():
+        if shards[-1] and size + info.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def _clean_stale(dest: Path) -> list[Path]:
+    """Remove temp folders that an interrupted merge to `dest` left beside it: those
+    whose pid file names a process that is gone (or that have none and are an hour old)."""
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    for p in dest.parent.glob(f".{dest.name}.*.tmp"):
+        if not p.is_dir():
+            continue
+        pid_file = p / PID_FILE
+        stale = False
+        try:
+            pid = int(pid_file.read_text().strip())
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    stale = True
+                except PermissionError:
+                    pass
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                stale = time.time() - p.stat().st_mtime > 3600
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
+    by_kind: dict[str, set] = {}
+    for d in deltas.values():
+        by_kind.setdefault(d.short, set()).add(d.scale)
+    return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in sorted(by_kind.items())}
+
+
+def _dtype_name(dt: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(dt, dt)
+
+
+def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    (tmp / PID_FILE).write_text(str(os.getpid()))
+    shards = _plan_shards(p.tensors, max_shard)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files: dict[Path, object] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    bar = tqdm(total=len(p.tensors), unit="tensor", desc="merge", disable=not progress, mininterval=0.5,
+               file=sys.stderr)
+    try:
+        for name, infos in zip(names, shards):
+            bar.set_postfix_str(name)
+            w = ShardWriter(tmp / name, [(t.name, t.dtype, t.shape, t.nbytes) for t in infos])
+            for info in infos:
+                src = files.get(info.file) or files.setdefault(info.file, open(info.file, "rb"))
+                d = p.deltas.get(info.name)
+                if d is None:
+                    w.copy_from(info.name, info, src)
+                else:
+                    w.write_tensor(info.name, merged_weight(read_tensor(info, src), d, p.weights, p.fan_in_fan_out))
+                weight_map[info.name] = name
+                total += info.nbytes
+                bar.update(1)
+            w.close()
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    if n > 1:
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for fname in COPY_FILES:
+        if (p.base / fname).is_file():
+            shutil.copyfile(p.base / fname, tmp / fname)
+    dtypes = sorted({_dtype_name(p.tensors[k].dtype) for k in p.deltas})
+    return {"shards": n, "total_size": total, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+
+
+# --------------------------------------------------------------------------- verify
+
+def _prompt_ids(model_dir: Path, vocab: int) -> list[torch.Tensor]:
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        return [tok(t, return_tensors="pt").input_ids for t in VERIFY_PROMPTS]
+    except Exception:  # no tokenizer (random test models): fixed token ids
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab, (1, n), generator=g) for n in (24, 17, 9)]
+
+
+def verify(base: Path, adapter: Path, merged: Path, dtype: str) -> dict:
+    """Logits of base+adapter through PEFT against the merged model, both in float32.
+    The two models are loaded one after the other, never together."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = _prompt_ids(base, model.config.get_text_config().vocab_size)
+    ref_model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        ref = [ref_model(input_ids=x).logits for x in ids]
+        with ref_model.disable_adapter():
+            plain = [ref_model(input_ids=x).logits for x in ids]
+    del ref_model, model
+    effect = max(float((a - b).abs().max()) for a, b in zip(ref, plain))
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = [merged_model(input_ids=x).logits for x in ids]
+    del merged_model
+    max_abs = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    scale = max(float(a.abs().max()) for a in ref)
+    tol = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
+    limit = tol["atol"] + tol["rtol"] * scale
+    return {"prompts": len(ids), "max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_abs / max(scale, 1e-12),
+            "max_abs_reference_logit": scale, "adapter_effect": effect,
+            "tolerance": {**tol, "limit": limit, "dtype": dtype},
+            "passed": bool(max_abs <= limit)}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shard_size: str | int = DEFAULT_SHARD,
+          do_verify: bool = False, allow_pickle: bool = False, recipe_cfg: dict | None = None,
+          progress: bool = True, log=print) -> dict:
+    """Merge `adapter` into `base`, writing `out` atomically. Returns merge_info."""
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise MergeError(f"{out} already exists (use --force to replace it)")
+    with contextlib.suppress(OSError):
+        if out.resolve() in (base.resolve(), adapter.resolve()):
+            raise MergeError(f"--out {out} is the base or adapter folder itself; choose another folder")
+    p = plan(base, adapter, allow_pickle=allow_pickle, recipe_cfg=recipe_cfg)
+    for w in p.warnings:
+        log(f"merge: warning: {w}")
+    for stale in _clean_stale(out):
+        log(f"merge: removed {stale.name}, left by an interrupted merge")
+    t0 = time.time()
+    kinds = _summary_scales(p.deltas)
+    log(f"merge: {len(p.deltas)} modules ({', '.join(kinds)}) of {base} + {adapter}; scale "
+        + ", ".join(f"{k}={v}" for k, v in kinds.items())
+        + (" (rsLoRA)" if p.adapter_cfg.get("use_rslora") else "") + (" (DoRA)" if p.adapter_cfg.get("use_dora") else ""))
+    if p.quantized_training:
+        log("merge: note: the adapter was trained on a quantized base (" + "; ".join(p.quantized_training)
+            + f"); merging into the unquantized base weights in {base}, as FinLoRA advises")
+    with atomic_dir(out, force=force) as tmp:
+        written = write_merged(p, tmp, max_bytes, progress=progress)
+        info = {
+            "base": str(base), "adapter": str(adapter), "adapter_file": p.weights.path.name,
+            "peft_type": "DORA" if p.adapter_cfg.get("use_dora") else "LORA",
+            "r": p.adapter_cfg.get("r"), "lora_alpha": p.adapter_cfg.get("lora_alpha"),
+            "use_rslora": bool(p.adapter_cfg.get("use_rslora")), "use_dora": bool(p.adapter_cfg.get("use_dora")),
+            "fan_in_fan_out": p.fan_in_fan_out,
+            "rank_pattern": p.adapter_cfg.get("rank_pattern") or {}, "alpha_pattern": p.adapter_cfg.get("alpha_pattern") or {},
+            "modules_merged": len(p.deltas), "scale": kinds, "merge_precision": "float32",
+            "quantized_training": bool(p.quantized_training), "quantized_training_evidence": p.quantized_training,
+            "warnings": p.warnings, **written, "verify": None,
+        }
+        if do_verify:
+            log("merge: verifying against base + adapter through PEFT ...")
+            dtype = written["dtype"] if isinstance(written["dtype"], str) else "bfloat16"
+            v = verify(base, adapter, tmp, dtype)
+            info["verify"] = v
+            log(f"merge: verify: max |logit diff| {v['max_abs_logit_diff']:.3g} (relative {v['max_rel_logit_diff']:.3g}) "
+                f"over {v['prompts']} prompts; tolerance for {dtype}: {v['tolerance']['limit']:.3g} -> "
+                + ("PASS" if v["passed"] else "FAIL"))
+            if v["max_abs_logit_diff"] > 0.5 * v["adapter_effect"]:
+                msg = (f"rounding to {dtype} erases a large part of this adapter's effect (the adapter moves logits "
+                       f"by up to {v['adapter_effect']:.3g}; the merged model is off by {v['max_abs_logit_diff']:.3g}); "
+                       f"consider merging into a float32 copy of the base")
+                info["warnings"].append(msg)
+                log(f"merge: warning: {msg}")
+            if not v["passed"]:
+                raise MergeError(f"verification failed: merged logits differ by {v['max_abs_logit_diff']:.3g} > "
+                                 f"{v['tolerance']['limit']:.3g}; nothing was written to {out}")
+        info["seconds"] = round(time.time() - t0, 2)
+        write_json(tmp / "merge_info.json", info)
+        (tmp / PID_FILE).unlink()
+    log(f"merge: wrote {written['shards']} shard(s), {written['total_size'] / 1e9:.2f} GB, to {out} "
+        f"in {time.time() - t0:.1f} s")
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="scripts/merge.py",
+        description="Fold a LoRA/DoRA adapter into its base model (streamed, verified, atomic).")
+    ap.add_argument("--recipe", help="recipe name or YAML: base = base_model, adapter = output_dir, "
+                                     "out = <output_dir>/merged")
+    ap.add_argument("--base", type=Path, help="base model folder (safetensors)")
+    ap.add_argument("--adapter", type=Path, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    ap.add_argument("--out", type=Path, help="output folder (required with --base/--adapter)")
+    ap.add_argument("--max-shard-size", default=DEFAULT_SHARD, help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--verify", action="store_true", help="compare logits with base + adapter through PEFT; "
+                                                           "fail above the tolerance for the dtype")
+    ap.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if argv is None:  # as a program: let `kill` (SIGTERM) unwind like Ctrl-C, so the temp folder is removed
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    recipe_cfg = None
+    try:
+        if args.recipe:
+            if args.base or args.adapter:
+                raise MergeError("give either --recipe or --base and --adapter, not both")
+            from finlora import recipes
+
+            path = recipes.resolve(args.recipe)
+            recipe_cfg = recipes.load(path)
+            if not recipe_cfg.get("adapter"):
+                raise MergeError(f"{path}: no `adapter:` key; a full fine-tune has nothing to merge")
+            for k in ("base_model", "output_dir"):
+                if not recipe_cfg.get(k):
+                    raise MergeError(f"{path}: no {k}")
+            base = recipes.resolve_path(recipe_cfg["base_model"])
+            adapter = recipes.resolve_path(recipe_cfg["output_dir"])
+            if not (adapter / "adapter_config.json").is_file():
+                raise MergeError(f"no trained adapter in {adapter} (from {path.name} output_dir); "
+                                 f"run `make train RECIPE={args.recipe}` first")
+            out = args.out or adapter / "merged"
+        else:
+            if not (args.base and args.adapter and args.out):
+                raise MergeError("give --recipe NAME, or all of --base DIR --adapter DIR --out DIR")
+            base, adapter, out = args.base, args.adapter, args.out
+        merge(base, adapter, out, force=args.force, max_shard_size=args.max_shard_size, do_verify=args.verify,
+              allow_pickle=args.allow_pickle, recipe_cfg=recipe_cfg, progress=not args.no_progress)
+    except (MergeError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Generate with base + adapter(s) or a merged model: `python scripts/infer.py --recipe NAME --prompt TEXT`."""
+import sys
+
+from finlora.infer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
