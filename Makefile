@@ -9,6 +9,7 @@ SRC        ?=
 ARGS       ?=
 GPUS       ?=
 NODES      ?=
+RESUME     ?=
 
 # Offline-safe defaults; real GPU users may override any of them from the shell.
 export AXOLOTL_DO_NOT_TRACK ?= 1
@@ -22,7 +23,9 @@ help:
 	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
 	@echo "make base-model       SmolLM2-135M-Instruct in HF format under outputs/base/ (offline)"
 	@echo "make data [SRC=dir]   validated JSONL for the default recipe under data/"
+	@echo "make check [RECIPE=x] [RESUME=1]         check a recipe, its data, tokenizer, output folder, disk"
 	@echo "make train [RECIPE=x] [GPUS=n] [NODES=m]  train recipes/x.yml with Axolotl (default: $(RECIPE))"
+	@echo "make train RECIPE=x RESUME=1             continue from the newest complete checkpoint"
 	@echo "make eval [RECIPE=x] [DATASETS=fpb,fiqa]  score base vs adapter on FinLoRA test sets"
 	@echo "make infer [RECIPE=x] PROMPT='...'        ask the trained adapter (streams the answer)"
 	@echo "make merge [RECIPE=x] [OUT=dir] [VERIFY=1] fold the adapter into the base weights"
@@ -51,8 +54,13 @@ base-model: $(STAMP)
 data: $(STAMP)
 	$(BIN)/python scripts/prepare_data.py $(if $(SRC),--src $(SRC))
 
+# `make check` runs again inside `make train`, after the default base model and data are built.
+.PHONY: check
+check: $(STAMP)
+	$(BIN)/python scripts/check.py $(if $(RESUME),--resume) $(RECIPE) $(ARGS)
+
 train: $(STAMP)
-	$(BIN)/python scripts/train.py $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) $(RECIPE) $(ARGS)
+	$(BIN)/python scripts/train.py $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) $(if $(RESUME),--resume) $(RECIPE) $(ARGS)
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: $(STAMP)

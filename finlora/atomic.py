@@ -9,6 +9,7 @@ sees either the old complete file or the new complete file, never a mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,6 +25,24 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+class DiskFullError(OSError):
+    """No space left while writing `path`; the previous `path` (if any) is untouched."""
+
+    def __init__(self, path: Path, cause: OSError | None = None):
+        path = Path(path)
+        kept = f"previous {path.name} kept" if path.exists() else "nothing was written"
+        super().__init__(errno.ENOSPC, f"error: no space left on device writing {path}; {kept}")
+        self.path = path
+        self.__cause__ = cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,7 +63,12 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if _disk_full(e):
+            raise DiskFullError(path, e) from e
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         if "b" in mode:
@@ -57,9 +81,11 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _disk_full(e):  # `with f` may already have failed closing: the message says what survived
+            raise DiskFullError(path, e) from e
         raise
 
 
@@ -108,6 +134,8 @@ def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, dest)
         _fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise DiskFullError(dest, e) from e
         raise

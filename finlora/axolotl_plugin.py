@@ -12,6 +12,16 @@ curve; everything else applies only when no CUDA device is present:
 - With several CPU processes (torchrun / accelerate, gloo), Axolotl sets
   `device_map={"": LOCAL_RANK}`, which transformers reads as a CUDA index; the
   model is kept on the CPU instead.
+
+On every host it also seeds the RNGs with the recipe's `seed` right before the LoRA
+matrices are created (`pre_lora_load`): Axolotl 0.19 seeds only when the Trainer is
+built, after the adapter exists, so A's random initialisation differed between two
+runs of one recipe. Seeded, a run resumed from a checkpoint reproduces an
+uninterrupted run (tests/test_reliability.py).
+
+It also keeps secrets out of Axolotl's `debug.log` (a tee of
+stdout/stderr into the output folder): the tee's file is wrapped so that values of
+secret-named environment variables are written as `[REDACTED]` (`finlora.redact`).
 """
 
 from __future__ import annotations
@@ -78,8 +88,37 @@ class LossLogCallback(TrainerCallback):
                 plot_loss(rows, self.output_dir / "loss.png", title=self.output_dir.name)
 
 
+def redact_debug_log() -> None:
+    """Wrap the file Axolotl's debug-log tee writes to, as soon as it is opened.
+
+    `register` runs inside `axolotl.cli.config.load_cfg` before its
+    `prepare_debug_log(cfg)` call, so the module-level name is replaced there."""
+    import axolotl.cli.config as cli_config
+    import axolotl.utils.tee as tee
+
+    from finlora.redact import RedactingFile, secret_values
+
+    original = cli_config.prepare_debug_log
+    if getattr(original, "_finlora_redacting", False):
+        return
+
+    def prepare_debug_log(*args, **kwargs):
+        out = original(*args, **kwargs)
+        secrets = secret_values()
+        if secrets and tee._file_handle is not None and not isinstance(tee._file_handle, RedactingFile):
+            tee._file_handle = RedactingFile(tee._file_handle, secrets)
+        return out
+
+    prepare_debug_log._finlora_redacting = True
+    cli_config.prepare_debug_log = prepare_debug_log
+
+
 class FinLoRAPlugin(BasePlugin):
     def register(self, cfg):
+        try:
+            redact_debug_log()
+        except (ImportError, AttributeError):  # another Axolotl layout: train.py's sweep still redacts
+            pass
         # Runs before Axolotl validates the config, so the resolved precision is
         # what validation, the model loader and the Trainer all see.
         if on_cpu():
@@ -96,6 +135,12 @@ class FinLoRAPlugin(BasePlugin):
         if on_cpu() and cfg.get("world_size", 1) > 1:
             cfg["device_map"] = {"": "cpu"}
         return None
+
+    def pre_lora_load(self, cfg, model):
+        if cfg.get("seed") is not None:
+            from transformers import set_seed
+
+            set_seed(int(cfg["seed"]))
 
     def get_training_args(self, cfg):
         if on_cpu():

@@ -158,6 +158,30 @@ def score(task: Task, preds: list[str | None], targets: list[str]) -> dict:
     return {"n": n, metric: sum(values) / n, "metric": metric}
 
 
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def rouge_l_f1(pred: str, ref: str) -> float:
+    """ROUGE-L F1: longest common subsequence of lower-cased alphanumeric tokens
+    (rouge-score's tokenisation without stemming). Written out here because the
+    rouge-score package imports absl, whose logging handler captures sys.stderr."""
+    a, b = _tokens(pred), _tokens(ref)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
 def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]]:
     try:
         from bert_score import score as bert_score  # optional extra
@@ -165,10 +189,7 @@ def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]
         _, _, f1 = bert_score(preds, refs, lang="en", verbose=False)
         return "bertscore_f1", [float(x) for x in f1]
     except Exception:  # not installed, or its model cannot be loaded offline
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return "rougeL_f1", [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
+        return "rougeL_f1", [rouge_l_f1(p, r) for p, r in zip(preds, refs)]
 
 
 # --- models and generation -----------------------------------------------------

@@ -1,8 +1,19 @@
 """`make train`: prepare what a recipe needs, then run Axolotl's own trainer.
 
 Training itself is Axolotl's (`axolotl train`, which execs `accelerate launch -m
-axolotl.cli.train`); this module only checks the recipe, builds the offline base
-model and default data when they are missing, and summarises the run.
+axolotl.cli.train`); this module builds the offline base model and default data when
+they are missing, runs `finlora.check` (a bad recipe fails in seconds, before any
+model loads), and summarises the run.
+
+- `--resume` (`make train RESUME=1`) continues from the newest *complete* checkpoint
+  (`finlora.check.checkpoint_problems`), passed to Axolotl explicitly as
+  `--resume-from-checkpoint`; newer incomplete ones (a crash mid-save) are moved aside
+  to `incomplete-checkpoint-N` so that neither Axolotl nor the Trainer's rotation
+  picks them up. The Trainer restores the optimizer, scheduler, RNG states and the
+  data position from the checkpoint.
+- Axolotl's stdout/stderr pass through `finlora.redact` (byte chunks, so progress bars
+  stream): values of secret-named environment variables never reach the terminal or
+  a captured log, and the output folder's text files are swept once the run ends.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,10 +95,46 @@ def override(args: list[str], key: str) -> str | None:
     return None
 
 
+def move_aside_incomplete(skipped) -> None:
+    """Rename incomplete checkpoints newer than the resumed one, out of `checkpoint-*`."""
+    for p, why in skipped:
+        dest = p.with_name(f"incomplete-{p.name}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = p.with_name(f"incomplete-{p.name}.{n}")
+        os.replace(p, dest)
+        print(f"train: {p.name} is incomplete ({'; '.join(why)}); moved aside to {dest.name}", flush=True)
+
+
+def run_axolotl(cmd: list[str], env: dict) -> int:
+    """Run Axolotl with its stdout/stderr redacted on the way through."""
+    from finlora.redact import pump, secret_values
+
+    secrets = secret_values(env)
+    env = dict(env, PYTHONUNBUFFERED="1")  # stream as it happens, although piped
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    threads = [pump(proc.stdout, sys.stdout, secrets), pump(proc.stderr, sys.stderr, secrets)]
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the child got the same SIGINT; let it stop cleanly
+        try:
+            rc = proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.send_signal(signal.SIGKILL)
+            rc = proc.wait()
+    for t in threads:
+        t.join(timeout=10)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train a recipe with Axolotl")
     p.add_argument("--gpus", type=int, help="GPUs per node: launch through accelerate with recipes/accelerate/")
     p.add_argument("--nodes", type=int, help="number of nodes (needs MACHINE_RANK and MASTER_ADDR)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in output_dir (make train RESUME=1)")
+    p.add_argument("--no-check", action="store_true", help="skip `make check` (not recommended)")
     p.add_argument("recipe", nargs="?", default=recipes.DEFAULT_RECIPE, help="recipe name or YAML path")
     p.add_argument("axolotl_args", nargs=argparse.REMAINDER, help="extra `axolotl train` overrides, e.g. --max-steps 3")
     a = p.parse_args(argv)
@@ -96,6 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     ensure_inputs(path, cfg)
     output_dir = recipes.resolve_path(
         override(a.axolotl_args, "output_dir") or cfg.get("output_dir", f"./outputs/{path.stem}"))
+    extra = list(a.axolotl_args)
+    if not a.no_check:
+        from finlora import check
+
+        result = check.run(path, resume=a.resume, extra_args=extra, pending=False)
+        for line in result.warnings:
+            print(line, flush=True)
+        if result.errors:
+            for line in result.errors:
+                print(line, file=sys.stderr)
+            print(f"error: {check.rel(path)} failed `make check`; nothing was started", file=sys.stderr)
+            return 2
+        if result.resume_from is not None and override(extra, "resume_from_checkpoint") is None \
+                and not cfg.get("resume_from_checkpoint"):
+            move_aside_incomplete(result.incomplete)
+            extra += ["--resume-from-checkpoint", str(result.resume_from)]
+            print(f"train: resuming from {check.rel(result.resume_from)}", flush=True)
+    elif a.resume:
+        from finlora import check
+
+        best, skipped = check.newest_complete(output_dir)
+        if best is None:
+            raise recipes.RecipeError(f"error: RESUME=1 but {output_dir} holds no complete checkpoint")
+        move_aside_incomplete(skipped)
+        extra += ["--resume-from-checkpoint", str(best)]
     # Axolotl keys its tokenised-data cache on the data file's path, not its
     # content: a fresh `make data` would otherwise train on the stale cache.
     prepared = cfg.get("dataset_prepared_path")
@@ -103,15 +176,27 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(recipes.resolve_path(prepared))
 
     from finlora.recipe_matrix import launch_command
+    from finlora.redact import redact_text, redact_tree
 
     try:
-        cmd = launch_command(path, a.gpus, a.nodes, extra_args=a.axolotl_args)
+        cmd = launch_command(path, a.gpus, a.nodes, extra_args=extra)
     except ValueError as e:
         raise recipes.RecipeError(f"error: {e}") from None
-    print("train: " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT, env=axolotl_env(cfg))
+    env = axolotl_env(cfg)
+    print("train: " + redact_text(" ".join(cmd)), flush=True)
+    try:
+        rc = run_axolotl(cmd, env)
+    finally:
+        redact_tree(output_dir)  # a last sweep: whatever a library wrote into the run's logs
     if rc != 0:
         print(f"error: axolotl exited with status {rc}", file=sys.stderr)
+        probe = output_dir if output_dir.exists() else output_dir.parent
+        if probe.exists() and shutil.disk_usage(probe).free < (256 << 20):
+            print(f"error: only {shutil.disk_usage(probe).free >> 20} MB free on the disk of {output_dir}: "
+                  "free space, then continue with RESUME=1", file=sys.stderr)
+        elif any(output_dir.glob("checkpoint-*")):
+            print("train: checkpoints are kept; continue with `make train RESUME=1` (same RECIPE/ARGS)",
+                  file=sys.stderr)
         return rc
     summarise(output_dir)
     return 0

@@ -64,7 +64,10 @@ def train_tiny(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Pa
     cfg["datasets"][0]["path"] = str(data)
     cfg["output_dir"] = str(work / "out")
     cfg["dataset_prepared_path"] = str(work / "prepared")
-    cfg.update(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=3, warmup_steps=0)
+    # Unpacked rows keep a handful of examples enough for a few steps; the packed path
+    # of the recipe has its own test (test_train.py::test_packed_default_trains).
+    cfg.update(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=3, warmup_steps=0,
+               sample_packing=False, pad_to_sequence_len=False)
     cfg.update(overrides)
     recipe = work / "tiny.yml"
     recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))

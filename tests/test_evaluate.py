@@ -57,6 +57,14 @@ def test_free_text_reports_its_metric():
     assert m["metric"] in ("rougeL_f1", "bertscore_f1") and 0 < m[m["metric"]] < 1
 
 
+def test_rouge_l_matches_the_lcs_definition():
+    from finlora.evaluate import rouge_l_f1
+
+    # LCS("the cat sat", "the cat was sat") = 3 tokens: P = 3/3, R = 3/4
+    assert rouge_l_f1("The cat sat", "the cat was sat") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert rouge_l_f1("", "x") == 0.0 and rouge_l_f1("a b", "c d") == 0.0
+
+
 def test_unknown_dataset_lists_known():
     with pytest.raises(EvalError, match="known: fpb, fiqa"):
         parse_datasets("fpb,nosuch")

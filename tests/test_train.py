@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SENTIMENT_PROMPT, sha256
+from conftest import ROOT, SENTIMENT_PROMPT, TINY_ROWS, sha256, train_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +112,15 @@ def test_unknown_recipe_lists_recipes():
     assert proc.returncode != 0
     msg = proc.stdout + proc.stderr
     assert "does_not_exist" in msg and "smollm2_sentiment_r8" in msg
+
+
+def test_packed_default_trains(base_model_dir, tmp_path):
+    """The default recipe packs examples into 256-token rows (sample_packing with SDPA)."""
+    rows = TINY_ROWS * 4  # 32 short rows: several packed rows of 256 tokens
+    _, cfg, proc = train_tiny(tmp_path, rows, sample_packing=True, pad_to_sequence_len=True,
+                              micro_batch_size=1, max_steps=2)
+    log = (tmp_path / "train.log").read_text()
+    assert "sample_packing_eff_est" in log or "multipack" in log.lower()
+    losses = [json.loads(line) for line in (tmp_path / "out" / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
