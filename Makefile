@@ -17,7 +17,7 @@ export WANDB_MODE ?= disabled
 
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
-.PHONY: help setup base-model data train eval infer merge recipes recipes-check params plan test clean-outputs
+.PHONY: help setup base-model data train eval infer merge recipes recipes-check params plan bench-train bench-gpu test clean-outputs
 
 help:
 	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
@@ -31,6 +31,8 @@ help:
 	@echo "make merge [RECIPE=x] [OUT=dir] [VERIFY=1] fold the adapter into the base weights"
 	@echo "make recipes | recipes-check           regenerate / check recipes from recipes/matrix.yml"
 	@echo "make params RECIPE=x | plan RECIPE=x GPUS=n  trainable parameters / GPU memory plan"
+	@echo "make bench-train [ARGS=...]           Axolotl recipe vs hand-written Trainer+PEFT (CPU)"
+	@echo "make bench-gpu                         8B r8/bf16/r4 throughput, MFU, memory vs plan (one GPU)"
 	@echo "make test             the test suite (pytest)"
 
 setup: $(STAMP)
@@ -90,3 +92,9 @@ params: $(STAMP)
 
 plan: $(STAMP)
 	$(BIN)/python scripts/plan.py $(RECIPE) --gpus $$(( $(or $(GPUS),1) * $(or $(NODES),1) ))
+
+bench-train: $(STAMP)
+	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+bench-gpu: $(STAMP)
+	$(BIN)/python scripts/bench_gpu.py $(ARGS)

@@ -67,6 +67,12 @@ def axolotl_env(cfg: dict) -> dict:
         env.setdefault("HF_HUB_OFFLINE", "1")
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # `axolotl train` execs `accelerate`
+    # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
+    # one-process CPU run would train on one core: give it the cores this process may use.
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     return env
 
 

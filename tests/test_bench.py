@@ -1,0 +1,116 @@
+"""The benchmark scripts' code paths: the GPU benchmark's CPU dry run, and the shared
+measuring helpers (token counts, Axolotl-equivalent tokenisation, answer-token loss)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finlora import ROOT
+from finlora.bench import (IGNORE_INDEX, StepRecorder, answer_losses, batch_counts, mean_loss,
+                           paired_difference, throughput, tokenize_example)
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", WANDB_MODE="disabled")
+
+
+def test_bench_gpu_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--json", str(out)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["recipe"] for r in res] == ["sentiment_r8", "sentiment_r8_bf16", "sentiment_r4"]
+    for r in res:
+        assert r["steps_run"] == 2 and r["tokens_per_s"] > 0 and r["mfu"] > 0
+        assert r["plan_gib"] > 0
+        assert r["trainable"] == {8: 5120, 4: 2560}[r["r"]]  # 2 layers x r x ((64+64) + 2 x (64+32))
+    assert "MFU" in proc.stdout and "planner" in proc.stdout
+
+
+def test_bench_gpu_reports_missing_packages(tmp_path):
+    """Without a CUDA device (this machine) the full run names what is missing and exits 2."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "missing" in proc.stderr and "CUDA" in proc.stderr
+
+
+def test_batch_counts_padded_and_packed():
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+              "labels": torch.tensor([[-100, -100, 7, -100, -100], [-100, -100, -100, 8, 2]])}
+    assert batch_counts(padded) == (8, 3, 2)
+    # Axolotl's packed rows number their samples 1, 2, ...: mask.sum() would say 1+1+2+2+2+3 = 11
+    packed = {"input_ids": torch.zeros(1, 8, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 2, 2, 2, 3, 0, 0]]),
+              "labels": torch.tensor([[-100, 5, -100, 6, 2, 9, -100, -100]])}
+    assert batch_counts(packed) == (6, 4, 3)
+    # Axolotl 0.19 + sdpa packing: no mask; position_ids restart per sample and the
+    # padding continues as 0, 1, 2, ... (labels all -100 there)
+    flat = {"input_ids": torch.zeros(1, 11, dtype=torch.long),
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2]]),
+            "labels": torch.tensor([[-100, -100, 4, -100, 5, -100, 6, 2, -100, -100, -100]])}
+    assert batch_counts(flat) == (8, 4, 3)
+
+
+def test_throughput_excludes_warmup():
+    rec = StepRecorder()
+    steps = [{"step": 1, "t": 10.0, "tokens": 100, "answer_tokens": 4, "examples": 2},
+             {"step": 2, "t": 12.0, "tokens": 300, "answer_tokens": 8, "examples": 4},
+             {"step": 3, "t": 16.0, "tokens": 500, "answer_tokens": 12, "examples": 6}]
+    r = throughput(steps, warmup=1)
+    assert r["timed_steps"] == 2 and r["seconds"] == 6.0
+    assert r["tokens_per_s"] == pytest.approx(400 / 6) and r["examples_per_step"] == 2.0
+    assert r["median_s_per_step"] == 3.0
+    assert rec.result()["steps"] == []
+
+
+class _Tok:
+    """A whitespace tokenizer with SmolLM2-like specials (no BOS added)."""
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+
+    def __call__(self, text, truncation=True, max_length=None, padding=False):
+        ids = [10 + len(w) for w in text.split()]
+        return {"input_ids": ids[:max_length] if truncation and max_length else ids}
+
+
+def test_tokenize_example_matches_axolotl_scheme():
+    e = tokenize_example(_Tok(), "Input: good news Answer:", "positive", 256)
+    assert e["input_ids"] == [16, 14, 14, 17, 18, 2]  # prompt, then target + EOS
+    assert e["labels"] == [IGNORE_INDEX] * 4 + [18, 2]
+    assert e["attention_mask"] == [1] * 6
+
+
+class _Uniform(torch.nn.Module):
+    """Logits all zero: cross-entropy ln(V) on every token."""
+
+    def __init__(self, vocab=40):
+        super().__init__()
+        self.vocab = vocab
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        class Out:
+            pass
+
+        o = Out()
+        o.logits = torch.zeros(*input_ids.shape, self.vocab) + 0 * self.w
+        return o
+
+
+def test_answer_losses_counts_only_answer_tokens():
+    import math
+
+    rows = [("a b c", "xx"), ("a much longer prompt here", "yyyy")]
+    per_row = answer_losses(_Uniform(), _Tok(), rows, 256, batch_size=2)
+    assert [n for _, n in per_row] == [2, 2]  # target + EOS, the prompt never counts
+    assert mean_loss(per_row) == pytest.approx(math.log(40))
+    d, se = paired_difference(per_row, per_row)
+    assert d == 0 and se == 0
