@@ -26,7 +26,6 @@ secret-named environment variables are written as `[REDACTED]` (`finlora.redact`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

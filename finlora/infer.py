@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from finlora import ROOT, recipes
-from finlora.models import ModelError, check_adapter, load_base
+from finlora import recipes
+from finlora.models import check_adapter, load_base
 
 
 class InferError(SystemExit):

@@ -49,7 +49,6 @@ and activations assume the longest batch; allocator behaviour can add 5-10%.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from finlora.params import ParamCount, _layer_linears, count
 from finlora.recipe_matrix import RecipeSpec, load_matrix, load_spec, recipe_name
