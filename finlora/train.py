@@ -57,7 +57,7 @@ def ensure_inputs(recipe: Path, cfg: dict) -> None:
                 )
 
 
-def axolotl_env(cfg: dict) -> dict:
+def axolotl_env(cfg: dict, processes: int = 1) -> dict:
     env = dict(os.environ)
     env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     env.setdefault("WANDB_MODE", "disabled")
@@ -67,12 +67,17 @@ def axolotl_env(cfg: dict) -> dict:
         env.setdefault("HF_HUB_OFFLINE", "1")
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # `axolotl train` execs `accelerate`
-    # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
-    # one-process CPU run would train on one core: give it the cores this process may use.
     import torch
 
     if not torch.cuda.is_available():
-        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
+        # one-process CPU run would train on one core: share the usable cores out.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
+        if processes > 1:
+            # Without it, Accelerate's shared state (made before the Trainer asks for the
+            # CPU) finds no GPU and falls back to "not distributed": every process then
+            # trains alone on the whole data set. With it: gloo, DDP, sharded batches.
+            env.setdefault("ACCELERATE_USE_CPU", "1")
     return env
 
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = launch_command(path, a.gpus, a.nodes, extra_args=extra)
     except ValueError as e:
         raise recipes.RecipeError(f"error: {e}") from None
-    env = axolotl_env(cfg)
+    env = axolotl_env(cfg, a.gpus or 1)  # processes on this machine
     print("train: " + redact_text(" ".join(cmd)), flush=True)
     try:
         rc = run_axolotl(cmd, env)

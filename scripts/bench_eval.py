@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark: batched greedy evaluation against one prompt at a time.
+"""Benchmark: `make eval`'s generation against one prompt at a time.
 
-Same model, same prompts, same process. Prints examples per second of each, their
-ratio, and whether the predictions (generated text and parsed label) are identical.
+Same adapter, same prompts, same process. The baseline is what a user writes first:
+the PEFT model, one `generate()` per prompt. Then each of make eval's choices is added
+in turn: length-sorted batches, the shared-prefix KV cache, the adapter folded into the
+weights in memory. Prints examples per second of each, the ratio to the baseline, and
+how many generated texts and parsed labels are identical to the baseline's.
 
     python scripts/bench_eval.py [--n 64] [--batch-size 32] [--data FILE]
 """
@@ -28,25 +31,34 @@ def main() -> int:
     a = p.parse_args()
     task = TASKS[a.task]
     adapter = a.adapter if (Path(a.adapter) / "adapter_config.json").is_file() else None
-    model, tok = load_model(a.base, adapter=adapter)
+    peft_model, tok = load_model(a.base, adapter=adapter)
+    folded = load_model(a.base, adapter=adapter)[0].merge_and_unload() if adapter else peft_model
     prompts = [e.context for e in load_examples(a.data, task, a.n)]
     new = MAX_NEW_TOKENS[task.answer_type]
-    generate(model, tok, prompts[:2], new, 2, desc="warm-up")
+    generate(peft_model, tok, prompts[:2], new, 2, desc="warm-up")
 
+    bs = a.batch_size
+    plan = [("one at a time (baseline)", peft_model, 1, False),
+            (f"batched ({bs})", peft_model, bs, False),
+            ("+ shared prefix", peft_model, bs, True)]
+    if adapter:
+        plan.append(("+ adapter folded (eval)", folded, bs, True))
     runs = {}
-    for label, bs in (("one at a time", 1), (f"batched ({a.batch_size})", a.batch_size)):
+    for label, model, size, share in plan:
         t0 = time.perf_counter()
-        texts = generate(model, tok, prompts, new, bs, desc=label)
+        texts = generate(model, tok, prompts, new, size, desc=label, share_prefix=share)
         runs[label] = (time.perf_counter() - t0, texts)
-    (t1, single), (tb, batched) = runs.values()
-    same_text = sum(x == y for x, y in zip(single, batched))
-    same_label = sum(parse_prediction(task, x) == parse_prediction(task, y) for x, y in zip(single, batched))
+
+    base_secs, base_texts = runs[plan[0][0]]
+    base_labels = [parse_prediction(task, t) for t in base_texts]
     print(f"\nmodel: {a.base}" + (f" + adapter {adapter}" if adapter else " (no adapter found)"))
     print(f"data:  {a.data} ({len(prompts)} prompts, max_new_tokens {new})")
-    for label, (secs, _) in runs.items():
-        print(f"{label:>16}: {len(prompts) / secs:7.2f} examples/s ({secs:.1f} s)")
-    print(f"{'speed-up':>16}: {t1 / tb:.2f}x")
-    print(f"identical text:   {same_text}/{len(prompts)}; identical labels: {same_label}/{len(prompts)}")
+    print(f"{'':26} {'examples/s':>10} {'seconds':>8} {'speed-up':>8}  identical text / labels")
+    for label, (secs, texts) in runs.items():
+        same_text = sum(x == y for x, y in zip(texts, base_texts))
+        same_label = sum(parse_prediction(task, x) == y for x, y in zip(texts, base_labels))
+        print(f"{label:26} {len(prompts) / secs:10.2f} {secs:8.1f} {base_secs / secs:7.2f}x  "
+              f"{same_text}/{len(prompts)} / {same_label}/{len(prompts)}")
     return 0
 
 

@@ -53,9 +53,8 @@ def base_model_dir() -> Path:
     return build(DEFAULT_OUT)
 
 
-def train_tiny(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """Train the default recipe, unchanged but for data, size and output folder,
-    through the same entry point as `make train`."""
+def tiny_recipe(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Path, dict]:
+    """The default recipe, unchanged but for data, size and output folder, written to work/."""
     data = work / "train.jsonl"
     data.write_text(
         "".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n" for t, y in rows)
@@ -71,6 +70,12 @@ def train_tiny(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Pa
     cfg.update(overrides)
     recipe = work / "tiny.yml"
     recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return recipe, cfg
+
+
+def train_tiny(work: Path, rows: list[tuple[str, str]], **overrides) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Train a tiny variant of the default recipe through the same entry point as `make train`."""
+    recipe, cfg = tiny_recipe(work, rows, **overrides)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -9,6 +9,7 @@ tokenizer and skip when it has not been built.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import subprocess
 import sys
@@ -378,14 +379,22 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     assert train.is_file() and not train.is_symlink()
     tr, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
     n_raw = sum(1 for _ in (SHARED / "raw/financial_phrasebank_train.csv").open(encoding="latin-1")) - 1
-    assert len(tr) + len(fpb) == n_raw - 1  # one duplicate sentence in the raw file, removed and reported
+    distinct = {(r["context"], r["target"]) for r in tr}
+    assert len(distinct) + len(fpb) == n_raw - 1  # one duplicate sentence in the raw file, removed and reported
     assert "removed 1 duplicate" in printed and "read as Latin-1" in printed
-    assert 0.18 < len(fpb) / (len(tr) + len(fpb)) < 0.22
+    assert 0.18 < len(fpb) / (len(distinct) + len(fpb)) < 0.22
+    # class-balanced by oversampling: equal counts, every distinct row kept, none favoured
+    st = json.loads((out / "stats/sentiment_cpu_train.json").read_text())
+    counts = Counter(r["target"] for r in tr)
+    assert set(counts.values()) == {max(st["balanced_from"].values())} and len(tr) == 3 * max(counts.values())
+    assert sum(st["balanced_from"].values()) == len(distinct) and "class-balanced by oversampling" in printed
+    for label, n in st["balanced_from"].items():
+        reps = Counter(k for k in (tuple(r.values()) for r in tr) if k[1] == label).values()
+        assert len(reps) == n and max(reps) - min(reps) <= 1
     assert not {input_text(r["context"]).casefold() for r in tr} & {input_text(r["context"]).casefold() for r in fpb}
     tfns = {input_text(r["context"]): r["target"] for r in read_out(out / "test/tfns_test.jsonl")}
     assert next(v for k, v in tfns.items() if "upped to Buy at Deutsche Bank" in k) == "positive"
     assert len(read_out(out / "test/fiqa_test.jsonl")) > 200
-    st = json.loads((out / "stats/sentiment_cpu_train.json").read_text())
     assert st["rows"] == len(tr) and set(st["labels"]) == {"negative", "neutral", "positive"}
     if (TOKENIZER / "tokenizer.json").is_file():
         assert st["tokens"]["max"] <= 256 and st["tokens"]["p50"] <= st["tokens"]["p90"] <= st["tokens"]["p99"]
@@ -428,3 +437,14 @@ def test_json_array_and_parquet_problems_name_the_line_or_row(tmp_path, capsys):
     rc, _, err = run(capsys, "--task", "sentiment", "--input", pq_src, "--text-col", "content", "--name", "p",
                      "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 1 and f"{pq_src}:2: empty field 'content' (null)" in err
+
+
+def test_oversample_balances_without_favouring_rows():
+    from finlora.data.split import oversample
+
+    ex = [Example(f"c{i}", "a" if i < 7 else "b", f"t{i}", "mem", i + 1) for i in range(10)]  # 7 a, 3 b
+    out = oversample(ex, seed=1)
+    assert Counter(e.target for e in out) == {"a": 7, "b": 7}
+    b_counts = Counter(e.text for e in out if e.target == "b")
+    assert set(b_counts) == {"t7", "t8", "t9"} and sorted(b_counts.values()) == [2, 2, 3]
+    assert oversample(ex, seed=1) == out and oversample([], seed=1) == []

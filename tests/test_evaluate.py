@@ -122,3 +122,38 @@ def test_eval_writes_report_and_batched_equals_single(tiny_run, tmp_path):
         assert [json.loads(r)["parsed"] for r in batched] == [json.loads(r)["parsed"] for r in single]
         row = json.loads(batched[0])
         assert set(row) == {"id", "generated", "parsed", "target"}
+
+
+def test_shared_prefix_len_leaves_every_prompt_a_token():
+    from finlora.evaluate import shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter keeps its last token to feed
+    assert shared_prefix_len([[1, 2, 3]]) == 0
+    assert shared_prefix_len([[7, 1], [8, 1]]) == 0
+
+
+@pytest.mark.slow
+def test_shared_prefix_batches_generate_what_one_prompt_at_a_time_does(base_model_dir):
+    """make eval's batches (left padding inside, prefix KV copied in) against plain
+    per-prompt `model.generate` on the whole prompt: the base model rambles for all 8
+    tokens, so every position after the prefix is exercised."""
+    import torch
+
+    from finlora.evaluate import generate
+    from finlora.models import load_model
+
+    model, tok = load_model(str(base_model_dir))
+    prompts = [SENTIMENT_PROMPT.format(text=t) for t, _ in TINY_ROWS[:6]]
+    plain = []
+    with torch.inference_mode():
+        for p in prompts:
+            enc = tok(p, return_tensors="pt")
+            g = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            plain.append(tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False))
+    ids = [tok(p)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) > 1  # uneven lengths: the padding sits between prefix and prompt
+    for bs in (4, 6):
+        assert generate(model, tok, prompts, 8, bs, share_prefix=True) == plain
+    assert generate(model, tok, prompts, 8, 4, share_prefix=False) == plain

@@ -30,7 +30,7 @@ from finlora.atomic import write_json, write_jsonl
 from finlora.data import sources, stats, synthetic
 from finlora.data.convert import Example, Mapping, Problem, input_text
 from finlora.data.sources import RawRow
-from finlora.data.split import dedupe, overlaps, stratified_split
+from finlora.data.split import dedupe, overlaps, oversample, stratified_split
 from finlora.data.tasks import FIXES, LABEL_MAPS, TASKS, Task, get_task
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
 
@@ -65,6 +65,7 @@ class Unit:
     test_fraction: float = 0.0
     synthetic: bool = False
     latin1: sources.SourceInfo | None = None
+    balance: bool = False  # oversample the train split to equal class counts (after dedupe and leakage checks)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Part:
     duplicates: list = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    before_balance: dict[str, int] | None = None  # class counts of the distinct rows, when balanced
 
 
 @dataclass
@@ -194,7 +196,17 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         for line in lines:
             _say(line)
 
-    # 4. stats, printed before anything is written
+    # 4. class balance: a small model trained for a few dozen steps on FPB's natural mix
+    # (59% neutral) learns to answer "neutral" (measured: 112 of 204 held-out positives
+    # and 59 of 92 negatives); equal class counts move it to 79.5% accuracy (README).
+    for p in parts:
+        if p.split == "train" and p.unit.balance and p.unit.task.labels:
+            p.before_balance = {lab: sum(e.target == lab for e in p.examples) for lab in p.unit.task.labels}
+            p.examples = oversample(p.examples, opts.seed)
+            _say(f"{p.name}: class-balanced by oversampling, {sum(p.before_balance.values())} distinct rows "
+                 f"({', '.join(f'{k} {v}' for k, v in p.before_balance.items())}) -> {len(p.examples)} rows")
+
+    # 5. stats, printed before anything is written
     for p in parts:
         p.stats = stats.compute(p.examples, p.unit.task.labels) | {
             "file": _rel(opts.out_dir / p.split / p.name),
@@ -208,10 +220,11 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             "train_test_overlap": len([1 for a, _ in leaks if any(a is e for e in p.examples)]) if p.split == "train" else None,
             "tokenizer": str(check.tokenizer_path) if check.active else None,
             "sequence_len": check.sequence_len,
+            "balanced_from": p.before_balance,
         }
     _say(stats.table([(f"{p.split}/{p.name}" + ("  [SYNTHETIC]" if p.unit.synthetic else ""), p.stats) for p in parts]))
 
-    # 5. write: tests first, then train, then the link, then the stats
+    # 6. write: tests first, then train, then the link, then the stats
     for p in sorted(parts, key=lambda p: p.split != "test"):
         write_examples(opts.out_dir / p.split / p.name, p.examples)
     if link is not None:
@@ -269,7 +282,7 @@ def units_from_dir(src: Path) -> list[Unit]:
                         "raw/all-data.csv or raw/Sentences_50Agree.txt")
     info = sources.SourceInfo()
     units = [Unit(TASKS["fpb"], _fmt_mapping(fpb[1]), sources.read(fpb[1], fpb[0], info), _rel(fpb[0]),
-                  DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, latin1=info)]
+                  DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, latin1=info, balance=True)]
     for name, fix in [("fiqa", None), ("tfns", "tfns-swap")]:
         p = src / "finlora" / "test" / f"{name}_test.jsonl"
         if not p.is_file():
@@ -314,7 +327,7 @@ def units_from_hub() -> list[Unit]:
     fpb, fiqa, tfns = TASKS["fpb"], TASKS["fiqa"], TASKS["tfns"]
     return [
         Unit(fpb, _hub_mapping(fpb), _hub_rows(fpb.hub, "train"), f"hf:{fpb.hub.name}/{fpb.hub.config}",
-             DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION),
+             DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, balance=True),
         Unit(fiqa, _hub_mapping(fiqa), _hub_rows(fiqa.hub, "test"), f"hf:{fiqa.hub.name}[test]",
              test_name="fiqa_test.jsonl"),
         Unit(tfns, _hub_mapping(tfns), _hub_rows(tfns.hub, "validation"), f"hf:{tfns.hub.name}[validation]",

@@ -55,3 +55,23 @@ def overlaps(train: list[Example], test: list[Example]) -> list[tuple[Example, E
     for e in test:
         index.setdefault(normalise(e.text), e)
     return [(e, index[normalise(e.text)]) for e in train if normalise(e.text) in index]
+
+
+def oversample(examples: list[Example], seed: int) -> list[Example]:
+    """Class-balanced training rows: every target repeated, in seeded random order, up to
+    the most frequent target's count, then all rows shuffled. Each example appears
+    floor(n/k) or ceil(n/k) times, so no row is favoured over another of its class."""
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_label[e.target].append(e)
+    if not by_label:
+        return []
+    rng = random.Random(seed)
+    most = max(len(v) for v in by_label.values())
+    out: list[Example] = []
+    for label in sorted(by_label):
+        rows = by_label[label]
+        full, rest = divmod(most, len(rows))
+        out += rows * full + rng.sample(rows, rest)
+    rng.shuffle(out)
+    return out
