@@ -11,7 +11,6 @@ are compared as numbers rounded to two decimals; free-text tasks get ROUGE-L F1
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -51,43 +50,22 @@ def parse_datasets(spec: str | None) -> list[str]:
 
 
 def load_examples(path: Path, task: Task, limit: int | None = None) -> list[Example]:
-    """Read a test JSONL; every bad row is reported as file:line before anything runs."""
+    """Read a test JSONL with the data validator `make data` uses (JSON, fields, types,
+    the task's labels or answer type); every bad row is reported as file:line before
+    anything runs."""
+    from finlora.data import sources
+    from finlora.data.convert import Mapping
+    from finlora.data.validate import convert_all, sort_problems
+
     if not path.is_file():
         raise EvalError(f"error: {path}: test file not found (run `make data` or pass --data-dir)")
-    rows, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object")
-                continue
-            bad = False
-            for key in ("context", "target"):
-                v = obj.get(key)
-                if v is None or (isinstance(v, str) and not v.strip()):
-                    problems.append(f"{path}:{lineno}: field '{key}' is missing or empty")
-                    bad = True
-                elif not isinstance(v, (str, int, float)):
-                    problems.append(f"{path}:{lineno}: field '{key}' has type {type(v).__name__}, expected a string")
-                    bad = True
-            if bad:
-                continue
-            target = str(obj["target"]).strip()
-            if task.labels and target.lower() not in {lab.lower() for lab in task.labels}:
-                problems.append(f"{path}:{lineno}: target {target!r} is not one of {task.name}'s labels "
-                                f"({', '.join(task.labels)})")
-                continue
-            rows.append(Example(len(rows), str(obj["context"]), target))
+    examples, problems = convert_all(task, Mapping(finlora=True), sources.read("finlora", path))
     if problems:
-        shown = "\n".join(problems[:50])
+        problems = sort_problems(problems)
+        shown = "\n".join(str(x) for x in problems[:50])
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
         raise EvalError(f"error: {len(problems)} bad row(s) in {path}:\n{shown}{more}")
+    rows = [Example(i, e.context, e.target) for i, e in enumerate(examples)]
     return rows[:limit] if limit else rows
 
 
@@ -345,9 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     p.add_argument("--allow-base-mismatch", action="store_true")
-    p.add_argument("--unmerged", action="store_true",
-                   help="score the adapter through PEFT's LoRA layers; by default, in float32, it is folded into "
-                        "the weights in memory first (W0 + alpha/r BA, as `make merge` does), which is faster")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="run every prompt in full instead of computing the prompts' shared prefix once")
     a = p.parse_args(argv)
@@ -367,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, dict]] = {}
     preds: dict[str, list[dict]] = {}
-    folded = bool(a.adapter) and not a.unmerged and a.dtype == "float32"
     if a.merged:
         if not a.no_base:
             base_model, tok = load_model(a.base, dtype=a.dtype)
@@ -385,11 +359,6 @@ def main(argv: list[str] | None = None) -> int:
                 for n, ex in sets.items():
                     results.setdefault("base", {})[n], preds[f"base_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, "base", share)
         label = "adapter" if a.adapter else "base"
-        if a.adapter and folded:
-            # Same function as the LoRA layers (max logit difference ~1e-4 in fp32, see
-            # `make merge VERIFY=1`) without their extra matmuls; not in bf16/fp16, where
-            # rounding W0 + alpha/r BA to 16 bits would change the model scored.
-            model = model.merge_and_unload()
         for n, ex in sets.items():
             results.setdefault(label, {})[n], preds[f"{label}_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, label,
                                                                                    share)
@@ -398,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(out / f"predictions_{key}.jsonl", rows)
     meta = {"base": a.base, "adapter": a.adapter, "merged": a.merged, "data_dir": str(a.data_dir),
             "limit": a.limit, "dtype": a.dtype, "batch_size": a.batch_size,
-            "adapter_folded_in_memory": folded, "prefix_cache": share}
+            "prefix_cache": share}
     write_json(out / "metrics.json", {"meta": meta, "results": results})
     table = markdown_table(results)
     write_text(out / "report.md", f"# Evaluation\n\nbase: `{a.base}`  \n"

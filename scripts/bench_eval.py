@@ -3,11 +3,11 @@
 
 Same adapter, same prompts, same process. The baseline is what a user writes first:
 the PEFT model, one `generate()` per prompt. Then each of make eval's choices is added
-in turn: length-sorted batches, the shared-prefix KV cache, the adapter folded into the
-weights in memory. Prints examples per second of each, the ratio to the baseline, and
-how many generated texts and parsed labels are identical to the baseline's.
+in turn: length-sorted batches, then the shared-prefix KV cache (make eval's default).
+Prints examples per second of each, the ratio to the baseline, and how many generated
+texts and parsed labels are identical to the baseline's.
 
-    python scripts/bench_eval.py [--n 64] [--batch-size 32] [--data FILE]
+    python scripts/bench_eval.py [--n 128] [--batch-size 32] [--data FILE]
 """
 import argparse
 import sys
@@ -26,13 +26,12 @@ def main() -> int:
     p.add_argument("--adapter", default=str(ROOT / "outputs/smollm2_sentiment_r8"))
     p.add_argument("--data", type=Path, default=ROOT / "data/test/fpb_test.jsonl")
     p.add_argument("--task", default="fpb")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args()
     task = TASKS[a.task]
     adapter = a.adapter if (Path(a.adapter) / "adapter_config.json").is_file() else None
     peft_model, tok = load_model(a.base, adapter=adapter)
-    folded = load_model(a.base, adapter=adapter)[0].merge_and_unload() if adapter else peft_model
     prompts = [e.context for e in load_examples(a.data, task, a.n)]
     new = MAX_NEW_TOKENS[task.answer_type]
     generate(peft_model, tok, prompts[:2], new, 2, desc="warm-up")
@@ -40,9 +39,7 @@ def main() -> int:
     bs = a.batch_size
     plan = [("one at a time (baseline)", peft_model, 1, False),
             (f"batched ({bs})", peft_model, bs, False),
-            ("+ shared prefix", peft_model, bs, True)]
-    if adapter:
-        plan.append(("+ adapter folded (eval)", folded, bs, True))
+            ("+ shared prefix (make eval)", peft_model, bs, True)]
     runs = {}
     for label, model, size, share in plan:
         t0 = time.perf_counter()

@@ -383,11 +383,12 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     assert len(distinct) + len(fpb) == n_raw - 1  # one duplicate sentence in the raw file, removed and reported
     assert "removed 1 duplicate" in printed and "read as Latin-1" in printed
     assert 0.18 < len(fpb) / (len(distinct) + len(fpb)) < 0.22
-    # class-balanced by oversampling: equal counts, every distinct row kept, none favoured
+    # square-root class balance by oversampling: every distinct row kept, none favoured
     st = json.loads((out / "stats/sentiment_cpu_train.json").read_text())
-    counts = Counter(r["target"] for r in tr)
-    assert set(counts.values()) == {max(st["balanced_from"].values())} and len(tr) == 3 * max(counts.values())
-    assert sum(st["balanced_from"].values()) == len(distinct) and "class-balanced by oversampling" in printed
+    counts, before = Counter(r["target"] for r in tr), st["balanced_from"]
+    most = max(before.values())
+    assert counts == {k: max(n, round(most * (n / most) ** 0.5)) for k, n in before.items()}
+    assert sum(before.values()) == len(distinct) and "square-root class balance" in printed
     for label, n in st["balanced_from"].items():
         reps = Counter(k for k in (tuple(r.values()) for r in tr) if k[1] == label).values()
         assert len(reps) == n and max(reps) - min(reps) <= 1
@@ -448,3 +449,6 @@ def test_oversample_balances_without_favouring_rows():
     b_counts = Counter(e.text for e in out if e.target == "b")
     assert set(b_counts) == {"t7", "t8", "t9"} and sorted(b_counts.values()) == [2, 2, 3]
     assert oversample(ex, seed=1) == out and oversample([], seed=1) == []
+    sq = Counter(e.target for e in oversample(ex, seed=1, power=0.5))
+    assert sq == {"a": 7, "b": round(7 * (3 / 7) ** 0.5)}  # 5: between 3 (as is) and 7 (equal)
+    assert Counter(e.target for e in oversample(ex, seed=1, power=1.0)) == {"a": 7, "b": 3}

@@ -79,10 +79,13 @@ def test_bad_test_rows_are_reported_by_line(tmp_path):
     with pytest.raises(EvalError) as e:
         load_examples(f, TASKS["fpb"])
     msg = str(e.value)
-    assert f"{f}:2: field 'target' is missing" in msg
-    assert f"{f}:3: target 'bullish' is not one of fpb's labels" in msg
+    assert f"{f}:2: missing field 'target'" in msg
+    assert f"{f}:3: label 'bullish' is not one of negative, neutral, positive" in msg
     assert f"{f}:4: invalid JSON" in msg
     assert f"{f}:1" not in msg
+    f.write_text('{"context": "a", "target": "n/a"}\n')
+    with pytest.raises(EvalError, match=r":1: target 'n/a' is not a number"):
+        load_examples(f, TASKS["formula"])
 
 
 @pytest.mark.slow

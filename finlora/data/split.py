@@ -57,10 +57,12 @@ def overlaps(train: list[Example], test: list[Example]) -> list[tuple[Example, E
     return [(e, index[normalise(e.text)]) for e in train if normalise(e.text) in index]
 
 
-def oversample(examples: list[Example], seed: int) -> list[Example]:
-    """Class-balanced training rows: every target repeated, in seeded random order, up to
-    the most frequent target's count, then all rows shuffled. Each example appears
-    floor(n/k) or ceil(n/k) times, so no row is favoured over another of its class."""
+def oversample(examples: list[Example], seed: int, power: float = 0.0) -> list[Example]:
+    """Training rows re-weighted by class: a class of n rows is repeated, in seeded random
+    order, up to round(n_max * (n / n_max) ** power) rows (power 0: every class as large
+    as the most frequent one; 0.5: square-root balancing; 1: unchanged), then all rows
+    are shuffled. Each example appears floor(k) or ceil(k) times, so no row is favoured
+    over another of its class."""
     by_label: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
         by_label[e.target].append(e)
@@ -71,7 +73,8 @@ def oversample(examples: list[Example], seed: int) -> list[Example]:
     out: list[Example] = []
     for label in sorted(by_label):
         rows = by_label[label]
-        full, rest = divmod(most, len(rows))
+        want = max(len(rows), round(most * (len(rows) / most) ** power))
+        full, rest = divmod(want, len(rows))
         out += rows * full + rng.sample(rows, rest)
     rng.shuffle(out)
     return out
