@@ -199,7 +199,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     import torch
     from tqdm.auto import tqdm
 
-    ids = [tok(p)["input_ids"] for p in prompts]
+    ids = tok(prompts)["input_ids"] if prompts else []  # one call: the fast tokenizer batches it
     plen = shared_prefix_len(ids) if share_prefix else 0
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
