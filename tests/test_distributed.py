@@ -66,7 +66,9 @@ def test_two_cpu_processes_train_the_adapter_one_process_does(base_model_dir, tm
     one, one_steps, _ = _train(tmp_path / "one", micro_batch=4, gpus=None)
     two, two_steps, log = _train(tmp_path / "two", micro_batch=2, gpus=2)
 
-    assert "--num_processes 2" in log and "[RANK:1]" in log  # two trainers ran
+    # Two trainers in one process group (Axolotl prints its normalised config; which
+    # rank-1 warnings appear varies from machine to machine, so the test does not use them).
+    assert "--num_processes 2" in log and '"world_size": 2' in log
     # Sharded data: each optimizer step is a quarter of the 16 rows in both runs
     # (unsharded, each process would see half as many rows per step).
     assert [s["epoch"] for s in two_steps] == [s["epoch"] for s in one_steps] == [0.25, 0.5, 0.75]
