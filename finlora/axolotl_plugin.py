@@ -19,6 +19,11 @@ built, after the adapter exists, so A's random initialisation differed between t
 runs of one recipe. Seeded, a run resumed from a checkpoint reproduces an
 uninterrupted run (tests/test_reliability.py).
 
+With `answer_logits_only: true` in a recipe (a key this plugin adds to Axolotl's
+schema, default false), training computes the output head's logits only at the
+positions that carry a loss target (`finlora.answer_logits`): the same loss and
+gradients, ~20% less work per CPU step for short-answer tasks.
+
 It also keeps secrets out of Axolotl's `debug.log` (a tee of
 stdout/stderr into the output folder): the tee's file is wrapped so that values of
 secret-named environment variables are written as `[REDACTED]` (`finlora.redact`).
@@ -32,6 +37,13 @@ import torch
 from transformers import TrainerCallback
 
 from axolotl.integrations.base import BasePlugin
+from pydantic import BaseModel
+
+
+class FinLoRAArgs(BaseModel):
+    """Recipe keys this plugin adds to Axolotl's config schema."""
+
+    answer_logits_only: bool = False
 
 
 def cpu_has_native_bf16() -> bool:
@@ -113,6 +125,9 @@ def redact_debug_log() -> None:
 
 
 class FinLoRAPlugin(BasePlugin):
+    def get_input_args(self):
+        return "finlora.axolotl_plugin.FinLoRAArgs"
+
     def register(self, cfg):
         try:
             redact_debug_log()
@@ -140,6 +155,14 @@ class FinLoRAPlugin(BasePlugin):
             from transformers import set_seed
 
             set_seed(int(cfg["seed"]))
+
+    def post_model_load(self, cfg, model):
+        if cfg.get("answer_logits_only"):
+            from finlora.answer_logits import install
+
+            if not install(model):
+                raise ValueError("answer_logits_only: the model's loss is not the plain causal-LM loss "
+                                 f"(loss_type {getattr(model, 'loss_type', None)!r}); remove the key")
 
     def get_training_args(self, cfg):
         if on_cpu():
