@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finlora import ROOT
-from finlora.data.tasks import SENTIMENT3, TASKS, Task
+from finlora.data.tasks import SENTIMENT3, TASKS, Task, fold_nwgi
 from finlora.models import load_model
 
 # Tasks a model can be scored on, and the test file each reads from --data-dir.
@@ -71,15 +71,6 @@ def load_examples(path: Path, task: Task, limit: int | None = None) -> list[Exam
 
 
 # --- scoring -------------------------------------------------------------------
-
-def fold_nwgi(label: str) -> str:
-    """NWGI's seven levels to three, as FinLoRA scores them."""
-    low = label.lower()
-    for base in SENTIMENT3:
-        if base in low:
-            return base
-    return label
-
 
 def first_label(text: str, labels: tuple[str, ...]) -> str | None:
     """The label whose first whole-word, case-insensitive occurrence comes first."""

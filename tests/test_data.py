@@ -22,7 +22,7 @@ from finlora.data import prepare
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
 from finlora.data.sources import read_hf
-from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label
+from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label, fold_nwgi
 
 SHARED = (ROOT.parent / "shared" / "data").resolve()
 TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
@@ -225,6 +225,10 @@ def test_too_long_in_tokens(tmp_path, capsys):
     rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "text", "--name", "l",
                      "--out-dir", tmp_path / "d", "--recipe", recipe)
     assert rc == 1 and f"{src}:1: too long:" in err and "> sequence_len 16" in err
+    # sequence_len bounds training only: the same rows are a fine test file (evaluation has no limit)
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "text", "--name", "l",
+                     "--out-dir", tmp_path / "d", "--split", "test")
+    assert rc == 0 and len(read_out(tmp_path / "d/test/l_test.jsonl")) == 2
 
 
 # --- labels at the source -----------------------------------------------------------------
@@ -377,7 +381,17 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     train = out / "train/sentiment_cpu_train.jsonl"
     assert train.is_file() and not train.is_symlink()
-    tr, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
+    # the train file is FPB (balanced) followed by NWGI_TRAIN_ROWS of NWGI as 3-class news sentiment
+    nwgi_src = {input_text(r["context"]): r["target"] for r in read_out(SHARED / "finlora/test/nwgi_test.jsonl")}
+    rows, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
+    tr = [r for r in rows if input_text(r["context"]) not in nwgi_src]
+    nw = [r for r in rows if input_text(r["context"]) in nwgi_src]
+    assert len(nw) == prepare.NWGI_TRAIN_ROWS and rows[-len(nw):] == nw
+    assert all(r["context"] == news(input_text(r["context"])) for r in nw)
+    assert all(r["target"] == fold_nwgi(nwgi_src[input_text(r["context"])]) for r in nw)
+    nwgi_test = read_out(out / "test/nwgi_test.jsonl")  # our held-out NWGI rows, in FinLoRA's seven-level form
+    assert {r["target"] for r in nwgi_test} <= set(TASKS["nwgi"].labels) and 780 < len(nwgi_test) < 840
+    assert not {input_text(r["context"]) for r in nw} & {input_text(r["context"]) for r in nwgi_test}
     n_raw = sum(1 for _ in (SHARED / "raw/financial_phrasebank_train.csv").open(encoding="latin-1")) - 1
     distinct = {(r["context"], r["target"]) for r in tr}
     assert len(distinct) + len(fpb) == n_raw - 1  # one duplicate sentence in the raw file, removed and reported
@@ -396,13 +410,54 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     tfns = {input_text(r["context"]): r["target"] for r in read_out(out / "test/tfns_test.jsonl")}
     assert next(v for k, v in tfns.items() if "upped to Buy at Deutsche Bank" in k) == "positive"
     assert len(read_out(out / "test/fiqa_test.jsonl")) > 200
-    assert st["rows"] == len(tr) and set(st["labels"]) == {"negative", "neutral", "positive"}
+    assert st["rows"] == len(rows) and set(st["labels"]) == {"negative", "neutral", "positive"}
+    assert [s["rows"] for s in st["sources"]] == [len(tr), len(nw)] and st["task"] == "fpb + nwgi as sentiment"
     if (TOKENIZER / "tokenizer.json").is_file():
         assert st["tokens"]["max"] <= 256 and st["tokens"]["p50"] <= st["tokens"]["p90"] <= st["tokens"]["p99"]
     again = tmp_path / "again"
     prepare.prepare_default(SHARED, out_dir=again)
-    for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/tfns_test.jsonl"]:
+    for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/tfns_test.jsonl", "test/nwgi_test.jsonl"]:
         assert (again / rel).read_bytes() == (out / rel).read_bytes()
+
+
+NWGI7_ROWS = [("Chip maker doubles its dividend", "strong positive"), ("Retailer beats estimates", "moderately positive"),
+              ("Bank opens a branch in Ohio", "mildly positive"), ("Shares close flat", "neutral"),
+              ("Miner trims its outlook", "mildly negative"), ("Airline cuts 500 jobs", "moderately negative"),
+              ("Lender files for bankruptcy", "strong negative")]
+
+
+def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, capsys):
+    """A local source folder with FPB and NWGI: NWGI's held-out rows keep FinLoRA's seven-level
+    prompt, its train rows are re-rendered with FPB's wording and folded labels, sampled to
+    NWGI_TRAIN_ROWS, and written after FPB's rows into the one train file."""
+    src = tmp_path / "src"
+    (src / "raw").mkdir(parents=True)
+    (src / "finlora/test").mkdir(parents=True)
+    fpb = [(f"Company {i} {text}", label) for i in range(10) for text, label in ROWS]
+    (src / "raw/financial_phrasebank_train.csv").write_text(
+        "label,content\n" + "".join(f'{label},"{text}"\n' for text, label in fpb))
+    nwgi = [(f"{text}, report {i}", label) for i in range(10) for text, label in NWGI7_ROWS]
+    (src / "finlora/test/nwgi_test.jsonl").write_text("".join(
+        json.dumps({"context": TASKS["nwgi"].render({"text": text}), "target": label}) + "\n" for text, label in nwgi))
+    monkeypatch.setattr(prepare, "NWGI_TRAIN_ROWS", 20)
+    out = tmp_path / "data"
+    prepare.prepare_default(src, out_dir=out, hub=False)
+    rows = read_out(out / "train/sentiment_cpu_train.jsonl")
+    test = read_out(out / "test/nwgi_test.jsonl")
+    by_text = dict(nwgi)
+    nw = [r for r in rows if input_text(r["context"]) in by_text]
+    assert len(nw) == 20 and rows[-20:] == nw and len(rows) > 20
+    assert all(r["context"] == news(input_text(r["context"])) and r["target"] == fold_nwgi(by_text[input_text(r["context"])])
+               for r in nw)
+    assert len(test) == 14 and all(r["context"] == TASKS["nwgi"].render({"text": input_text(r["context"])})
+                                   and r["target"] == by_text[input_text(r["context"])] for r in test)
+    st = json.loads((out / "stats/sentiment_cpu_train.json").read_text())
+    assert st["task"] == "fpb + nwgi as sentiment" and [s["rows"] for s in st["sources"]] == [len(rows) - 20, 20]
+    # no NWGI file: the train file is FPB alone, and the run says so
+    (src / "finlora/test/nwgi_test.jsonl").unlink()
+    prepare.prepare_default(src, out_dir=out, hub=False)
+    assert "the train file is FPB alone" in capsys.readouterr().out
+    assert not {input_text(r["context"]) for r in read_out(out / "train/sentiment_cpu_train.jsonl")} & set(by_text)
 
 
 def test_script_entry_point_help():

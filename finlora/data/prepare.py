@@ -6,7 +6,7 @@
         --split test --fix tfns-swap --name tfns        # one task, one source
 
 Every run reads and converts all its input, validates every row (JSON, fields,
-types, labels, token length against the recipe's sequence_len), removes duplicates,
+types, labels; training rows' token length against the recipe's sequence_len), removes duplicates,
 checks train/test leakage, and only then writes: each file to a temporary name and
 renamed into place, so a failed or interrupted run leaves the previous files as they
 were. Nothing is dropped silently: bad rows fail the run unless --skip-bad, which
@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 from finlora import ROOT, recipes
@@ -31,7 +32,7 @@ from finlora.data import sources, stats, synthetic
 from finlora.data.convert import Example, Mapping, Problem, input_text
 from finlora.data.sources import RawRow
 from finlora.data.split import dedupe, overlaps, oversample, stratified_split
-from finlora.data.tasks import FIXES, LABEL_MAPS, TASKS, Task, get_task
+from finlora.data.tasks import FIXES, LABEL_MAPS, TASKS, Task, fold_nwgi, get_task
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
 
 DATA_DIR = ROOT / "data"
@@ -41,6 +42,7 @@ SYNTHETIC_TEST = "synthetic_sentiment_test.jsonl"
 ENV_SRC = "FINLORA_DATA_SRC"
 SEED = 42
 TEST_FRACTION = 0.2
+NWGI_TRAIN_ROWS = 600  # NWGI rows added to the FPB training file (of ~3,240 in our 80% split)
 BALANCE_POWER = 0.5  # class c of n_c rows -> n_max * (n_c / n_max) ** 0.5 rows (split.oversample)
 MAX_LISTED = 50  # overlap pairs listed in full; every bad row is always listed
 
@@ -67,6 +69,11 @@ class Unit:
     synthetic: bool = False
     latin1: sources.SourceInfo | None = None
     balance: bool = False  # oversample the train split by class (after dedupe and leakage checks)
+    # The train split's rows re-rendered as this task, their labels through `train_labels`
+    # (NWGI trains as 3-class news sentiment: FPB's wording, levels folded as FinLoRA scores them).
+    train_as: Task | None = None
+    train_labels: Callable[[str], str] | None = None
+    train_rows: int | None = None  # a seeded sample of this many train rows (the rest is not used)
 
 
 @dataclass
@@ -79,6 +86,11 @@ class Part:
     skipped: list[Problem] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     before_balance: dict[str, int] | None = None  # class counts of the distinct rows, when balanced
+    merged: list[dict] = field(default_factory=list)  # when several units' parts share this file: each one's summary
+
+    @property
+    def task(self) -> Task:
+        return self.unit.train_as if self.split == "train" and self.unit.train_as else self.unit.task
 
 
 @dataclass
@@ -131,6 +143,42 @@ def _load_against(paths: list[Path]) -> list[Example]:
     return out
 
 
+def _train_rows(u: Unit, examples: list[Example], check: LengthCheck, seed: int) -> list[Example]:
+    """The unit's train split as it will be trained on: sampled, then re-rendered."""
+    if u.train_rows is not None and u.train_rows < len(examples):
+        keep = set(random.Random(seed).sample(range(len(examples)), u.train_rows))
+        examples = [e for i, e in enumerate(examples) if i in keep]  # source order kept
+    if u.train_as is None:
+        return examples
+    fold = u.train_labels or (lambda s: s)
+    out = [replace(e, context=u.train_as.render({"text": e.text}), target=fold(e.target), n_tokens=None)
+           for e in examples]
+    count_tokens(check, out)
+    return out
+
+
+def _merge_same_file(parts: list[Part]) -> list[Part]:
+    """Parts of several units bound for one file (FPB and NWGI -> the CPU train file) become
+    one part: the first unit's, with the others listed in `merged`."""
+    def summary(p: Part) -> dict:
+        task = p.unit.task.name + (f" as {p.task.name}" if p.task is not p.unit.task else "")
+        return {"source": p.unit.source, "task": task, "rows": len(p.examples), "duplicates_removed": len(p.duplicates),
+                "labels": {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels or ()}}
+
+    out: dict[tuple[str, str], Part] = {}
+    for p in parts:
+        first = out.setdefault((p.split, p.name), p)
+        if first is not p:
+            if first.task.labels != p.task.labels:
+                raise DataError(f"error: {p.split}/{p.name}: {first.unit.source} and {p.unit.source} have different "
+                                f"label sets ({first.task.labels} vs {p.task.labels}); they cannot share a file")
+            first.merged = (first.merged or [summary(first)]) + [summary(p)]
+            first.examples = first.examples + p.examples
+            first.duplicates = first.duplicates + p.duplicates
+            first.skipped = first.skipped + p.skipped
+    return list(out.values())
+
+
 def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None) -> list[Part]:
     """Convert, validate, split, dedupe, check leakage, report, then write.
 
@@ -144,7 +192,6 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
     for u in units:
         examples, probs = convert_all(u.task, u.mapping, u.rows)
         count_tokens(check, examples)
-        probs = sort_problems(probs + too_long(check, examples))
         converted.append(examples)
         per_unit.append(probs)
         problems += probs
@@ -152,19 +199,10 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             lines = u.latin1.latin1_lines
             _say(f"note: {u.source}: {len(lines)} line(s) not UTF-8, read as Latin-1 (lines {', '.join(map(str, lines[:10]))}"
                  f"{' ...' if len(lines) > 10 else ''})")
-    problems = sort_problems(problems)
-    if problems and not opts.skip_bad:
-        raise DataError("\n".join(
-            [f"error: {len(problems)} bad row(s); nothing was written:"]
-            + [f"  {p}" for p in problems]
-            + ["fix them, or pass --skip-bad to leave these rows out (they will be listed)"]))
     bad_at = {(p.file, p.line) for p in problems}
-    if problems:
-        _say(f"skipping {len(problems)} bad row(s) (--skip-bad):")
-        for p in problems:
-            _say(f"  {p}")
 
-    # 2. split, dedupe
+    # 2. split, dedupe; the rows that go to training are checked against sequence_len (the
+    # trainer's limit: evaluation has none), after any re-rendering, which changes their length
     parts: list[Part] = []
     for u, examples, skipped in zip(units, converted, per_unit):
         examples = [e for e in examples if (e.file, e.line) not in bad_at]
@@ -176,11 +214,27 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         else:
             splits = [(u.train_name, "train", examples)]
         for i, (name, split, ex) in enumerate(splits):
+            if split == "train":
+                ex = _train_rows(u, ex, check, opts.seed)
+                long = too_long(check, ex)
+                problems += long
+                skipped = sort_problems(skipped + long)
+                ex = [e for e in ex if (e.file, e.line) not in {(p.file, p.line) for p in long}]
             kept, dups = dedupe(ex)
             parts.append(Part(name, split, u, kept, dups, skipped if i == 0 else []))
             if dups:
                 first = dups[0]
                 _say(f"{name}: removed {len(dups)} duplicate row(s) (e.g. {first[0].where} repeats {first[1].where})")
+    problems = sort_problems(problems)
+    if problems and not opts.skip_bad:
+        raise DataError("\n".join(
+            [f"error: {len(problems)} bad row(s); nothing was written:"]
+            + [f"  {p}" for p in problems]
+            + ["fix them, or pass --skip-bad to leave these rows out (they will be listed)"]))
+    if problems:
+        _say(f"skipping {len(problems)} bad row(s) (--skip-bad):")
+        for p in problems:
+            _say(f"  {p}")
 
     # 3. leakage: no input text of a train file may appear in a test file
     tests = [e for p in parts if p.split == "test" for e in p.examples] + _load_against(opts.against)
@@ -202,20 +256,22 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
     # and 59 of 92 negatives, 73.1%), and on equal counts it over-answers the small classes
     # (126 of 429 neutrals called positive, 71.9%). Square-root balancing sits between.
     for p in parts:
-        if p.split == "train" and p.unit.balance and p.unit.task.labels:
-            p.before_balance = {lab: sum(e.target == lab for e in p.examples) for lab in p.unit.task.labels}
+        if p.split == "train" and p.unit.balance and p.task.labels:
+            p.before_balance = {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels}
             p.examples = oversample(p.examples, opts.seed, power=BALANCE_POWER)
-            after = {lab: sum(e.target == lab for e in p.examples) for lab in p.unit.task.labels}
+            after = {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels}
             _say(f"{p.name}: square-root class balance by oversampling: "
                  + ", ".join(f"{k} {p.before_balance[k]} -> {after[k]}" for k in after))
 
+    parts = _merge_same_file(parts)
+
     # 5. stats, printed before anything is written
     for p in parts:
-        p.stats = stats.compute(p.examples, p.unit.task.labels) | {
+        p.stats = stats.compute(p.examples, p.task.labels) | {
             "file": _rel(opts.out_dir / p.split / p.name),
             "split": p.split,
-            "task": p.unit.task.name,
-            "source": p.unit.source,
+            "task": " + ".join(m["task"] for m in p.merged) if p.merged else p.unit.task.name,
+            "source": " + ".join(m["source"] for m in p.merged) if p.merged else p.unit.source,
             "synthetic": p.unit.synthetic,
             "seed": opts.seed,
             "duplicates_removed": len(p.duplicates),
@@ -224,6 +280,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             "tokenizer": str(check.tokenizer_path) if check.active else None,
             "sequence_len": check.sequence_len,
             "balanced_from": p.before_balance,
+            "sources": p.merged or None,
         }
     _say(stats.table([(f"{p.split}/{p.name}" + ("  [SYNTHETIC]" if p.unit.synthetic else ""), p.stats) for p in parts]))
 
@@ -275,9 +332,21 @@ def _fmt_mapping(fmt: str) -> Mapping:
     return Mapping()
 
 
+def _nwgi_unit(task: Task, mapping: Mapping, rows: Iterable[RawRow], source: str) -> Unit:
+    """NWGI: our own seeded 20% test split, kept in FinLoRA's seven-level form, and
+    NWGI_TRAIN_ROWS of the rest in the CPU train file as 3-class news sentiment. FPB alone
+    teaches FPB's convention, where a sentence needs a clear reason to be anything but
+    neutral (59% neutral); NWGI's news and FiQA's posts call mild news positive or
+    negative (12% and 8% neutral), and the adapter trained on FPB alone answered
+    "neutral" to 145 of 215 positive and negative FiQA rows."""
+    return Unit(task, mapping, rows, source, DEFAULT_TRAIN, "nwgi_test.jsonl", TEST_FRACTION,
+                train_as=TASKS["sentiment"], train_labels=fold_nwgi, train_rows=NWGI_TRAIN_ROWS)
+
+
 def units_from_dir(src: Path) -> list[Unit]:
-    """FPB train/test (our own seeded, stratified 20% split) plus FinLoRA's FiQA and
-    TFNS test files (TFNS with its positive/neutral swap repaired)."""
+    """FPB train/test (our own seeded, stratified 20% split), NWGI likewise (see
+    _nwgi_unit), and FinLoRA's FiQA and TFNS test files (TFNS with its positive/neutral
+    swap repaired)."""
     src = Path(src)
     fpb = _fpb_raw(src)
     if fpb is None:
@@ -294,6 +363,11 @@ def units_from_dir(src: Path) -> list[Unit]:
         m = Mapping(finlora=True, swap=FIXES[fix] if fix else None)
         units.append(Unit(TASKS[name], m, sources.read("finlora", p), _rel(p) + (f" (--fix {fix})" if fix else ""),
                           test_name=f"{name}_test.jsonl"))
+    nwgi = src / "finlora" / "test" / "nwgi_test.jsonl"
+    if nwgi.is_file():
+        units.append(_nwgi_unit(TASKS["nwgi"], Mapping(finlora=True), sources.read("finlora", nwgi), _rel(nwgi)))
+    else:
+        _say(f"note: {_rel(nwgi)} not found: the train file is FPB alone, data/test/nwgi_test.jsonl not written")
     return units
 
 
@@ -327,7 +401,7 @@ def _hub_mapping(task: Task) -> Mapping:
 
 
 def units_from_hub() -> list[Unit]:
-    fpb, fiqa, tfns = TASKS["fpb"], TASKS["fiqa"], TASKS["tfns"]
+    fpb, fiqa, tfns, nwgi = TASKS["fpb"], TASKS["fiqa"], TASKS["tfns"], TASKS["nwgi"]
     return [
         Unit(fpb, _hub_mapping(fpb), _hub_rows(fpb.hub, "train"), f"hf:{fpb.hub.name}/{fpb.hub.config}",
              DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, balance=True),
@@ -335,6 +409,7 @@ def units_from_hub() -> list[Unit]:
              test_name="fiqa_test.jsonl"),
         Unit(tfns, _hub_mapping(tfns), _hub_rows(tfns.hub, "validation"), f"hf:{tfns.hub.name}[validation]",
              test_name="tfns_test.jsonl"),
+        _nwgi_unit(nwgi, _hub_mapping(nwgi), _hub_rows(nwgi.hub, "test"), f"hf:{nwgi.hub.name}[test]"),
     ]
 
 

@@ -93,6 +93,15 @@ def fiqa_label(score: float) -> str:
     return "positive"
 
 
+def fold_nwgi(label: str) -> str:
+    """NWGI's seven levels to three, as FinLoRA scores them ("mildly positive" -> "positive")."""
+    low = label.lower()
+    for base in SENTIMENT3:
+        if base in low:
+            return base
+    return label
+
+
 def _task(*args, **kw) -> Task:
     return Task(*args, **kw)
 
