@@ -460,6 +460,21 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
     assert not {input_text(r["context"]) for r in read_out(out / "train/sentiment_cpu_train.jsonl")} & set(by_text)
 
 
+@needs_tokenizer
+def test_sampled_rows_longer_than_sequence_len_are_left_out(capsys):
+    from dataclasses import replace
+
+    from finlora.data.validate import load_length_check
+
+    nwgi = TASKS["nwgi"]
+    rows = [Example(nwgi.render({"text": text}), "mildly positive", text, "nwgi.jsonl", line)
+            for line, text in [(1, "Shares rose"), (2, "profit " * 300)]]
+    unit = replace(prepare._nwgi_unit(nwgi, Mapping(finlora=True), [], "nwgi.jsonl"), train_rows=5)
+    out = prepare._train_rows(unit, rows, load_length_check(None, True), 42)
+    assert [(e.line, e.target, e.context) for e in out] == [(1, "positive", news("Shares rose"))]
+    assert "nwgi.jsonl: 1 sampled row(s) left out, longer than sequence_len 256: line 2" in capsys.readouterr().out
+
+
 def test_script_entry_point_help():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=60)

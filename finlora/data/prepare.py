@@ -144,17 +144,25 @@ def _load_against(paths: list[Path]) -> list[Example]:
 
 
 def _train_rows(u: Unit, examples: list[Example], check: LengthCheck, seed: int) -> list[Example]:
-    """The unit's train split as it will be trained on: sampled, then re-rendered."""
+    """The unit's train split as it will be trained on: sampled, then re-rendered. A sampled
+    row longer than sequence_len is left out (and listed) rather than failing the run: a
+    sample is not data the user asked for row by row."""
     if u.train_rows is not None and u.train_rows < len(examples):
         keep = set(random.Random(seed).sample(range(len(examples)), u.train_rows))
         examples = [e for i, e in enumerate(examples) if i in keep]  # source order kept
-    if u.train_as is None:
-        return examples
-    fold = u.train_labels or (lambda s: s)
-    out = [replace(e, context=u.train_as.render({"text": e.text}), target=fold(e.target), n_tokens=None)
-           for e in examples]
-    count_tokens(check, out)
-    return out
+    if u.train_as is not None:
+        fold = u.train_labels or (lambda s: s)
+        examples = [replace(e, context=u.train_as.render({"text": e.text}), target=fold(e.target), n_tokens=None)
+                    for e in examples]
+        count_tokens(check, examples)
+    if u.train_rows is not None:
+        long = too_long(check, examples)
+        if long:
+            _say(f"{u.source}: {len(long)} sampled row(s) left out, longer than sequence_len {check.sequence_len}: "
+                 + ", ".join(f"line {p.line}" for p in long))
+            at = {(p.file, p.line) for p in long}
+            examples = [e for e in examples if (e.file, e.line) not in at]
+    return examples
 
 
 def _merge_same_file(parts: list[Part]) -> list[Part]:
