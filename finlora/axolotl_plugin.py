@@ -11,7 +11,9 @@ curve; everything else applies only when no CUDA device is present:
   Axolotl does not pass; we pass it through `get_training_args`.
 - With several CPU processes (torchrun / accelerate, gloo), Axolotl sets
   `device_map={"": LOCAL_RANK}`, which transformers reads as a CUDA index; the
-  model is kept on the CPU instead.
+  model is kept on the CPU instead. Such a launch without `ACCELERATE_USE_CPU=1`
+  (which `make train GPUS=n` sets) is refused with that fix named: without it every
+  process would train alone on the whole data set.
 
 On every host it also seeds the RNGs with the recipe's `seed` right before the LoRA
 matrices are created (`pre_lora_load`): Axolotl 0.19 seeds only when the Trainer is
@@ -31,6 +33,7 @@ secret-named environment variables are written as `[REDACTED]` (`finlora.redact`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -124,11 +127,24 @@ def redact_debug_log() -> None:
     cli_config.prepare_debug_log = prepare_debug_log
 
 
+def check_cpu_launch(env) -> None:
+    """Refuse a multi-process CPU launch that would silently train each process alone:
+    Accelerate's shared state, made before the Trainer asks for the CPU, finds no GPU and
+    falls back to "not distributed" unless ACCELERATE_USE_CPU is set (measured here)."""
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and on_cpu() and env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        raise SystemExit(
+            f"error: {world} training processes on a machine without CUDA, but ACCELERATE_USE_CPU is not set: "
+            "each process would train alone on the whole data set. Set ACCELERATE_USE_CPU=1 for "
+            "`torchrun`/`accelerate launch`, or use `make train GPUS=n`, which sets it.")
+
+
 class FinLoRAPlugin(BasePlugin):
     def get_input_args(self):
         return "finlora.axolotl_plugin.FinLoRAArgs"
 
     def register(self, cfg):
+        check_cpu_launch(os.environ)
         try:
             redact_debug_log()
         except (ImportError, AttributeError):  # another Axolotl layout: train.py's sweep still redacts

@@ -81,3 +81,20 @@ def test_two_cpu_processes_train_the_adapter_one_process_does(base_model_dir, tm
     for name in d1:
         rel = ((d2[name] - d1[name]).norm() / d1[name].norm()).item()
         assert rel <= 1e-3, f"{name}: dW differs by {rel:.2e} of its norm"
+
+
+def test_cpu_launch_without_accelerate_use_cpu_is_refused():
+    """Without ACCELERATE_USE_CPU, each of N CPU processes would train alone on all the data."""
+    import torch
+
+    from finlora.axolotl_plugin import check_cpu_launch
+
+    if torch.cuda.is_available():
+        pytest.skip("the check applies only where there is no CUDA device")
+    with pytest.raises(SystemExit, match="ACCELERATE_USE_CPU is not set"):
+        check_cpu_launch({"WORLD_SIZE": "2"})
+    with pytest.raises(SystemExit, match="make train GPUS=n"):
+        check_cpu_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # `accelerate launch` without --cpu
+    for ok in ({}, {"WORLD_SIZE": "1"}, {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1"},
+               {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True"}):
+        check_cpu_launch(ok)
