@@ -143,6 +143,11 @@ def _load_against(paths: list[Path]) -> list[Example]:
     return out
 
 
+def _without(examples: list[Example], problems: list[Problem]) -> list[Example]:
+    at = {(p.file, p.line) for p in problems}
+    return [e for e in examples if (e.file, e.line) not in at]
+
+
 def _train_rows(u: Unit, examples: list[Example], check: LengthCheck, seed: int) -> list[Example]:
     """The unit's train split as it will be trained on: sampled, then re-rendered. A sampled
     row longer than sequence_len is left out (and listed) rather than failing the run: a
@@ -160,8 +165,7 @@ def _train_rows(u: Unit, examples: list[Example], check: LengthCheck, seed: int)
         if long:
             _say(f"{u.source}: {len(long)} sampled row(s) left out, longer than sequence_len {check.sequence_len}: "
                  + ", ".join(f"line {p.line}" for p in long))
-            at = {(p.file, p.line) for p in long}
-            examples = [e for e in examples if (e.file, e.line) not in at]
+            examples = _without(examples, long)
     return examples
 
 
@@ -227,7 +231,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
                 long = too_long(check, ex)
                 problems += long
                 skipped = sort_problems(skipped + long)
-                ex = [e for e in ex if (e.file, e.line) not in {(p.file, p.line) for p in long}]
+                ex = _without(ex, long)
             kept, dups = dedupe(ex)
             parts.append(Part(name, split, u, kept, dups, skipped if i == 0 else []))
             if dups:
