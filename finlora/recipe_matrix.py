@@ -198,6 +198,12 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ("peft_use_dora", dora,
          "adds a magnitude vector per output channel; slower: recomputes the weight norm each step"
          if dora else None),
+        # Axolotl 0.19 turns its fused Triton LoRA kernels on for non-8-bit LoRA unless told
+        # not to; they are CUDA-only and none has run under these recipes (or with ZeRO-3).
+        ("lora_qkv_kernel", False, "Axolotl's fused LoRA kernels: off until proven with these recipes"),
+        ("lora_o_kernel", False, None),
+        ("lora_mlp_kernel", False, None),
+        ("lora_embedding_kernel", False, None),
     ]
     it += _section("data")
     it += [
