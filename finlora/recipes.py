@@ -17,7 +17,8 @@ class RecipeError(SystemExit):
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yml"))
+    # matrix.yml sits beside the recipes but is the generator's input, not a recipe
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yml") if p.name != "matrix.yml")
 
 
 def resolve(name_or_path: str) -> Path:

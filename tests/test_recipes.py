@@ -183,3 +183,14 @@ def test_recipe_table_lists_every_recipe():
     for name in GENERATED:
         assert f"| `{name}` |" in table
     assert "| `sentiment_70b_r4` | sentiment | Llama-3.1-70B-Instruct | 4 | 4 (NF4) | QLoRA | 11,141,120 |" in table
+
+
+def test_unknown_recipe_lists_recipes_but_not_the_matrix():
+    from finlora import recipes
+
+    with pytest.raises(recipes.RecipeError) as e:
+        recipes.resolve("nonexistent")
+    msg = str(e.value)
+    assert "sentiment_r8" in msg and "smollm2_sentiment_r8" in msg
+    assert "matrix" not in msg.split("Recipes there are", 1)[1]
+    assert "(49)" in msg  # 48 generated + the CPU default
