@@ -93,6 +93,7 @@ class Part:
     stats: dict = field(default_factory=dict)
     before_balance: dict[str, int] | None = None  # class counts of the distinct rows, when balanced
     merged: list[dict] = field(default_factory=list)  # when several units' parts share this file: each one's summary
+    left_out: list[str] = field(default_factory=list)  # train rows left out for sharing a test input (drop_overlap)
 
     @property
     def task(self) -> Task:
@@ -108,6 +109,9 @@ class Options:
     allow_overlap: bool = False
     token_check: bool = True
     against: list[Path] = field(default_factory=list)  # extra test files to check leakage against
+    # Leave train rows whose input is in a test file out (listed) instead of failing: for
+    # published train/test pairs (FinLoRA's xbrl_term shares 2 of 5,856 terms with its test).
+    drop_overlap: bool = False
 
 
 def _say(msg: str = "") -> None:
@@ -265,13 +269,23 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         lines = [f"  {a.where} (train) = {b.where} (test): {a.text[:70]!r}" for a, b in leaks[:MAX_LISTED]]
         if len(leaks) > MAX_LISTED:
             lines.append(f"  ... and {len(leaks) - MAX_LISTED} more")
-        if not opts.allow_overlap:
+        if opts.drop_overlap and not opts.allow_overlap:
+            _say(f"{len(leaks)} train row(s) left out, their input is in a test file:")
+            for line in lines:
+                _say(line)
+            leaked = {id(a) for a, _ in leaks}
+            for p in parts:
+                if p.split == "train":
+                    p.left_out = [e.where for e in p.examples if id(e) in leaked]
+                    p.examples = [e for e in p.examples if id(e) not in leaked]
+        elif not opts.allow_overlap:
             raise DataError("\n".join(
                 [f"error: {len(leaks)} train example(s) also in a test split (same text after folding case and "
                  "white space); nothing was written:"] + lines + ["pass --allow-overlap to write them anyway"]))
-        _say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
-        for line in lines:
-            _say(line)
+        else:
+            _say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
+            for line in lines:
+                _say(line)
     # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl): say when a
     # new one holds rows that a train file already there, and not rewritten now, trains on.
     written = {p.name for p in parts if p.split == "train"}
@@ -310,6 +324,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             "duplicates_removed": len(p.duplicates),
             "bad_rows_skipped": [str(x) for x in p.skipped],
             "train_test_overlap": len([1 for a, _ in leaks if any(a is e for e in p.examples)]) if p.split == "train" else None,
+            "train_test_overlap_left_out": p.left_out or None,
             "tokenizer": str(check.tokenizer_path) if check.active else None,
             "sequence_len": check.sequence_len,
             "balanced_from": p.before_balance,
@@ -660,10 +675,10 @@ def prepare_task(task: str, src: str | Path | None, *, hub: bool = False, out_di
 
     src = src or os.environ.get(ENV_SRC) or None
     use_hub = hub or (src is None and hub_reachable())
-    _say(f"data: task {task}: " + ", ".join(filter(None, [f"source {src} (local directory)" if src else "",
-                                                        "the hub" if use_hub else ""])) or "no source")
+    said = [f"source {src} (local directory)" if src else "", "the hub" if use_hub else ""]
+    _say(f"data: task {task}: " + (", then ".join(filter(None, said)) or "no local folder (SRC) and no hub"))
     opts = Options(out_dir=out_dir, recipe=recipe or f"{task}_r8", seed=seed, skip_bad=skip_bad,
-                   allow_overlap=allow_overlap, token_check=token_check, against=against or [])
+                   allow_overlap=allow_overlap, token_check=token_check, against=against or [], drop_overlap=True)
     return build(recipe_data.units(task, Path(src) if src else None, use_hub), opts)
 
 

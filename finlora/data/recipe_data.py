@@ -84,7 +84,7 @@ def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLOR
     the split with seed 42 first). The tag list is in the order of the set's label names,
     where FinLoRA's Python set order changes from run to run."""
     bare = [n.split("-", 1)[1] if "-" in n else n for n in tag_names]
-    tag_list = ",".join(dict.fromkeys(b for b in bare if b))
+    tag_list = ",".join(dict.fromkeys(b for b in bare[1:] if b))  # id 0 is "O", no tag
 
     def prompt(batch: list[tuple[str, str, str]]) -> dict:
         n = FINER_PER_PROMPT
