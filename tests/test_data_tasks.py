@@ -359,3 +359,17 @@ def test_finlora_json_sources_read_through_the_json_builder(tmp_path, monkeypatc
     assert rc == 0, err
     assert rows(tmp_path / "d/train/formula_train.jsonl") == rows(train)
     assert rows(tmp_path / "d/test/formula_test.jsonl") == rows(test)
+
+
+def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
+    """make eval reads data/test/<set>_test.jsonl for every recipe: FinLoRA's NWGI test set holds
+    the NWGI rows the CPU default trains on, and writing it says so."""
+    out = tmp_path / "d"
+    prepare.prepare_default(None, out_dir=out)
+    src = _src_for(tmp_path, "sentiment")
+    (src / "finlora/test/nwgi_test.jsonl").write_bytes((prepare.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
+    capsys.readouterr()
+    rc, out_text, err = run(capsys, "--task", "sentiment", "--src", src, "--out-dir", out, "--no-token-check")
+    assert rc == 0, err
+    assert f"warning: {prepare.NWGI_TRAIN_ROWS} row(s) of the existing" in out_text
+    assert "sentiment_cpu_train.jsonl are in the test file(s) written now" in out_text
