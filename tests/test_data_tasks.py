@@ -373,3 +373,13 @@ def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
     assert rc == 0, err
     assert f"warning: {prepare.NWGI_TRAIN_ROWS} row(s) of the existing" in out_text
     assert "sentiment_cpu_train.jsonl are in the test file(s) written now" in out_text
+
+
+def test_train_names_the_make_data_command_for_a_recipe_without_data(tmp_path):
+    from finlora import recipes
+    from finlora.train import ensure_inputs
+
+    cfg = {"base_model": "meta-llama/Llama-3.1-8B-Instruct",
+           "datasets": [{"path": str(tmp_path / "data/train/ner_train.jsonl")}]}
+    with pytest.raises(recipes.RecipeError, match=r"run `make data RECIPE=ner_r8`"):
+        ensure_inputs(ROOT / "recipes/ner_r8.yml", cfg)

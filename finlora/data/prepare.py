@@ -587,7 +587,7 @@ def _parser() -> argparse.ArgumentParser:
 def _list_tasks() -> None:
     for t in TASKS.values():
         labels = "/".join(t.labels) if t.labels else t.answer_type
-        hub = f"{t.hub.name}" + (f" ({t.hub.config})" if t.hub and t.hub.config else "") if t.hub else "-"
+        hub = t.hub.where if t.hub else "-"
         _say(f"{t.name:13} {t.family:10} {labels[:48]:48} {hub}")
         if t.notes:
             _say(f"{'':13} {t.notes}")

@@ -132,6 +132,10 @@ def fold_nwgi(label: str) -> str:
     return label
 
 
+# Hub sources named by repository (FiQA-SA, TFNS, NWGI, FinGPT's headline, NER and sentiment
+# sets) are parquet or CSV repositories, no loading script, so `datasets` 4.x loads them as
+# is; the script-based FPB and FiNER are read from the hub's parquet conversion, FinLoRA's
+# own files from its repository at a pinned commit.
 def _task(*args, **kw) -> Task:
     return Task(*args, **kw)
 
