@@ -1,7 +1,8 @@
 """`make data`: convert financial data sets to FinLoRA JSONL, check them, write them safely.
 
-    python scripts/prepare_data.py                      # what the default recipe needs
+    python scripts/prepare_data.py                      # what the default recipe needs (shipped data/sources/)
     python scripts/prepare_data.py --src ../shared/data # ... from a local copy
+    python scripts/prepare_data.py --recipe formula_r8 --src ../shared/data  # what a GPU recipe needs
     python scripts/prepare_data.py --task tfns --input tfns_test.jsonl --format finlora \\
         --split test --fix tfns-swap --name tfns        # one task, one source
 
