@@ -677,7 +677,8 @@ def prepare_task(task: str, src: str | Path | None, *, hub: bool = False, out_di
     src = src or os.environ.get(ENV_SRC) or None
     use_hub = hub or (src is None and hub_reachable())
     said = [f"source {src} (local directory)" if src else "", "the hub" if use_hub else ""]
-    _say(f"data: task {task}: " + (", then ".join(filter(None, said)) or "no local folder (SRC) and no hub"))
+    _say(f"data: task {task}: " + (", then ".join(filter(None, said))
+                                    or "no local folder (SRC), and the hub is not reachable (or HF_HUB_OFFLINE is set)"))
     opts = Options(out_dir=out_dir, recipe=recipe or f"{task}_r8", seed=seed, skip_bad=skip_bad,
                    allow_overlap=allow_overlap, token_check=token_check, against=against or [], drop_overlap=True)
     return build(recipe_data.units(task, Path(src) if src else None, use_hub), opts)

@@ -205,9 +205,14 @@ def units(task_name: str, src: Path | None, use_hub: bool):
             remote = (f"public copy: {n.hub_name}" if n.hub is not None
                       else "no public copy known to the registry")
             lines.append(f"  data/{n.split}/{n.out_name}: put FinLoRA's JSONL at {where}/{n.local[0]} ({remote})")
-        lines.append("a folder laid out as ../shared/data (finlora/train, finlora/test): make data TASK=... SRC=dir; "
-                     + ("or run where the hub is reachable (public copies only)" if not use_hub else
-                        "the hub was tried only for files with a public copy"))
+        if use_hub:
+            hint = "the hub was tried only for the files with a public copy"
+        elif src:
+            hint = "or add HUB=1 (--hub) to fetch the files with a public copy"
+        else:
+            hint = "or run where the hub is reachable (files with a public copy)"
+        lines.append(f"a folder laid out as ../shared/data (finlora/train, finlora/test): make data TASK={task_name} "
+                     f"SRC=dir; {hint}")
         raise prepare.DataError("\n".join(lines))
     out = []
     for n, local in chosen:
