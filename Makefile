@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 help:
 	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
 	@echo "make base-model       SmolLM2-135M-Instruct in HF format under outputs/base/ (offline)"
-	@echo "make data [SRC=dir]   validated JSONL for the default recipe under data/"
+	@echo "make data [RECIPE=x|TASK=t] [SRC=dir] [HUB=1]  validated JSONL a recipe trains and is scored on (default: shipped real data; SYNTHETIC=1: smoke-test set)"
 	@echo "make check [RECIPE=x] [RESUME=1]         check a recipe, its data, tokenizer, output folder, disk"
 	@echo "make train [RECIPE=x] [GPUS=n] [NODES=m]  train recipes/x.yml with Axolotl (default: $(RECIPE))"
 	@echo "make train RECIPE=x RESUME=1             continue from the newest complete checkpoint"
@@ -53,8 +53,10 @@ endif
 base-model: $(STAMP)
 	$(BIN)/python scripts/base_model.py
 
+# Default: the real files shipped in data/sources/ (offline). RECIPE=x or TASK=t: the files that
+# recipe trains on and `make eval` scores it on, from SRC or the hub. SYNTHETIC=1: the smoke-test set.
 data: $(STAMP)
-	$(BIN)/python scripts/prepare_data.py $(if $(SRC),--src $(SRC))
+	$(BIN)/python scripts/prepare_data.py $(if $(SRC),--src $(SRC)) $(if $(TASK),--task $(TASK),--recipe $(RECIPE)) $(if $(HUB),--hub) $(if $(SYNTHETIC),--synthetic) $(ARGS)
 
 # `make check` runs again inside `make train`, after the default base model and data are built.
 .PHONY: check

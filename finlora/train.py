@@ -53,7 +53,8 @@ def ensure_inputs(recipe: Path, cfg: dict) -> None:
                 prepare.prepare_default()
             else:
                 raise recipes.RecipeError(
-                    f"error: {recipe}: datasets[{i}].path: {path} does not exist (run `make data`)"
+                    f"error: {recipe}: datasets[{i}].path: {path} does not exist "
+                    f"(run `make data RECIPE={recipe.stem}`)"
                 )
 
 

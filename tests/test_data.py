@@ -356,9 +356,9 @@ def test_default_outputs():
     assert all(p.is_absolute() for p in outs)
 
 
-def test_synthetic_fallback_offline_makes_a_symlink(tmp_path, capsys):
+def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
     out = tmp_path / "data"
-    prepare.prepare_default(None, out_dir=out)
+    prepare.prepare_default(None, out_dir=out, synthetic=True)
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed and "symlink" in printed
     link = out / "train/sentiment_cpu_train.jsonl"
@@ -367,7 +367,7 @@ def test_synthetic_fallback_offline_makes_a_symlink(tmp_path, capsys):
     assert 150 <= len(rows) <= 500 and {r["target"] for r in rows} == {"negative", "neutral", "positive"}
     assert json.loads((out / "stats/synthetic_sentiment_train.json").read_text())["synthetic"] is True
     first = link.read_bytes()
-    prepare.prepare_default(None, out_dir=out)
+    prepare.prepare_default(None, out_dir=out, synthetic=True)
     assert link.read_bytes() == first  # seeded
     assert not [p for p in (out / "train").iterdir() if p.name.startswith(".")]
 
@@ -375,7 +375,7 @@ def test_synthetic_fallback_offline_makes_a_symlink(tmp_path, capsys):
 @needs_shared
 def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data"
-    prepare.prepare_default(None, out_dir=out)  # synthetic first: the real run must replace the link
+    prepare.prepare_default(None, out_dir=out, synthetic=True)  # synthetic first: the real run must replace the link
     monkeypatch.setenv(prepare.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
     prepare.prepare_default(None, out_dir=out)
     printed = capsys.readouterr().out

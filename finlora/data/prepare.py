@@ -1,7 +1,8 @@
 """`make data`: convert financial data sets to FinLoRA JSONL, check them, write them safely.
 
-    python scripts/prepare_data.py                      # what the default recipe needs
+    python scripts/prepare_data.py                      # what the default recipe needs (shipped data/sources/)
     python scripts/prepare_data.py --src ../shared/data # ... from a local copy
+    python scripts/prepare_data.py --recipe formula_r8 --src ../shared/data  # what a GPU recipe needs
     python scripts/prepare_data.py --task tfns --input tfns_test.jsonl --format finlora \\
         --split test --fix tfns-swap --name tfns        # one task, one source
 
@@ -36,6 +37,11 @@ from finlora.data.tasks import FIXES, LABEL_MAPS, TASKS, Task, fold_nwgi, get_ta
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
 
 DATA_DIR = ROOT / "data"
+# The real files the default trains and is scored on, shipped as published (data/README.md),
+# laid out as a SRC folder.
+SHIPPED = DATA_DIR / "sources"
+SHIPPED_FILES = ("raw/financial_phrasebank_train.csv", "finlora/test/nwgi_test.jsonl",
+                 "finlora/test/fiqa_test.jsonl", "finlora/test/tfns_test.jsonl")
 DEFAULT_TRAIN = "sentiment_cpu_train.jsonl"
 SYNTHETIC_TRAIN = "synthetic_sentiment_train.jsonl"
 SYNTHETIC_TEST = "synthetic_sentiment_test.jsonl"
@@ -74,6 +80,7 @@ class Unit:
     train_as: Task | None = None
     train_labels: Callable[[str], str] | None = None
     train_rows: int | None = None  # a seeded sample of this many train rows (the rest is not used)
+    keep_repeats: bool = False  # repeated rows are the source's own oversampling: counted, not removed
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Part:
     stats: dict = field(default_factory=dict)
     before_balance: dict[str, int] | None = None  # class counts of the distinct rows, when balanced
     merged: list[dict] = field(default_factory=list)  # when several units' parts share this file: each one's summary
+    left_out: list[str] = field(default_factory=list)  # train rows left out for sharing a test input (drop_overlap)
 
     @property
     def task(self) -> Task:
@@ -102,6 +110,9 @@ class Options:
     allow_overlap: bool = False
     token_check: bool = True
     against: list[Path] = field(default_factory=list)  # extra test files to check leakage against
+    # Leave train rows whose input is in a test file out (listed) instead of failing: for
+    # published train/test pairs (FinLoRA's xbrl_term shares 2 of 5,856 terms with its test).
+    drop_overlap: bool = False
 
 
 def _say(msg: str = "") -> None:
@@ -233,6 +244,10 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
                 skipped = sort_problems(skipped + long)
                 ex = _without(ex, long)
             kept, dups = dedupe(ex)
+            if u.keep_repeats:
+                if dups:
+                    _say(f"{name}: {len(dups)} repeated row(s) kept: the source repeats them on purpose")
+                kept, dups = ex, []
             parts.append(Part(name, split, u, kept, dups, skipped if i == 0 else []))
             if dups:
                 first = dups[0]
@@ -255,13 +270,34 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         lines = [f"  {a.where} (train) = {b.where} (test): {a.text[:70]!r}" for a, b in leaks[:MAX_LISTED]]
         if len(leaks) > MAX_LISTED:
             lines.append(f"  ... and {len(leaks) - MAX_LISTED} more")
-        if not opts.allow_overlap:
+        if opts.drop_overlap and not opts.allow_overlap:
+            _say(f"{len(leaks)} train row(s) left out, their input is in a test file:")
+            for line in lines:
+                _say(line)
+            leaked = {id(a) for a, _ in leaks}
+            for p in parts:
+                if p.split == "train":
+                    p.left_out = [e.where for e in p.examples if id(e) in leaked]
+                    p.examples = [e for e in p.examples if id(e) not in leaked]
+        elif not opts.allow_overlap:
             raise DataError("\n".join(
                 [f"error: {len(leaks)} train example(s) also in a test split (same text after folding case and "
                  "white space); nothing was written:"] + lines + ["pass --allow-overlap to write them anyway"]))
-        _say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
-        for line in lines:
-            _say(line)
+        else:
+            _say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
+            for line in lines:
+                _say(line)
+    # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl): say when a
+    # new one holds rows that a train file already there, and not rewritten now, trains on.
+    written = {p.name for p in parts if p.split == "train"}
+    if tests:
+        for old in sorted((opts.out_dir / "train").glob("*.jsonl")):
+            if old.name in written or not old.is_file():
+                continue
+            shared = overlaps(_load_against([old]), [e for p in parts if p.split == "test" for e in p.examples])
+            if shared:
+                _say(f"warning: {len(shared)} row(s) of the existing {_rel(old)} are in the test file(s) written now "
+                     f"(e.g. {shared[0][1].where}); scores of an adapter trained on {old.name} on them are not held out")
 
     # 4. class balance: a small model trained for a few dozen steps on FPB's natural mix
     # (59% neutral) learns to answer "neutral" (measured: 112 of 205 held-out positives
@@ -289,6 +325,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             "duplicates_removed": len(p.duplicates),
             "bad_rows_skipped": [str(x) for x in p.skipped],
             "train_test_overlap": len([1 for a, _ in leaks if any(a is e for e in p.examples)]) if p.split == "train" else None,
+            "train_test_overlap_left_out": p.left_out or None,
             "tokenizer": str(check.tokenizer_path) if check.active else None,
             "sequence_len": check.sequence_len,
             "balanced_from": p.before_balance,
@@ -394,20 +431,28 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_rows(hub, split: str) -> list[RawRow]:
-    """All rows of one split of a registry hub source (raises DataError when unreachable)."""
+def _hub_dataset(hub, split: str):
+    """One split of a registry hub source as a `datasets.Dataset` (DataError when it cannot
+    be loaded: offline, missing, renamed)."""
+    files = dict(hub.data_files)
+    if hub.data_files and split not in files:
+        raise DataError(f"error: hf:{hub.where}: the registry names no file for split {split!r}")
     try:
-        try:
-            return list(sources.read_hf(hub.name, hub.config, split))
-        except Exception:  # script-based sets: the hub's parquet conversion has the same rows
-            return list(sources.read_hf(hub.name, hub.config, split, revision="refs/convert/parquet"))
-    except Exception as e:  # noqa: BLE001 - offline, missing, renamed: one clear message
-        raise DataError(f"error: cannot load hf:{hub.name}" + (f"/{hub.config}" if hub.config else "")
-                        + f"[{split}] from the hub: {type(e).__name__}: {str(e)[:300]}") from None
+        return sources.load_hf(hub.name, hub.config, split, data_files={split: files[split]} if files else None,
+                               revision=hub.revision)
+    except Exception as e:  # noqa: BLE001 - one clear message, whatever datasets raised
+        raise DataError(f"error: cannot load hf:{hub.where}[{split}]: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _hub_rows(hub, split: str) -> list[RawRow]:
+    """All rows of one split of a registry hub source."""
+    return list(sources.hf_rows(_hub_dataset(hub, split), f"hf:{hub.where}[{split}]"))
 
 
 def _hub_mapping(task: Task) -> Mapping:
     h = task.hub
+    if h.finlora_rows:
+        return Mapping(finlora=True)
     return Mapping(text_col=h.text_col, label_col=h.label_col, score_col=h.score_col, kind_col=h.kind_col,
                    fields=dict(h.fields), label_map=LABEL_MAPS.get(h.label_map) if h.label_map else None)
 
@@ -415,13 +460,13 @@ def _hub_mapping(task: Task) -> Mapping:
 def units_from_hub() -> list[Unit]:
     fpb, fiqa, tfns, nwgi = TASKS["fpb"], TASKS["fiqa"], TASKS["tfns"], TASKS["nwgi"]
     return [
-        Unit(fpb, _hub_mapping(fpb), _hub_rows(fpb.hub, "train"), f"hf:{fpb.hub.name}/{fpb.hub.config}",
+        Unit(fpb, _hub_mapping(fpb), _hub_rows(fpb.hub, "train"), f"hf:{fpb.hub.where}[train]",
              DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, balance=True),
-        Unit(fiqa, _hub_mapping(fiqa), _hub_rows(fiqa.hub, "test"), f"hf:{fiqa.hub.name}[test]",
+        Unit(fiqa, _hub_mapping(fiqa), _hub_rows(fiqa.hub, "test"), f"hf:{fiqa.hub.where}[test]",
              test_name="fiqa_test.jsonl"),
-        Unit(tfns, _hub_mapping(tfns), _hub_rows(tfns.hub, "validation"), f"hf:{tfns.hub.name}[validation]",
+        Unit(tfns, _hub_mapping(tfns), _hub_rows(tfns.hub, "validation"), f"hf:{tfns.hub.where}[validation]",
              test_name="tfns_test.jsonl"),
-        _nwgi_unit(nwgi, _hub_mapping(nwgi), _hub_rows(nwgi.hub, "test"), f"hf:{nwgi.hub.name}[test]"),
+        _nwgi_unit(nwgi, _hub_mapping(nwgi), _hub_rows(nwgi.hub, "test"), f"hf:{nwgi.hub.where}[test]"),
     ]
 
 
@@ -433,33 +478,35 @@ def units_synthetic(seed: int = SEED) -> list[Unit]:
 
 def prepare_default(src: str | Path | None = None, *, out_dir: str | Path | None = None, seed: int = SEED,
                     recipe: str | None = None, skip_bad: bool = False, allow_overlap: bool = False,
-                    hub: bool = True) -> None:
-    """Prepare what the default recipe reads: from `src` (or $FINLORA_DATA_SRC), else the
-    hub, else a small synthetic set (offline). Raises DataError when the input is bad."""
+                    hub: bool = False, synthetic: bool = False) -> None:
+    """Prepare what the default recipe reads, from (first that applies): `synthetic` (the
+    generated smoke-test set, only when asked); `src` or $FINLORA_DATA_SRC; the hub when
+    `hub`; else the real files shipped in data/sources/ (offline, no network attempt).
+    Raises DataError when the input is bad or missing."""
     opts = Options(out_dir=Path(out_dir) if out_dir else DATA_DIR, recipe=recipe, seed=seed,
                    skip_bad=skip_bad, allow_overlap=allow_overlap)
+    if synthetic:
+        bar = "=" * 78
+        _say(f"{bar}\nSYNTHETIC DATA (asked for): writing a small generated sentiment set ({SYNTHETIC_TRAIN}).\n"
+             f"It is invented, templated text for smoke tests, not real financial data.\n{bar}")
+        build(units_synthetic(seed), opts, link=(DEFAULT_TRAIN, SYNTHETIC_TRAIN))
+        _say(f"SYNTHETIC: train/{DEFAULT_TRAIN} is a symlink to {SYNTHETIC_TRAIN}")
+        return
     src = src or os.environ.get(ENV_SRC) or None
     if src:
         _say(f"data: source {src} (local directory)")
         build(units_from_dir(Path(src)), opts)
         return
-    if hub and hub_reachable():
-        try:
-            units = units_from_hub()
-        except Exception as e:  # noqa: BLE001 - any hub failure falls back to the synthetic set
-            _say(f"data: hub unavailable ({type(e).__name__}: {str(e)[:200]})")
-        else:
-            _say("data: source Hugging Face hub")
-            build(units, opts)
-            return
-    else:
-        _say("data: no --src/SRC or $FINLORA_DATA_SRC given, and the hub is not reachable (or HF_HUB_OFFLINE is set)")
-    bar = "=" * 78
-    _say(f"{bar}\nSYNTHETIC DATA: writing a small generated sentiment set ({SYNTHETIC_TRAIN}).\n"
-         "It is invented, templated text for smoke tests, not real financial data.\n"
-         f"For real data: make data SRC=DIR (a folder with raw/ and finlora/), or set ${ENV_SRC}.\n{bar}")
-    build(units_synthetic(seed), opts, link=(DEFAULT_TRAIN, SYNTHETIC_TRAIN))
-    _say(f"SYNTHETIC: train/{DEFAULT_TRAIN} is a symlink to {SYNTHETIC_TRAIN}")
+    if hub:
+        _say("data: source Hugging Face hub")
+        build(units_from_hub(), opts)
+        return
+    missing = [p for p in SHIPPED_FILES if not (SHIPPED / p).is_file()]
+    if missing:
+        raise DataError(f"error: the data shipped with the repository is missing ({', '.join(_rel(SHIPPED / p) for p in missing)}); "
+                        "restore it (git checkout -- data/sources), or give SRC=dir, HUB=1 or SYNTHETIC=1")
+    _say(f"data: source {_rel(SHIPPED)} (shipped with the repository; see data/README.md)")
+    build(units_from_dir(SHIPPED), opts)
 
 
 # --- the CLI ---------------------------------------------------------------------------------
@@ -471,18 +518,27 @@ def _parser() -> argparse.ArgumentParser:
                     "with validation, de-duplication, a leakage check and stats (data/stats/<name>.json).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without --task: prepare what the default recipe reads (data/train/" + DEFAULT_TRAIN + ") from --src, "
-               f"${ENV_SRC}, the hub, or else a synthetic set (symlinked, clearly named).\n"
+               f"${ENV_SRC}, the hub with --hub, else the real files shipped in data/sources/ (offline); the "
+               "synthetic smoke-test set only with --synthetic.\n"
+               "--recipe X (a GPU recipe) or --task T without --input: the files recipe X / task T trains on and "
+               "`make eval` scores it on, from --src (FinLoRA JSONL laid out as ../shared/data), else the hub.\n"
                "Exit status: 0 written; 1 bad rows or train/test overlap (nothing written); 2 usage.\n\n"
                "examples:\n"
                "  prepare_data.py --src ../shared/data\n"
+               "  prepare_data.py --recipe formula_r8 --src ../shared/data\n"
+               "  prepare_data.py --task headline --hub\n"
                "  prepare_data.py --task fpb --input all-data.csv --format all-data-csv --name fpb --test-fraction 0.2\n"
                "  prepare_data.py --task sentiment --input news.csv --text-col content --label-col label --name mine\n"
                "  prepare_data.py --task tfns --input tfns_test.jsonl --format finlora --split test --fix tfns-swap\n"
                "  prepare_data.py --task tfns --hub --name tfns\n"
                "  prepare_data.py --list-tasks")
     g = p.add_argument_group("default preparation")
-    g.add_argument("--src", help=f"local folder holding raw/ and finlora/ (default: ${ENV_SRC}, then the hub, then synthetic)")
-    g.add_argument("--no-hub", action="store_true", help="do not try the hub")
+    g.add_argument("--src", help=f"local folder holding raw/ and finlora/ (default: ${ENV_SRC}, else the shipped "
+                                 "data/sources/)")
+    g.add_argument("--no-hub", action="store_true", help="kept for old scripts: the default never tries the hub "
+                                                         "unless --hub")
+    g.add_argument("--synthetic", action="store_true",
+                   help="the generated smoke-test set instead of real data (invented headlines; tests, trying the pipeline)")
     g = p.add_argument_group("one task from one source")
     g.add_argument("--task", choices=sorted(TASKS), help="task from the registry (see --list-tasks)")
     g.add_argument("--input", action="append", default=[],
@@ -491,7 +547,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="input format (default: from the file suffix; .jsonl without --text-col is read as finlora). "
                         "all-data-csv: FPB's label,content CSV; fpb-txt: FPB's sentence@label Latin-1 files; "
                         "fiqa-json: FiQA task 1 JSON with sentiment_score; finlora: {context, target} JSONL")
-    g.add_argument("--hub", action="store_true", help="read the task's registry hub source (train and test splits)")
+    g.add_argument("--hub", action="store_true",
+                   help="read the registry's public sources: for the default, FPB/FiQA/TFNS/NWGI from the hub; with "
+                        "--task/--recipe, the files --src does not hold")
     g.add_argument("--hf-config", help="with --format hf: the dataset config")
     g.add_argument("--hf-split", default="train", help="with --format hf: the split (default: train)")
     g.add_argument("--data-files", help="with --format hf and a builder (json, csv, parquet): the local file")
@@ -518,7 +576,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=SEED, help=f"split seed (default: {SEED}); same seed, same bytes")
     g.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing; they are counted and listed")
     g.add_argument("--allow-overlap", action="store_true", help="write even if train and test share input texts")
-    g.add_argument("--recipe", help=f"recipe whose tokenizer and sequence_len bound the examples (default: {recipes.DEFAULT_RECIPE})")
+    g.add_argument("--recipe", help="recipe whose tokenizer and sequence_len bound the examples (default: "
+                                    f"{recipes.DEFAULT_RECIPE}, or <task>_r8 for --task); without --task, also the "
+                                    "recipe whose files to prepare")
     g.add_argument("--no-token-check", action="store_true", help="skip the token-length check and token stats")
     g.add_argument("--out-dir", type=Path, default=DATA_DIR, help="output root (default: data/)")
     g.add_argument("--list-tasks", action="store_true", help="print the task registry and exit")
@@ -528,7 +588,7 @@ def _parser() -> argparse.ArgumentParser:
 def _list_tasks() -> None:
     for t in TASKS.values():
         labels = "/".join(t.labels) if t.labels else t.answer_type
-        hub = f"{t.hub.name}" + (f" ({t.hub.config})" if t.hub and t.hub.config else "") if t.hub else "-"
+        hub = t.hub.where if t.hub else "-"
         _say(f"{t.name:13} {t.family:10} {labels[:48]:48} {hub}")
         if t.notes:
             _say(f"{'':13} {t.notes}")
@@ -578,9 +638,9 @@ def _task_units(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Unit]
         units = []
         if h.train_split:
             names = split_names if (h.test_split is None and a.test_fraction) else {"train_name": f"{name}_train.jsonl"}
-            units.append(Unit(task, m, _hub_rows(h, h.train_split), f"hf:{h.name}[{h.train_split}]", **names))
+            units.append(Unit(task, m, _hub_rows(h, h.train_split), f"hf:{h.where}[{h.train_split}]", **names))
         if h.test_split:
-            units.append(Unit(task, m, _hub_rows(h, h.test_split), f"hf:{h.name}[{h.test_split}]",
+            units.append(Unit(task, m, _hub_rows(h, h.test_split), f"hf:{h.where}[{h.test_split}]",
                               test_name=f"{name}_test.jsonl"))
         return units
 
@@ -608,21 +668,53 @@ def _task_units(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Unit]
     return [Unit(task, m, chained, source, latin1=info, **split_names)]
 
 
+def prepare_task(task: str, src: str | Path | None, *, hub: bool = False, out_dir: Path = DATA_DIR,
+                 recipe: str | None = None, seed: int = SEED, skip_bad: bool = False, allow_overlap: bool = False,
+                 token_check: bool = True, against: list[Path] | None = None) -> list[Part]:
+    """The files recipe task `task` trains on and `make eval` scores it on (finlora.data.recipe_data)."""
+    from finlora.data import recipe_data
+
+    src = src or os.environ.get(ENV_SRC) or None
+    use_hub = hub or (src is None and hub_reachable())
+    said = [f"source {src} (local directory)" if src else "", "the hub" if use_hub else ""]
+    _say(f"data: task {task}: " + (", then ".join(filter(None, said))
+                                    or "no local folder (SRC), and the hub is not reachable (or HF_HUB_OFFLINE is set)"))
+    opts = Options(out_dir=out_dir, recipe=recipe or f"{task}_r8", seed=seed, skip_bad=skip_bad,
+                   allow_overlap=allow_overlap, token_check=token_check, against=against or [], drop_overlap=True)
+    return build(recipe_data.units(task, Path(src) if src else None, use_hub), opts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from finlora.data import recipe_data
+    from finlora.data.tasks import RECIPE_TASKS
+
     p = _parser()
     a = p.parse_args(argv)
     if a.list_tasks:
         _list_tasks()
         return 0
     try:
+        common = dict(seed=a.seed, skip_bad=a.skip_bad, allow_overlap=a.allow_overlap)
         if a.task is None:
-            if a.input or a.hub:
-                p.error("--input/--hub need --task")
-            prepare_default(a.src, out_dir=a.out_dir, seed=a.seed, recipe=a.recipe, skip_bad=a.skip_bad,
-                            allow_overlap=a.allow_overlap, hub=not a.no_hub)
+            if a.input:
+                p.error("--input needs --task")
+            task = recipe_data.task_of_recipe(a.recipe) if a.recipe else None
+            if task is None:
+                prepare_default(a.src, out_dir=a.out_dir, recipe=a.recipe, hub=a.hub, synthetic=a.synthetic, **common)
+            else:
+                if a.synthetic:
+                    p.error(f"--synthetic is the default recipe's smoke-test set; {a.recipe} trains on {task} data")
+                prepare_task(task, a.src, hub=a.hub, out_dir=a.out_dir, recipe=a.recipe,
+                             token_check=not a.no_token_check, against=a.against, **common)
+            return 0
+        if a.synthetic:
+            p.error("--synthetic is for the default preparation (no --task)")
+        if not a.input and a.task in RECIPE_TASKS:
+            prepare_task(a.task, a.src, hub=a.hub, out_dir=a.out_dir, recipe=a.recipe,
+                         token_check=not a.no_token_check, against=a.against, **common)
             return 0
         if a.src:
-            p.error("--src is for the default preparation; with --task use --input")
+            p.error("--src is for the default preparation and the recipe tasks; with --task use --input")
         opts = Options(out_dir=a.out_dir, recipe=a.recipe, seed=a.seed, skip_bad=a.skip_bad,
                        allow_overlap=a.allow_overlap, token_check=not a.no_token_check, against=a.against)
         build(_task_units(a, p), opts)

@@ -247,10 +247,10 @@ def read_parquet(path: Path) -> Iterator[RawRow]:
         yield RawRow(str(path), i, row)
 
 
-def read_hf(name: str, config: str | None = None, split: str = "train", data_files=None,
-            revision: str | None = None) -> Iterator[RawRow]:
-    """`datasets.load_dataset(name, config, split=split)`: the hub path, and the same code
-    on local files with `name="json"|"csv"|"parquet"` and `data_files=`."""
+def load_hf(name: str, config: str | None = None, split: str = "train", data_files=None,
+            revision: str | None = None):
+    """`datasets.load_dataset(name, config, split=split)`: a hub set, or a packaged builder
+    ("json", "csv", "parquet") on `data_files` (local paths, URLs or hf:// paths)."""
     from datasets import load_dataset
 
     kw = {"split": split}
@@ -258,10 +258,20 @@ def read_hf(name: str, config: str | None = None, split: str = "train", data_fil
         kw["data_files"] = data_files
     if revision is not None:
         kw["revision"] = revision
-    ds = load_dataset(name, config, **kw)
-    where = f"hf:{name}" + (f"/{config}" if config else "") + f"[{split}]"
+    return load_dataset(name, config, **kw)
+
+
+def hf_rows(ds, where: str) -> Iterator[RawRow]:
     for i, row in enumerate(ds, start=1):
         yield RawRow(where, i, dict(row))
+
+
+def read_hf(name: str, config: str | None = None, split: str = "train", data_files=None,
+            revision: str | None = None, where: str | None = None) -> Iterator[RawRow]:
+    """Rows of `load_hf(...)`: the hub path, and the same code on local files with
+    `name="json"|"csv"|"parquet"` and `data_files=`."""
+    ds = load_hf(name, config, split, data_files, revision)
+    return hf_rows(ds, (where or f"hf:{name}" + (f"/{config}" if config else "")) + f"[{split}]")
 
 
 def read(fmt: str, path: str | Path, info: SourceInfo | None = None) -> Iterator[RawRow]:

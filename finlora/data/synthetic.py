@@ -1,7 +1,7 @@
 """A small synthetic financial-sentiment set, generated offline from templates.
 
-Used only when no real source is reachable (no --src / FINLORA_DATA_SRC, no hub), so
-that `make data` and `make train` still work end to end. The headlines are invented
+Written only when asked for (`make data SYNTHETIC=1`, `--synthetic`): for tests and for
+trying the pipeline; the default trains on the real data shipped in data/sources/. The headlines are invented
 and their sentiment is unambiguous by construction; the file names say `synthetic`.
 It is a smoke-test set, not a benchmark.
 """

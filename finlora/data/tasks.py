@@ -27,13 +27,35 @@ NWGI_TEMPLATE = (
     "{strong negative/moderately negative/mildly negative/neutral/mildly positive/moderately positive/strong positive}."
     "\nInput: {text}\nAnswer: "
 )
+# takala/financial_phrasebank is a loading script; the hub's own parquet conversion of its
+# sentences_50agree config (ref refs/convert/parquet, "Update parquet files" 6082a20) has the
+# same 4,846 rows in the script's order, label ids 0 negative, 1 neutral, 2 positive.
+FPB_PARQUET = ("hf://datasets/takala/financial_phrasebank@refs%2Fconvert%2Fparquet/"
+               "sentences_50agree/train/0000.parquet")
+# nlpaueb/finer-139 is a loading script too; its parquet conversion (config finer-139, the
+# train split in several shards). Not checked from here (no network): the converter is.
+FINER_PARQUET = "hf://datasets/nlpaueb/finer-139@refs%2Fconvert%2Fparquet/finer-139/{split}/*.parquet"
+# FinLoRA's own JSONL files (Open-Finance-Lab/FinLoRA, formerly wangd12rpi/FinLoRA), pinned
+# to the commit that last changed each; xbrl_extract_train.jsonl is stored with Git LFS.
+FINLORA_RAW = "https://raw.githubusercontent.com/Open-Finance-Lab/FinLoRA/{commit}/data/{path}"
+FINLORA_LFS = "https://media.githubusercontent.com/media/Open-Finance-Lab/FinLoRA/{commit}/data/{path}"
+
+# FinGPT's sentiment training mix answers in three classes and in NWGI's seven levels.
+SENTIMENT_MIX = SENTIMENT3 + tuple(x for x in NWGI7 if x != "neutral")
+
 # FinGPT's instruction datasets (headline, NER) carry the instruction per row.
 INSTRUCTION_TEMPLATE = "Instruction: {instruction}\nInput: {text}\nAnswer: "
 
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where `datasets.load_dataset` finds the original set, and how to read it."""
+    """Where `datasets.load_dataset` finds the original set, and how to read it.
+
+    `name` is a hub repository that `datasets` 4.x loads as is (parquet, CSV or JSON files,
+    no loading script), or a packaged builder ("parquet", "json") with `data_files`
+    naming the exact files (split -> URL, pinned to a commit or the hub's parquet
+    conversion) for sets whose own repository is a loading script, which `datasets`
+    4.x refuses ("Dataset scripts are no longer supported")."""
 
     name: str
     config: str | None = None
@@ -46,6 +68,14 @@ class HubSource:
     fields: tuple[tuple[str, str], ...] = ()  # extra template placeholders: (placeholder, column)
     kind_col: str | None = None           # column choosing a template variant (FiQA: type)
     licence: str = ""
+    data_files: tuple[tuple[str, str], ...] = ()  # (split, URL) for a builder name
+    revision: str | None = None           # a commit of `name`, where one is pinned
+    origin: str = ""                      # the set the files come from, for messages and docs
+    finlora_rows: bool = False            # rows already are FinLoRA's {"context", "target"}
+
+    @property
+    def where(self) -> str:
+        return self.origin or self.name + (f"/{self.config}" if self.config else "")
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,10 @@ def fold_nwgi(label: str) -> str:
     return label
 
 
+# Hub sources named by repository (FiQA-SA, TFNS, NWGI, FinGPT's headline, NER and sentiment
+# sets) are parquet or CSV repositories, no loading script, so `datasets` 4.x loads them as
+# is; the script-based FPB and FiNER are read from the hub's parquet conversion, FinLoRA's
+# own files from its repository at a pinned commit.
 def _task(*args, **kw) -> Task:
     return Task(*args, **kw)
 
@@ -110,8 +144,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     _task("sentiment", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
           notes="generic 3-class financial sentiment (news template); the CPU default"),
     _task("fpb", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-          HubSource("takala/financial_phrasebank", "sentences_50agree", "train", None,
-                    text_col="sentence", label_map="fpb", licence="CC BY-NC-SA 3.0"),
+          HubSource("parquet", None, "train", None, text_col="sentence", label_map="fpb",
+                    licence="CC BY-NC-SA 3.0", data_files=(("train", FPB_PARQUET),),
+                    origin="takala/financial_phrasebank (sentences_50agree, the hub's parquet conversion)"),
           notes="Financial PhraseBank; no test split on the hub: make one (--test-fraction)"),
     _task("fiqa", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
           HubSource("TheFinAI/fiqa-sentiment-classification", None, "train", "test",
@@ -137,30 +172,65 @@ TASKS: dict[str, Task] = {t.name: t for t in [
                     label_col="output", fields=(("instruction", "instruction"),), licence="CC BY-SA 3.0"),
           fields=("instruction", "text")),
     _task("finer", "xbrl", "{text}", None, "text",
-          HubSource("nlpaueb/finer-139", None, "train", "test", text_col="tokens", label_col="ner_tags",
-                    licence="CC BY-SA 4.0"),
-          notes="FinLoRA batches 4 tagging questions per prompt (data/process_finer.py); "
-                "convert with that script and read the result with --format finlora"),
-    _task("xbrl_extract", "xbrl", "{instruction}\nXML File: {xml}\n{text}", None, "text",
-          HubSource("wangd12/XBRL_extraction", "tags", "train", "test", text_col="input",
-                    label_col="output", fields=(("instruction", "instruction"),), licence="MIT"),
-          fields=("instruction", "xml", "text"),
-          notes="configs tags, value, formula, formula_calculations; the XML comes from the filings"),
+          HubSource("parquet", None, "train", "test", text_col="tokens", label_col="ner_tags",
+                    licence="CC BY-SA 4.0",
+                    data_files=tuple((sp, FINER_PARQUET.format(split=sp)) for sp in ("train", "test")),
+                    origin="nlpaueb/finer-139 (the hub's parquet conversion)"),
+          notes="FinLoRA's batching (data/process_finer.py): up to 3 tagged words a sentence, "
+                "4 questions a prompt, 10,000 prompts a split"),
+    _task("xbrl_extract", "xbrl", "{text}", None, "text",
+          HubSource("json", None, "train", None, finlora_rows=True, licence="MIT", origin="FinLoRA data/train/xbrl_extract_train.jsonl",
+                    data_files=(("train", FINLORA_LFS.format(commit="5ae0f9b4438a05bc63241708b99abd5a4971ff3b",
+                                                             path="train/xbrl_extract_train.jsonl")),)),
+          notes="FinLoRA's XBRL extraction prompts (tags, values, formulas) over filings' XML; no `make eval` set"),
     _task("xbrl_term", "xbrl", "Explain this XBRL term briefly in one sentence: {text}. Answer:", None, "text",
-          notes="XBRL-Agent terminology (MIT); read FinLoRA's xbrl_term_*.jsonl with --format finlora"),
+          HubSource("json", None, "train", None, finlora_rows=True, licence="MIT", origin="FinLoRA data/train/xbrl_term_train.jsonl",
+                    data_files=(("train", FINLORA_RAW.format(commit="eb50f2382d11bbecf1efd83a692bb105d1ea6f3f",
+                                                             path="train/xbrl_term_train.jsonl")),)),
+          notes="XBRL-Agent terminology (MIT); the test file is not in FinLoRA's repository: SRC only"),
     _task("formula", "math",
           "Use formula {formula} to answer the question. Answer with a numerical answer with 2 decimal places "
           "and with no explanations or other text. Formula: {equation}, Explanation: {explanation}. "
           "Question: \"{text}\". Answer:", None, "number",
+          HubSource("json", None, "train", "test", finlora_rows=True, licence="MIT", origin="FinLoRA data/{train,test}/formula_*.jsonl",
+                    data_files=(("train", FINLORA_RAW.format(commit="99f37171a104a45912725d2a26617687d28ccb2c",
+                                                             path="train/formula_train.jsonl")),
+                                ("test", FINLORA_RAW.format(commit="902982d93afffe57b5a84ac7c64c198ef637ca7c",
+                                                            path="test/formula_test.jsonl")))),
           fields=("formula", "equation", "explanation", "text"),
-          notes="XBRL-Agent financial math (MIT); read FinLoRA's formula_*.jsonl with --format finlora"),
+          notes="XBRL-Agent financial math (MIT)"),
     _task("financebench", "qa",
           "Answer the following question very briefly using scanned text from pages. No explanation needed. "
           "Question: {question}\nDocument Pages Context:\n{text}\n\nAnswer:", None, "text",
-          HubSource("PatronusAI/financebench", None, None, "train", text_col="evidence_text",
-                    label_col="answer", fields=(("question", "question"),), licence="CC BY-NC 4.0"),
+          HubSource("json", None, "train", "test", finlora_rows=True, licence="CC BY-NC 4.0",
+                    origin="FinLoRA data/{train,test}/financebench_*.jsonl (PatronusAI/financebench via XBRL-Agent)",
+                    data_files=(("train", FINLORA_RAW.format(commit="eb50f2382d11bbecf1efd83a692bb105d1ea6f3f",
+                                                             path="train/financebench_train.jsonl")),
+                                ("test", FINLORA_RAW.format(commit="783464c735f2b38229394d1574251e13235a55c3",
+                                                            path="test/financebench_test.jsonl")))),
           fields=("question", "text")),
+    _task("fingpt_sentiment", "sentiment", INSTRUCTION_TEMPLATE, SENTIMENT_MIX, "label",
+          HubSource("FinGPT/fingpt-sentiment-train", None, "train", None, text_col="input", label_col="output",
+                    fields=(("instruction", "instruction"),), licence="MIT"),
+          fields=("instruction", "text"),
+          notes="FinLoRA's sentiment training mix (76.8K rows: FPB, FiQA-SA, TFNS, NWGI, with their instructions); "
+                "the GPU sentiment recipes train on it"),
 ]}
+
+
+# Which `make eval` test sets (finlora.evaluate.EVAL_SETS) score an adapter of each recipe
+# task, and which registry task converts the recipe task's training rows. The one place
+# that says so: `make data RECIPE=x` writes these files, tests check them against evaluate.
+RECIPE_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sentiment": ("fingpt_sentiment", ("fpb", "fiqa", "tfns", "nwgi")),
+    "headline": ("headline", ("headline",)),
+    "ner": ("ner", ("ner",)),
+    "finer": ("finer", ()),
+    "xbrl_extract": ("xbrl_extract", ()),
+    "xbrl_term": ("xbrl_term", ("xbrl_term",)),
+    "formula": ("formula", ("formula",)),
+    "financebench": ("financebench", ("financebench",)),
+}
 
 
 def get_task(name: str) -> Task:
