@@ -220,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = recipes.resolve_path(
         override(a.axolotl_args, "output_dir") or cfg.get("output_dir", f"./outputs/{path.stem}"))
     gpus, extra, launch_lines = plan_launch(cfg, a.gpus, a.nodes, list(a.axolotl_args), cuda_device_count())
+    prepared = override(extra, "dataset_prepared_path") or cfg.get("dataset_prepared_path")
+    if prepared and (a.nodes or 1) > 1 and override(extra, "dataset_prepared_path") is None:
+        # Every node deletes and rebuilds the cache below; on a shared filesystem one
+        # folder per node keeps them from deleting each other's (same data, same seed:
+        # the same tokenised rows on every node).
+        prepared = f"{prepared.rstrip('/')}-node{os.environ.get('MACHINE_RANK', '0')}"
+        extra += ["--dataset-prepared-path", prepared]
     for line in launch_lines:
         print(line, flush=True)
     if not a.no_check:
@@ -244,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         best, skipped = check.newest_complete(output_dir)
         if best is None:
             raise recipes.RecipeError(f"error: RESUME=1 but {output_dir} holds no complete checkpoint")
-        move_aside_incomplete(skipped)
+        if os.environ.get("MACHINE_RANK", "0") == "0":  # one node renames, on a shared filesystem
+            move_aside_incomplete(skipped)
         extra += ["--resume-from-checkpoint", str(best)]
     # Axolotl keys its tokenised-data cache on the data file's path, not its
     # content: a fresh `make data` would otherwise train on the stale cache.
-    prepared = cfg.get("dataset_prepared_path")
     if prepared and recipes.resolve_path(prepared).is_dir():
         shutil.rmtree(recipes.resolve_path(prepared))
 

@@ -124,3 +124,79 @@ def test_single_gpu_config_respects_cuda_visible_devices(monkeypatch):
     assert args.gpu_ids == "all"
     _, env = prepare_simple_launcher_cmd_env(args)
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # with `gpu_ids: "0"` accelerate set it to 0
+
+
+def test_each_node_gets_its_own_prepared_data_folder(monkeypatch, capsys, gpu_recipe, tmp_path):
+    env = {"MACHINE_RANK": "1", "MASTER_ADDR": "node001"}
+    (tmp_path / "prepared").mkdir()  # another node's cache: this node must not delete it
+    cmd, _, _ = launch(monkeypatch, capsys, gpu_recipe, ["--gpus", "8", "--nodes", "2"], devices=8, env=env)
+    assert _value(cmd, "--dataset-prepared-path") == f"{tmp_path / 'prepared'}-node1"
+    assert (tmp_path / "prepared").is_dir()
+
+
+# --------------------------------------------------------------------------- SLURM
+
+SLURM = ROOT / "scripts" / "slurm_train.sh"
+
+
+def _stubs(tmp_path: Path) -> Path:
+    """srun (runs its command once per node), scontrol, make and python that log their calls."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    log.unlink(missing_ok=True)
+    stubs = {
+        "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\n'
+                'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit $?; done',
+        # a long node list: `scontrol ... | head -n 1` would die of SIGPIPE under pipefail
+        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-a01\\ngpu-a02\\n" && seq 200000',
+        "make": f'echo "make $*" >> {log}',
+        "python": f'echo "python $* MACHINE_RANK=$MACHINE_RANK MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT" >> {log}',
+    }
+    for name, body in stubs.items():
+        p = bin_ / name
+        p.write_text("#!/usr/bin/env bash\n" + body + "\n")
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return bin_
+
+
+def _run_slurm(tmp_path, args=(), **env):
+    bin_ = _stubs(tmp_path)
+    base = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path), "VENV_BIN": str(bin_)}
+    proc = subprocess.run(["bash", str(SLURM), *args], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+    log = tmp_path / "calls.log"
+    return proc, (log.read_text().splitlines() if log.is_file() else [])
+
+
+def test_slurm_script_checks_once_then_trains_every_node_with_its_rank(tmp_path):
+    proc, calls = _run_slurm(tmp_path, ["finer_70b_r4"], SLURM_NNODES="2",
+                             SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_GPUS_PER_NODE="h100:8")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0] == "make -s check RECIPE=finer_70b_r4"  # once, before any node starts
+    assert calls[1:] == [
+        f"python scripts/train.py --no-check --gpus 8 --nodes 2 finer_70b_r4 "
+        f"MACHINE_RANK={rank} MASTER_ADDR=gpu-a01 MASTER_PORT=29500" for rank in (0, 1)]
+
+
+def test_slurm_script_without_a_gpu_count_stops_with_a_message(tmp_path):
+    # before: `${SLURM_GPUS_PER_NODE##*:}` under `set -u` aborted with "unbound variable"
+    proc, calls = _run_slurm(tmp_path, ["sentiment_r8"], SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a[01-02]")
+    assert proc.returncode == 2 and calls == []
+    assert "cannot tell the GPUs per node" in proc.stderr and "unbound" not in proc.stderr
+    proc, calls = _run_slurm(tmp_path, ["sentiment_r8"], SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-a[01-02]",
+                             SLURM_GPUS_ON_NODE="4", RESUME="1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0] == "make -s check RECIPE=sentiment_r8 RESUME=1"
+    assert calls[1].startswith("python scripts/train.py --no-check --gpus 4 --nodes 2 --resume sentiment_r8 ")
+
+
+def test_slurm_script_usage_names_recipes_that_exist(tmp_path):
+    import re
+
+    text = SLURM.read_text()
+    named = re.findall(r"slurm_train\.sh ([a-z0-9_]+)", text) + re.findall(r"RECIPE=([a-z0-9_]+) sbatch", text)
+    assert named and all((ROOT / "recipes" / f"{n}.yml").is_file() for n in named), named
+    proc, _ = _run_slurm(tmp_path, ["llama31_70b_finer_70b_r4"], SLURM_NNODES="2",
+                         SLURM_JOB_NODELIST="x", GPUS_PER_NODE="8")
+    assert proc.returncode == 2 and "recipes/llama31_70b_finer_70b_r4.yml does not exist" in proc.stderr
