@@ -625,7 +625,11 @@ def check_deepspeed_json(ds: str) -> dict:
 
 @contextlib.contextmanager
 def _axolotl_log() -> Iterator[list]:
-    """Collect (and keep off the console) what Axolotl logs at WARNING or above."""
+    """Collect (and keep off the console) what Axolotl's loggers say at WARNING or above.
+
+    `make check` silences library logging with logging.disable(WARNING); Axolotl's
+    loggers alone are let through here (the schema modules, imported by now, hold them),
+    so other libraries' import-time warnings stay silent."""
     import logging
 
     records: list[logging.LogRecord] = []
@@ -634,18 +638,22 @@ def _axolotl_log() -> Iterator[list]:
         def emit(self, record):
             records.append(record)
 
+    import axolotl.utils.schemas.config  # noqa: F401 - creates the validators' loggers
+
     ax = logging.getLogger("axolotl")
-    saved = (ax.handlers[:], ax.propagate, ax.level, logging.root.manager.disable)
+    saved = (ax.handlers[:], ax.propagate)
     ax.handlers = [_Collect(logging.WARNING)]
     ax.propagate = False
-    ax.setLevel(logging.WARNING)
-    logging.disable(logging.NOTSET)  # `make check` silences other libraries; Axolotl's are read here
+    opened = [lg for name, lg in logging.Logger.manager.loggerDict.items()
+              if (name == "axolotl" or name.startswith("axolotl.")) and isinstance(lg, logging.Logger)]
+    for lg in opened:
+        lg.isEnabledFor = lambda level: level >= logging.WARNING  # past logging.disable
     try:
         yield records
     finally:
-        ax.handlers, ax.propagate, level, disabled = saved
-        ax.setLevel(level)
-        logging.disable(disabled)
+        for lg in opened:
+            del lg.isEnabledFor
+        ax.handlers, ax.propagate = saved
 
 
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
