@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 .PHONY: help setup base-model data train eval infer merge recipes recipes-check params plan bench-train bench-gpu test clean-outputs
 
 help:
-	@echo "make setup            virtual env with pinned torch/axolotl (GPU=1 adds flash-attn, deepspeed)"
+	@echo "make setup [GPU=1]    virtual env with pinned torch/axolotl (GPU=1: CUDA wheels + deepspeed, no compiling)"
 	@echo "make base-model       SmolLM2-135M-Instruct in HF format under outputs/base/ (offline)"
 	@echo "make data [RECIPE=x|TASK=t] [SRC=dir] [HUB=1]  validated JSONL a recipe trains and is scored on (default: shipped real data; SYNTHETIC=1: smoke-test set)"
 	@echo "make check [RECIPE=x] [RESUME=1]         check a recipe, its data, tokenizer, output folder, disk"
@@ -38,14 +38,18 @@ help:
 setup: $(STAMP)
 
 # Re-runs only when the pins change; a second `make setup` is a no-op.
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt $(if $(GPU),requirements-gpu.txt constraints-gpu.txt) pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Axolotl 0.19 needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/pip install -r requirements.txt -c constraints.txt
 ifneq ($(GPU),)
-	# CUDA extras Axolotl names; flash-attn compiles against the installed torch.
-	$(BIN)/pip install "axolotl[flash-attn,deepspeed]==0.19.0" -c constraints.txt
+	# Wheels only (CUDA torch, triton, bitsandbytes), no flash-attn (recipes use SDPA); then
+	# DeepSpeed's source distribution without build isolation, against that torch: it
+	# compiles nothing. constraints-gpu.txt is the GPU lock (finlora/gpu_install.py).
+	$(BIN)/pip install -r requirements-gpu.txt -c constraints-gpu.txt
+	$(BIN)/pip install --no-build-isolation -r requirements-gpu.txt -c constraints-gpu.txt deepspeed
+else
+	$(BIN)/pip install -r requirements.txt -c constraints.txt
 endif
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@

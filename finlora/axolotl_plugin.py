@@ -26,6 +26,14 @@ schema, default false), training computes the output head's logits only at the
 positions that carry a loss target (`finlora.answer_logits`): the same loss and
 gradients, ~20% less work per CPU step for short-answer tasks.
 
+Rows longer than `sequence_len` never vanish unseen: Axolotl's default
+`excess_length_strategy: drop` leaves them out with one anonymous count in its log
+(and `raise` names no row). The plugin measures every tokenised row of each dataset
+as Axolotl tokenised it, before the datasets are merged and shuffled, and lists the
+long ones by file:line and token count: printed, and all of them in
+`<output_dir>/long_rows.jsonl`. Under `excess_length_strategy: raise` the run stops
+there with that list.
+
 It also keeps secrets out of Axolotl's `debug.log` (a tee of
 stdout/stderr into the output folder): the tee's file is wrapped so that values of
 secret-named environment variables are written as `[REDACTED]` (`finlora.redact`).
@@ -127,6 +135,97 @@ def redact_debug_log() -> None:
     cli_config.prepare_debug_log = prepare_debug_log
 
 
+def _row_lines(path: Path) -> list[int]:
+    """1-based line numbers of the non-blank lines of a JSONL file (one row each)."""
+    with open(path, "rb") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _token_counts(ds) -> list[int]:
+    if getattr(ds, "_indices", None) is None:
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(ds.data.column("input_ids")).to_pylist()
+    return [len(ids) for ids in ds["input_ids"]]
+
+
+def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
+    """(the dataset's name, one {"file", "line", "tokens"} per row of `ds` over `limit` tokens).
+
+    `ds` is one dataset as Axolotl tokenised it (file order: Axolotl shuffles only when
+    it merges, or when `shards` is set; then the row index is given instead of a line).
+    """
+    name = str(dataset_config.get("path") or "dataset")
+    counts = _token_counts(ds)
+    over = [(i, n) for i, n in enumerate(counts) if n > limit]
+    if not over:
+        return name, []
+    from finlora import recipes
+
+    local = recipes.resolve_path(name)
+    lines = None
+    if local.is_file() and not dataset_config.get("shards"):
+        lines = _row_lines(local)
+        if len(lines) != len(counts):  # rows Axolotl skipped: line numbers would lie
+            lines = None
+    return name, [{"file": name, "line": lines[i] if lines else None, "row": i, "tokens": n} for i, n in over]
+
+
+_LONG_ROWS: list[dict] = []  # this process's long rows, all datasets (one report file)
+
+
+def report_long_rows() -> None:
+    """Wrap Axolotl's per-dataset loader so that rows over sequence_len are listed (or refused)."""
+    import axolotl.utils.data.sft as sft
+
+    original = sft._load_and_process_single_dataset
+    if getattr(original, "_finlora_long_rows", False):
+        return
+
+    def load_and_process_single_dataset(*args, **kwargs):
+        dataset, prompter = original(*args, **kwargs)
+        cfg, dataset_config = kwargs.get("cfg"), kwargs.get("dataset_config")
+        if cfg is None or dataset_config is None or kwargs.get("streaming") or \
+                "input_ids" not in (getattr(dataset, "column_names", None) or []):
+            return dataset, prompter
+        split = kwargs.get("split", "train")
+        limit = cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len") \
+            else cfg.get("sequence_len")
+        name, rows = long_rows(dataset, dataset_config, int(limit))
+        if rows:
+            _report(cfg, name, rows, len(dataset), int(limit))
+        return dataset, prompter
+
+    load_and_process_single_dataset._finlora_long_rows = True
+    sft._load_and_process_single_dataset = load_and_process_single_dataset
+
+
+def _report(cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
+    import sys
+
+    strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
+    where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
+             f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
+    shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
+    head = (f"{len(rows)} of {total} rows of {name} are longer than sequence_len {limit} "
+            "(Axolotl's token counts, EOS included; it cuts a long prompt at sequence_len first)")
+    if strategy == "raise":
+        raise ValueError(f"{head}; excess_length_strategy: raise stops the run:\n" + "\n".join(shown))
+    action = "cut to sequence_len" if strategy == "truncate" else "left out of training"
+    out_dir = Path(str(cfg.get("output_dir") or "."))
+    listed = ""
+    try:
+        from finlora.atomic import write_jsonl
+
+        _LONG_ROWS.extend(rows)
+        write_jsonl(out_dir / "long_rows.jsonl", _LONG_ROWS)
+        listed = f"; all listed in {out_dir / 'long_rows.jsonl'}"
+    except OSError:
+        pass
+    print(f"finlora: warning: {head}: {action} (excess_length_strategy: {strategy}){listed}:\n"
+          + "\n".join(shown), file=sys.stderr, flush=True)
+
+
 def check_cpu_launch(env) -> None:
     """Refuse a multi-process CPU launch that would silently train each process alone:
     Accelerate's shared state, made before the Trainer asks for the CPU, finds no GPU and
@@ -145,6 +244,10 @@ class FinLoRAPlugin(BasePlugin):
 
     def register(self, cfg):
         check_cpu_launch(os.environ)
+        report_long_rows()
+        if os.environ.get("RANK", "0") == "0" and cfg.get("output_dir"):
+            # a previous run's list must not pass for this run's
+            Path(str(cfg["output_dir"]), "long_rows.jsonl").unlink(missing_ok=True)
         try:
             redact_debug_log()
         except (ImportError, AttributeError):  # another Axolotl layout: train.py's sweep still redacts

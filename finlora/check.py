@@ -260,8 +260,8 @@ class Checker:
         bad = rm.unknown_keys(self.cfg)
         for k in bad:
             top = k.split(" ")[0]
-            if "deprecated" in k:
-                self.error(top, "deprecated in Axolotl; see its docs for the replacement")
+            if "(deprecated in Axolotl" in k:
+                self.error(top, k[len(top):].strip()[1:-1])  # Axolotl's own hint: the replacement
                 continue
             guess = difflib.get_close_matches(top.split(".")[-1], sorted(allowed), n=1, cutoff=0.75)
             hint = f" (did you mean {guess[0]}?)" if guess and "." not in top else ""

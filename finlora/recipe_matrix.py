@@ -42,7 +42,7 @@ BITS_LABEL = {16: "bf16", 8: "int8", 4: "nf4"}
 
 def load_matrix(path: Path = MATRIX) -> dict:
     m = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for key in ("models", "tasks", "common", "variants"):
+    for key in ("models", "tasks", "common", "variants", "reference_gpus"):
         if key not in m:
             raise SystemExit(f"error: {path}: top-level key {key!r} is missing")
     for name, v in m["variants"].items():
@@ -157,18 +157,24 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
     rslora = bool(v.get("rslora", False))
     dora = bool(v.get("dora", False))
     ds = v.get("deepspeed")
-    global_batch = t["micro_batch_size"] * t["gradient_accumulation_steps"]
+    ref_gpus = int(m["reference_gpus"])
+    # FinLoRA's accumulation is per GPU on `ref_gpus` GPUs; one process reaches the same
+    # global batch by accumulating ref_gpus times as many micro batches.
+    accum = t["gradient_accumulation_steps"] * ref_gpus
+    global_batch = t["micro_batch_size"] * accum
+    scale = v["lora_alpha"] / v["lora_r"]
 
     it: list[Item] = [
         ("#", HEADER[2:]),
         ("#", ""),
         ("#", f"{name}: {v['summary']}."),
-        ("#", f"Model {model['label']}, task {task}. GPU recipe (flash attention, bitsandbytes);"),
+        ("#", f"Model {model['label']}, task {task}. GPU recipe (SDPA attention, bitsandbytes);"),
         ("#", "the CPU default is recipes/smollm2_sentiment_r8.yml."),
         ("#", f"Run:    make train RECIPE={name} [GPUS=n] [NODES=m]   (after `make setup GPU=1`)"),
         ("#", f"Memory: make plan RECIPE={name} GPUS=n     Trainable parameters: make params RECIPE={name}"),
-        ("#", "Global batch on one GPU = micro_batch_size x gradient_accumulation_steps = "
-              f"{global_batch}; on n GPUs it is n times that."),
+        ("#", f"Global batch {global_batch} = micro_batch_size {t['micro_batch_size']} x gradient_accumulation_steps "
+              f"{accum} on one GPU, FinLoRA's {t['micro_batch_size']} x {t['gradient_accumulation_steps']} x {ref_gpus} GPUs;"),
+        ("#", "`make train GPUS=n` divides the accumulation by n to keep it (and says so when it cannot)."),
     ]
     it += _section("model")
     it += [
@@ -190,7 +196,8 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ("lora_r", v["lora_r"], None),
         ("lora_alpha", v["lora_alpha"],
          f"alpha/sqrt(r) = {v['lora_alpha'] / v['lora_r'] ** 0.5:.2f} (rsLoRA scaling)" if rslora
-         else f"scale alpha/r = {v['lora_alpha'] / v['lora_r']:g}, as in the reference recipe"),
+         else f"scale alpha/r = {scale:g}, as in the reference recipe" if scale == 2
+         else f"scale alpha/r = {scale:g}: FinLoRA's {v['lora_r']}-rank configs keep alpha {v['lora_alpha']}"),
         ("lora_dropout", c["lora_dropout"], None),
         ("lora_target_modules", list(c["lora_target_modules"]), c["why_targets"]),
         ("lora_fan_in_fan_out", False, "Llama stores Linear weights as (out, in)"),
@@ -224,7 +231,9 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ("val_set_size", 0.0, "held-out scoring is `make eval`'s job"),
         ("train_on_inputs", False, None),
         ("sequence_len", t["sequence_len"], t["why_len"]),
-        ("sample_packing", False, "one example per row keeps the global batch = 16 examples"),
+        ("excess_length_strategy", "drop",
+         "a longer row is left out, and the finlora plugin lists it (file:line, tokens); `raise` stops the run"),
+        ("sample_packing", False, f"one example per row keeps the global batch = {global_batch} examples"),
         ("pad_to_sequence_len", False, None),
         ("shuffle_merged_datasets", True, None),
     ]
@@ -235,14 +244,14 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
     }.get(v["optimizer"])
     it += [
         ("seed", 42, None),
-        ("num_epochs", t["num_epochs"], t["why_epochs"]),
-        ("micro_batch_size", t["micro_batch_size"], "per GPU"),
-        ("gradient_accumulation_steps", t["gradient_accumulation_steps"],
-         f"global batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} = {global_batch} on one GPU"),
+        ("num_epochs", t["num_epochs"], f"FinLoRA {t['finlora']}"),
+        ("micro_batch_size", t["micro_batch_size"], "per GPU, FinLoRA's batch_size"),
+        ("gradient_accumulation_steps", accum,
+         f"FinLoRA's {t['gradient_accumulation_steps']} x its {ref_gpus} GPUs: global batch {global_batch} on one GPU"),
         ("optimizer", v["optimizer"], opt_why),
-        ("learning_rate", c["learning_rate"], "as in the reference recipe"),
-        ("lr_scheduler", "cosine", None),
-        ("warmup_ratio", 0.03, "3% of the steps"),
+        ("learning_rate", c["learning_rate"], "every FinLoRA config"),
+        ("lr_scheduler", "cosine", "FinLoRA's template"),
+        ("warmup_steps", c["warmup_steps"], "FinLoRA's template"),
         ("weight_decay", 0.0, None),
         ("max_grad_norm", 1.0, None),
     ]
@@ -256,8 +265,8 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ("gradient_checkpointing_kwargs", {"use_reentrant": True},
          "QLoRA + ZeRO-3 fails with non-reentrant checkpointing" if ds and "zero3" in ds
          else "Axolotl's default, written out"),
-        ("flash_attention", True, "FlashAttention-2: no seq x seq score matrix in memory"),
-        ("sdp_attention", False, None),
+        ("attn_implementation", "sdpa",
+         "torch SDPA (its flash/mem-efficient kernels on CUDA): no flash-attn build to install"),
         ("dataloader_num_workers", 0, "data is tokenised up front; collation is cheap"),
     ]
     it += _section("multi-GPU")
@@ -272,9 +281,9 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ]
     else:
         it += [
-            ("#", "Plain DDP when GPUS>1: every GPU holds the whole frozen base. ZeRO-1/2 would"),
-            ("#", "shard only the LoRA optimizer state and gradients (tens of MB here); use"),
-            ("#", "recipes/deepspeed/zero3.json to shard the base itself."),
+            ("#", "Plain DDP when GPUS>1: every GPU holds the whole frozen base. FinLoRA's template"),
+            ("#", "names ZeRO-1, which would shard only the LoRA optimizer state (tens of MB"),
+            ("#", "here); use recipes/deepspeed/zero3.json to shard the base itself."),
             ("deepspeed", ds, None),
         ]
     it += _section("outputs")
@@ -420,7 +429,9 @@ def spec_from_cfg(name: str, cfg: dict) -> RecipeSpec:
         micro_batch=int(cfg.get("micro_batch_size") or 1),
         grad_accum=int(cfg.get("gradient_accumulation_steps") or 1),
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
-        flash_attention=bool(cfg.get("flash_attention")),
+        # "no seq x seq score matrix": FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA
+        flash_attention=bool(cfg.get("flash_attention"))
+        or str(cfg.get("attn_implementation") or "").startswith(("sdpa", "flash_attention")),
         deepspeed=ds,
         zero_stage=stage,
         offload_optimizer=offload,
@@ -450,17 +461,62 @@ class RecipeInvalid(ValueError):
     pass
 
 
-def _field_names(model_cls) -> set[str]:
-    names = set()
-    for fname, f in model_cls.model_fields.items():
-        names.add(fname)
-        for a in (f.alias, f.validation_alias):
-            if isinstance(a, str):
-                names.add(a)
-            for choice in getattr(a, "choices", ()) or ():
-                if isinstance(choice, str):
-                    names.add(choice)
+def _names(fname: str, f) -> set[str]:
+    """A schema field's name and the aliases a config may use for it."""
+    names = {fname}
+    for a in (f.alias, f.validation_alias):
+        if isinstance(a, str):
+            names.add(a)
+        for choice in getattr(a, "choices", ()) or ():
+            if isinstance(choice, str):
+                names.add(choice)
     return names
+
+
+def _field_names(model_cls) -> set[str]:
+    names: set[str] = set()
+    for fname, f in model_cls.model_fields.items():
+        names |= _names(fname, f)
+    return names
+
+
+def _deprecation(f) -> str | None:
+    """Axolotl's word that a schema field is deprecated, or None.
+
+    Axolotl 0.19 marks deprecations three ways in its schema: pydantic's
+    `Field(deprecated=...)` (the legacy attention flags, gc_steps, fsdp, ...), a
+    description that starts with "Deprecated"/"[DEPRECATED]" (flash_attn_d512,
+    sequence_parallel_degree), and the DeprecatedParameters class. Validators that log
+    a deprecation are caught when `validate_recipe` runs them.
+    """
+    if f.deprecated:
+        return str(getattr(f.deprecated, "message", f.deprecated))
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    desc = str(extra.get("description") or f.description or "")
+    if re.match(r"\s*\[?deprecated\b", desc, re.IGNORECASE):
+        return desc.strip()
+    return None
+
+
+def deprecated_fields(model_cls) -> dict[str, str]:
+    """{key or alias: Axolotl's hint} for the deprecated fields of one schema class."""
+    out = {}
+    for fname, f in model_cls.model_fields.items():
+        hint = _deprecation(f)
+        if hint:
+            for name in _names(fname, f):
+                out[name] = hint
+    return out
+
+
+def deprecated_keys() -> dict[str, str]:
+    """{top-level key: hint} for every key Axolotl 0.19's config schema marks deprecated."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+    from axolotl.utils.schemas.deprecated import DeprecatedParameters
+
+    out = {k: "no longer supported (axolotl.utils.schemas.deprecated)" for k in DeprecatedParameters.model_fields}
+    out.update(deprecated_fields(AxolotlInputConfig))
+    return out
 
 
 def schema_keys() -> tuple[set[str], set[str]]:
@@ -469,10 +525,9 @@ def schema_keys() -> tuple[set[str], set[str]]:
     Plugin input schemas (`get_input_args`) are added for plugins that declare one.
     """
     from axolotl.utils.schemas.config import AxolotlInputConfig
-    from axolotl.utils.schemas.deprecated import DeprecatedParameters
 
     allowed = _field_names(AxolotlInputConfig)
-    deprecated = set(DeprecatedParameters.model_fields)
+    deprecated = set(deprecated_keys())
     return allowed - deprecated, deprecated
 
 
@@ -497,22 +552,26 @@ def unknown_keys(cfg: dict) -> list[str]:
     """Dotted names of keys Axolotl would ignore or rejects as deprecated."""
     from axolotl.utils.schemas.datasets import SFTDataset, UserDefinedPrompterType
 
-    allowed, deprecated = schema_keys()
+    allowed, _ = schema_keys()
+    deprecated = deprecated_keys()
     allowed |= _plugin_keys(cfg.get("plugins") or [])
     bad = []
     for k in cfg:
         if k in deprecated:
-            bad.append(f"{k} (deprecated in Axolotl)")
+            bad.append(f"{k} (deprecated in Axolotl: {deprecated[k]})")
         elif k not in allowed:
             bad.append(k)
     ds_allowed = _field_names(SFTDataset)
+    ds_deprecated = deprecated_fields(SFTDataset)
     type_allowed = _field_names(UserDefinedPrompterType)
     for group in ("datasets", "test_datasets"):
         for i, ds in enumerate(cfg.get(group) or []):
             if not isinstance(ds, dict):
                 continue
             for k in ds:
-                if k not in ds_allowed:
+                if k in ds_deprecated:
+                    bad.append(f"{group}[{i}].{k} (deprecated in Axolotl: {ds_deprecated[k]})")
+                elif k not in ds_allowed:
                     bad.append(f"{group}[{i}].{k}")
             if isinstance(ds.get("type"), dict):
                 for k in ds["type"]:
@@ -564,6 +623,39 @@ def check_deepspeed_json(ds: str) -> dict:
     return d
 
 
+@contextlib.contextmanager
+def _axolotl_log() -> Iterator[list]:
+    """Collect (and keep off the console) what Axolotl's loggers say at WARNING or above.
+
+    `make check` silences library logging with logging.disable(WARNING); Axolotl's
+    loggers alone are let through here (the schema modules, imported by now, hold them),
+    so other libraries' import-time warnings stay silent."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    import axolotl.utils.schemas.config  # noqa: F401 - creates the validators' loggers
+
+    ax = logging.getLogger("axolotl")
+    saved = (ax.handlers[:], ax.propagate)
+    ax.handlers = [_Collect(logging.WARNING)]
+    ax.propagate = False
+    opened = [lg for name, lg in logging.Logger.manager.loggerDict.items()
+              if (name == "axolotl" or name.startswith("axolotl.")) and isinstance(lg, logging.Logger)]
+    for lg in opened:
+        lg.isEnabledFor = lambda level: level >= logging.WARNING  # past logging.disable
+    try:
+        yield records
+    finally:
+        for lg in opened:
+            del lg.isEnabledFor
+        ax.handlers, ax.propagate = saved
+
+
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
 
 
@@ -595,8 +687,10 @@ def validate_recipe(
 
     Raises RecipeInvalid naming the bad keys. `model_config_dir` defaults to the
     shipped config for the recipe's base_model (or the local base_model folder).
-    `gpu` (default: the recipe uses flash_attention or bitsandbytes) validates with a
-    GPU's capabilities (bf16, sm_90), as `axolotl train` on a GPU node would see them.
+    `gpu` (default: the recipe names a hub model, flash attention or bitsandbytes)
+    validates with a GPU's capabilities (bf16, sm_90), as `axolotl train` on a GPU node
+    would see them. A deprecation that one of Axolotl's validators logs (rather than
+    marks in the schema) is refused too, with Axolotl's message.
     """
     from axolotl.cli.config import prepare_plugins
     from axolotl.utils.config import normalize_cfg_datasets, normalize_config, validate_config
@@ -617,7 +711,10 @@ def validate_recipe(
             raise RecipeInvalid(f"{path}: no local config.json for base_model {raw.get('base_model')!r}")
     model_config_dir = Path(model_config_dir)
     if gpu is None:
-        gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit"))
+        base = str(raw.get("base_model", ""))
+        gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit")
+                   or str(raw.get("attn_implementation") or "").startswith("flash")
+                   or not base.startswith(("./", "/", "outputs/")))
 
     cfg = DictDefault(raw)
     cfg.axolotl_config_path = str(path)
@@ -635,12 +732,15 @@ def validate_recipe(
     env_capabilities = {"torch_version": str(torch.__version__).split("+", maxsplit=1)[0]}
     old_env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK")}
     try:
-        with _as_gpu_host(gpu):
+        with _as_gpu_host(gpu), _axolotl_log() as records:
             prepare_plugins(cfg)
             try:
                 cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
             except Exception as e:  # pydantic ValidationError, ValueError, DeprecationWarning
                 raise RecipeInvalid(f"{path}: Axolotl rejects the config: {e}") from e
+            deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+            if deprecations:
+                raise RecipeInvalid(f"{path}: deprecated in Axolotl: {' | '.join(deprecations)}")
             # load_cfg's next steps, minus prepare_debug_log (writes into output_dir) and
             # prepare_optim_env (sets process env vars and imports deepspeed).
             cfg.base_model_config = str(model_config_dir)
@@ -670,7 +770,9 @@ def launch_command(
 ) -> list[str]:
     """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs.
 
-    - GPUS and NODES unset: `axolotl train recipes/x.yml` (Axolotl picks the launcher).
+    - GPUS and NODES unset: `axolotl train recipes/x.yml`, for a CPU (one process;
+      `make train` passes GPUS=1 where CUDA GPUs exist, since Axolotl's launcher would
+      start one process per visible GPU).
     - GPUS=1: accelerate with recipes/accelerate/single_gpu.yaml.
     - GPUS=n>1: accelerate with multi_gpu.yaml and --num_processes n.
     - NODES=m>1 (GPUS = per node): multi_node.yaml, --num_machines m, --num_processes

@@ -82,6 +82,70 @@ def axolotl_env(cfg: dict, processes: int = 1) -> dict:
     return env
 
 
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def first_visible_gpu(env: dict) -> str:
+    """The first GPU of CUDA_VISIBLE_DEVICES (all GPUs when it is unset: "0")."""
+    visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[0] if visible else "0"
+
+
+def plan_launch(cfg: dict, gpus: int | None, nodes: int | None, extra: list[str],
+                devices: int) -> tuple[int | None, list[str], list[str]]:
+    """What `make train` launches: (GPUs per node, Axolotl overrides, lines to print).
+
+    - GPUS unset: one process. On a machine with CUDA GPUs that is the first GPU of
+      CUDA_VISIBLE_DEVICES through single_gpu.yaml (a bare `axolotl train` would start
+      one process per visible GPU); on a CPU, `axolotl train` (one process).
+    - One process on one node sees only that GPU (`main` narrows CUDA_VISIBLE_DEVICES):
+      with several visible, the Trainer would wrap the model in DataParallel, or a
+      `device_map: auto` load would spread it over all of them.
+    - The global batch: a recipe's micro_batch_size x gradient_accumulation_steps is its
+      global batch on one process (for the generated recipes, FinLoRA's reference batch).
+      With P processes the accumulation is divided by P; when P does not divide it, the
+      nearest accumulation is used and the changed global batch is printed. An explicit
+      --gradient-accumulation-steps in ARGS is kept as given.
+    """
+    lines: list[str] = []
+    if gpus is None and nodes is None and devices >= 1:
+        gpus = 1
+        more = f"; {devices} GPUs visible: GPUS={devices} trains on all of them" if devices > 1 else ""
+        lines.append(f"train: one process on GPU {first_visible_gpu(os.environ)} (GPUS unset{more})")
+    from finlora.check import parse_overrides
+
+    processes = (gpus or 1) * (nodes or 1)
+    merged = {**cfg, **parse_overrides(extra)}
+    micro = int(merged.get("micro_batch_size") or 1)
+    accum = int(cfg.get("gradient_accumulation_steps") or 1)
+    recipe_global = micro * accum
+    given = override(extra, "gradient_accumulation_steps")
+    if given is not None:
+        if not given.isdigit() or int(given) < 1:
+            raise recipes.RecipeError(f"error: --gradient-accumulation-steps {given}: not a positive integer")
+        new = int(given)
+    elif processes == 1 or accum % processes == 0:
+        new = accum // processes
+    else:
+        new = max(1, round(accum / processes))
+    if given is None and new != accum:
+        extra = [*extra, "--gradient-accumulation-steps", str(new)]
+    total = micro * new * processes
+    how = f"micro batch {micro} x accumulation {new}" + (f" x {processes} processes" if processes > 1 else "")
+    if total == recipe_global:
+        lines.append(f"train: global batch {total} = {how}"
+                     + (f" (the recipe's {micro} x {accum} on one process)" if processes > 1 else ""))
+    else:
+        why = ("--gradient-accumulation-steps is given" if given is not None
+               else f"{processes} processes do not divide accumulation {accum}")
+        lines.append(f"train: global batch CHANGES to {total} = {how}, from the recipe's {recipe_global} "
+                     f"({micro} x {accum} on one process): {why}")
+    return gpus, extra, lines
+
+
 def summarise(output_dir: Path) -> None:
     adapter = output_dir / "adapter_model.safetensors"
     if not adapter.is_file():
@@ -156,7 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     ensure_inputs(path, cfg)
     output_dir = recipes.resolve_path(
         override(a.axolotl_args, "output_dir") or cfg.get("output_dir", f"./outputs/{path.stem}"))
-    extra = list(a.axolotl_args)
+    gpus, extra, launch_lines = plan_launch(cfg, a.gpus, a.nodes, list(a.axolotl_args), cuda_device_count())
+    prepared = override(extra, "dataset_prepared_path") or cfg.get("dataset_prepared_path")
+    if prepared and (a.nodes or 1) > 1 and override(extra, "dataset_prepared_path") is None:
+        # Every node deletes and rebuilds the cache below; on a shared filesystem one
+        # folder per node keeps them from deleting each other's (same data, same seed:
+        # the same tokenised rows on every node).
+        prepared = f"{prepared.rstrip('/')}-node{os.environ.get('MACHINE_RANK', '0')}"
+        extra += ["--dataset-prepared-path", prepared]
+    for line in launch_lines:
+        print(line, flush=True)
     if not a.no_check:
         from finlora import check
 
@@ -179,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         best, skipped = check.newest_complete(output_dir)
         if best is None:
             raise recipes.RecipeError(f"error: RESUME=1 but {output_dir} holds no complete checkpoint")
-        move_aside_incomplete(skipped)
+        if os.environ.get("MACHINE_RANK", "0") == "0":  # one node renames, on a shared filesystem
+            move_aside_incomplete(skipped)
         extra += ["--resume-from-checkpoint", str(best)]
     # Axolotl keys its tokenised-data cache on the data file's path, not its
     # content: a fresh `make data` would otherwise train on the stale cache.
-    prepared = cfg.get("dataset_prepared_path")
     if prepared and recipes.resolve_path(prepared).is_dir():
         shutil.rmtree(recipes.resolve_path(prepared))
 
@@ -191,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     from finlora.redact import redact_text, redact_tree
 
     try:
-        cmd = launch_command(path, a.gpus, a.nodes, extra_args=extra)
+        cmd = launch_command(path, gpus, a.nodes, extra_args=extra)
     except ValueError as e:
         raise recipes.RecipeError(f"error: {e}") from None
-    env = axolotl_env(cfg, a.gpus or 1)  # processes on this machine
+    env = axolotl_env(cfg, gpus or 1)  # processes on this machine
+    if gpus == 1 and (a.nodes or 1) == 1 and cuda_device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = first_visible_gpu(env)
     print("train: " + redact_text(" ".join(cmd)), flush=True)
     try:
         rc = run_axolotl(cmd, env)

@@ -126,7 +126,7 @@ def baseline_child(spec_path: str) -> int:
     bf16 = spec["precision"] == "bf16"
     model = AutoModelForCausalLM.from_pretrained(
         spec["base_model"], dtype=torch.bfloat16 if bf16 else torch.float32,
-        attn_implementation="sdpa" if cfg.get("sdp_attention") else "eager")
+        attn_implementation=cfg.get("attn_implementation") or ("sdpa" if cfg.get("sdp_attention") else "eager"))
     set_seed(int(cfg["seed"]))  # as the FinLoRA plugin does right before the LoRA matrices exist
     model = get_peft_model(model, LoraConfig(
         r=int(cfg["lora_r"]), lora_alpha=int(cfg["lora_alpha"]), lora_dropout=float(cfg["lora_dropout"]),

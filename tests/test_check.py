@@ -78,6 +78,20 @@ def test_unknown_key_typo(make_recipe):
     assert f"{recipe}:" in e and e.split(":")[2].isdigit()  # file:line
 
 
+def test_deprecated_keys_name_axolotls_replacement(make_recipe):
+    # the old GPU recipes' `flash_attention: true` (pydantic Field(deprecated=...))
+    recipe = make_recipe()
+    recipe.write_text(recipe.read_text().replace("attn_implementation: sdpa", "flash_attention: true"))
+    e = only_error(run_check(recipe), "flash_attention: deprecated in Axolotl: Use `attn_implementation: flash_attention_2`")
+    assert f"{recipe}:" in e and e.split(":")[2].isdigit()  # file:line
+    # a deprecation only one of Axolotl's validators logs (a dataset's message_field_role)
+    recipe = make_recipe()
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["datasets"][0].update(type="chat_template", message_field_role="from")
+    recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    only_error(run_check(recipe), "deprecated in Axolotl: message_field_role is deprecated")
+
+
 def test_duplicate_key(make_recipe):
     recipe = make_recipe()
     recipe.write_text(recipe.read_text() + "lora_r: 16\n")

@@ -24,8 +24,29 @@ def test_matrix_covers_every_task_and_variant():
                                "xbrl_term", "formula", "financebench"}
     assert set(m["variants"]) == {"r8", "r4", "r8_bf16", "r8_rslora", "r8_dora", "70b_r4"}
     assert len(GENERATED) == 48 and "smollm2_sentiment_r8" not in GENERATED
-    for t in m["tasks"].values():  # the global batch on one GPU stays 16
-        assert t["micro_batch_size"] * t["gradient_accumulation_steps"] == 16
+    assert m["reference_gpus"] == 4  # FinLoRA's runs: 4x A5000
+
+
+# FinLoRA's lora/finetune_configs.json (Open-Finance-Lab/FinLoRA @ 7e1cf82), per task:
+# (batch_size per GPU, gradient_accumulation_steps per GPU, num_epochs, learning_rate)
+FINLORA = {
+    "sentiment": (8, 2, 4, 1e-4), "headline": (8, 2, 4, 1e-4), "ner": (8, 2, 4, 1e-4),
+    "finer": (1, 8, 4, 1e-4), "financebench": (1, 2, 4, 1e-4), "xbrl_extract": (1, 8, 1, 1e-4),
+    "formula": (4, 2, 1, 1e-4), "xbrl_term": (4, 2, 1, 1e-4),
+}
+
+
+@pytest.mark.parametrize("variant", ["r8", "r4", "r8_bf16", "r8_rslora", "r8_dora", "70b_r4"])
+def test_every_recipe_takes_finlora_task_values_and_its_global_batch(variant):
+    for task, (batch, accum, epochs, lr) in FINLORA.items():
+        text = (ROOT / "recipes" / f"{task}_{variant}.yml").read_text()
+        cfg = yaml.safe_load(text)
+        assert (cfg["micro_batch_size"], cfg["num_epochs"], cfg["learning_rate"]) == (batch, epochs, lr), task
+        # one process reaches FinLoRA's global batch (per-GPU batch x accumulation x 4 GPUs)
+        assert cfg["gradient_accumulation_steps"] == accum * 4, task
+        assert f"Global batch {batch * accum * 4} = " in text
+        assert cfg["warmup_steps"] == 10 and cfg["lr_scheduler"] == "cosine"  # FinLoRA's template
+        assert cfg["lora_alpha"] == 16  # FinLoRA sets 16 for r8 and leaves its template's 16 at r4
 
 
 def test_check_mode_passes_on_the_committed_recipes():
@@ -62,7 +83,7 @@ def test_rendered_yaml_round_trips_and_has_header():
 def test_recipe_values_follow_the_brief():
     r8 = yaml.safe_load((ROOT / "recipes" / "sentiment_r8.yml").read_text())
     assert (r8["lora_r"], r8["lora_alpha"], r8["learning_rate"], r8["num_epochs"]) == (8, 16, 1e-4, 4)
-    assert (r8["micro_batch_size"], r8["gradient_accumulation_steps"], r8["load_in_8bit"]) == (8, 2, True)
+    assert (r8["micro_batch_size"], r8["gradient_accumulation_steps"], r8["load_in_8bit"]) == (8, 8, True)
     r4 = yaml.safe_load((ROOT / "recipes" / "finer_r4.yml").read_text())
     assert r4["load_in_4bit"] and r4["adapter"] == "qlora" and r4["lora_r"] == 4
     assert r4["optimizer"] == "paged_adamw_8bit" and r4["sequence_len"] >= 4096
@@ -78,7 +99,9 @@ def test_recipe_values_follow_the_brief():
         assert cfg["lora_target_modules"] == ["q_proj", "k_proj", "v_proj"]
         assert cfg["output_dir"] == f"./outputs/{name}"
         assert cfg["plugins"] == ["finlora.axolotl_plugin.FinLoRAPlugin"]
-        assert cfg["flash_attention"] and cfg["gradient_checkpointing"] and cfg["bf16"] == "auto"
+        assert cfg["attn_implementation"] == "sdpa" and cfg["gradient_checkpointing"] and cfg["bf16"] == "auto"
+        assert "flash_attention" not in cfg and "sdp_attention" not in cfg  # deprecated in Axolotl 0.19
+        assert cfg["excess_length_strategy"] == "drop"  # explicit; the plugin lists what it drops
 
 
 @pytest.mark.parametrize("name", GENERATED)
@@ -116,8 +139,65 @@ def test_unknown_key_is_refused_with_its_name(tmp_path):
 def test_deprecated_and_nested_unknown_keys_are_refused(tmp_path):
     with pytest.raises(rm.RecipeInvalid, match=r"rope_scaling \(deprecated"):
         rm.validate_recipe(_planted(tmp_path, rope_scaling={"type": "linear", "factor": 2.0}))
+    # deprecated through pydantic's Field(deprecated=...) in AxolotlInputConfig, with the hint
+    for key, value, hint in (("flash_attention", True, "attn_implementation: flash_attention_2"),
+                             ("sdp_attention", False, "attn_implementation: sdpa"),
+                             ("gc_steps", 10, "torch_empty_cache_steps"),
+                             ("flash_attn_d512", True, "large_head_attention"),  # by its description
+                             ("sequence_parallel_degree", 1, "context_parallel_size")):
+        with pytest.raises(rm.RecipeInvalid, match=rf"{key} \(deprecated in Axolotl: .*{hint}"):
+            rm.validate_recipe(_planted(tmp_path, **{key: value}))
     with pytest.raises(rm.RecipeInvalid, match=r"datasets\[0\]\.fiel_output"):
         rm.validate_recipe(_planted(tmp_path, dataset_key="fiel_output"))
+
+
+def test_every_deprecation_axolotls_schema_marks_is_flagged():
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+    from axolotl.utils.schemas.deprecated import DeprecatedParameters
+
+    marked = {n for n, f in AxolotlInputConfig.model_fields.items() if f.deprecated}
+    assert {"flash_attention", "sdp_attention", "xformers_attention", "eager_attention"} <= marked
+    flagged = rm.deprecated_keys()
+    assert marked | set(DeprecatedParameters.model_fields) <= set(flagged)
+    for key in flagged:
+        assert rm.unknown_keys({key: True}) == [f"{key} (deprecated in Axolotl: {flagged[key]})"]
+
+
+def test_deprecation_a_validator_logs_is_refused(tmp_path):
+    # message_field_role is a plain SFTDataset field; only a validator logs its deprecation
+    p = _planted(tmp_path)
+    cfg = yaml.safe_load(p.read_text())
+    cfg["datasets"] = [{"path": "./data/train/sentiment_train.jsonl", "type": "chat_template",
+                        "message_field_role": "from"}]
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(rm.RecipeInvalid, match="deprecated in Axolotl: message_field_role is deprecated"):
+        rm.validate_recipe(p)
+
+
+def test_sdpa_recipes_never_probe_the_hub_for_a_flash_attention_kernel(monkeypatch, tmp_path):
+    # Without the flash-attn package, Axolotl's validation on a CUDA host asks the kernels
+    # hub for a flash-attn build (an offline compute node fails there). No GPU here, so
+    # CUDA is reported present to reach that validator; the probe records its calls.
+    from unittest import mock
+
+    import axolotl.monkeypatch.attention.fa2_hub_kernel as hub
+    import axolotl.utils.config as axcfg
+    import torch
+
+    calls = []
+    real_validate = axcfg.validate_config
+
+    def validate_as_on_cuda(*args, **kwargs):  # CUDA "present" for Axolotl's validators only
+        with mock.patch.object(torch.cuda, "is_available", lambda: True):
+            return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(axcfg, "validate_config", validate_as_on_cuda)
+    monkeypatch.setattr(hub, "is_fa2_hub_kernel_available", lambda: calls.append(1) or False)
+    rm.validate_recipe(ROOT / "recipes" / "sentiment_r8.yml")
+    assert calls == []
+    with pytest.raises(rm.RecipeInvalid, match="no flash-attn build is available"):
+        rm.validate_recipe(_planted(tmp_path, attn_implementation="flash_attention_2"))
+    assert calls == [1]  # the old recipes' `flash_attention: true` meant exactly this
 
 
 def test_axolotl_own_validation_still_runs(tmp_path):
@@ -145,7 +225,7 @@ def test_accelerate_configs_parse():
 def test_slurm_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "slurm_train.sh")], check=True)
     text = (ROOT / "scripts" / "slurm_train.sh").read_text()
-    assert "scontrol show hostnames" in text and "--machine_rank" in text
+    assert "scontrol show hostnames" in text and "MACHINE_RANK" in text  # run with stubs in test_launch.py
 
 
 def test_launch_command(monkeypatch):

@@ -1,0 +1,67 @@
+"""`make setup GPU=1` installs from wheels and compiles no CUDA code: proven with pip's
+own resolver (a dry run of the exact Makefile lines; nothing is installed)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import urllib.request
+
+import pytest
+from packaging.requirements import Requirement
+
+from finlora import gpu_install as gi
+
+
+def test_make_setup_gpu_line_has_no_flash_attn_and_builds_deepspeed_against_torch():
+    cmds = gi.make_gpu_commands()
+    text = "\n".join(" ".join(c) for c in cmds)
+    assert "flash-attn" not in text and "flash_attn" not in text
+    assert not [ln for ln in gi.REQUIREMENTS_GPU.read_text().splitlines()
+                if "flash" in ln.split("#")[0]]
+    # step 1: binary-only requirements with the GPU lock; step 2: deepspeed, no build isolation
+    assert cmds[0][2:] == ["-r", "requirements-gpu.txt", "-c", "constraints-gpu.txt"]
+    assert "--no-build-isolation" in cmds[-1] and cmds[-1][-1] == "deepspeed"
+    lines = [ln.split("#")[0].strip() for ln in gi.REQUIREMENTS_GPU.read_text().splitlines()]
+    assert "--only-binary :all:" in lines
+    assert "deepspeed" in gi.source_dists_allowed()
+
+
+def test_gpu_lock_matches_the_cpu_lock_and_axolotls_deepspeed_range():
+    gpu, cpu = gi.pins(gi.CONSTRAINTS_GPU), gi.pins(gi.CONSTRAINTS_CPU)
+    differ = {n: (cpu[n], gpu[n]) for n in cpu.keys() & gpu.keys() if cpu[n] != gpu[n]}
+    # the CUDA torch wheel pins its own triton; every other library is the tested CPU version
+    assert set(differ) <= {"triton"}, differ
+    assert not set(cpu) - set(gpu), "packages of the CPU lock missing from the GPU lock"
+    extra = [Requirement(r) for r in importlib.metadata.requires("axolotl") or []
+             if "deepspeed" in r and 'extra == "deepspeed"' in r]
+    ds = next(r for r in extra if r.name == "deepspeed")
+    assert ds.specifier.contains(gpu["deepspeed"]), (gpu["deepspeed"], str(ds.specifier))
+    assert "flash-attn" not in gpu
+
+
+def _pypi_reachable() -> bool:
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/deepspeed/", timeout=15) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_pip_resolver_installs_the_gpu_stack_from_wheels_except_pure_python_sdists():
+    if not _pypi_reachable():
+        pytest.skip("pip cannot reach https://pypi.org (the dry run needs the index)")
+    items = gi.dry_run()  # ~2 min: metadata of ~270 packages; deepspeed's setup.py runs once
+    names = {i.name: i for i in items}
+    sources = {i.name for i in items if not i.is_wheel}
+    # only what requirements-gpu.txt names may be built, and each of those is pure Python
+    assert sources <= gi.source_dists_allowed(), sources - gi.source_dists_allowed()
+    assert "deepspeed" in sources and "flash-attn" not in names
+    # the CUDA build of torch (PyPI's Linux wheel brings the CUDA runtime as wheels)
+    assert names["torch"].version == "2.13.0" and names["torch"].is_wheel
+    assert any(n.startswith("nvidia-cuda-runtime") for n in names)
+    assert names["bitsandbytes"].is_wheel and names["triton"].is_wheel
+    # the lock is what the resolver picks: `make setup GPU=1` reproduces it
+    lock = gi.pins(gi.CONSTRAINTS_GPU)
+    resolved = {i.name: i.version for i in items}
+    assert resolved == lock, {n: (resolved.get(n), lock.get(n))
+                              for n in resolved.keys() | lock.keys() if resolved.get(n) != lock.get(n)}
