@@ -23,7 +23,7 @@
 - `model_flops_per_token`, `attention_flops`: the FLOPs convention of the MFU figure.
 
 MFU convention (stated in the report and the JSON): model FLOPs of one training step
-    = sum over rows of [ n_i * (6 T + 4 P_mm) + 6 L d n_i^2 / 2 * 2 ]
+    = sum over rows of [ n_i * (6 T + 4 P_mm) + 6 L d n_i^2 ]
 with T the trainable LoRA parameters (2 FLOPs per parameter and token forward, 4 backward:
 activation and weight gradient), P_mm the frozen parameters that take part in matmuls (every
 decoder nn.Linear and lm_head; the embedding is a lookup): 2 forward + 2 backward for the
@@ -249,6 +249,20 @@ def make_callback(rec, probe: MemoryProbe, out: Path, extra_fn):
     return _Cb()
 
 
+def _describe_optimizer(opt) -> str | None:
+    """bitsandbytes' 8-bit and paged AdamW share the class name AdamW: say which it is."""
+    if opt is None:
+        return None
+    name = f"{type(opt).__module__.split('.')[0]}.{type(opt).__name__}"
+    bits = getattr(opt, "args", None)
+    extra = []
+    if bits is not None and getattr(bits, "optim_bits", None):
+        extra.append(f"{bits.optim_bits}-bit")
+    if getattr(opt, "is_paged", False):
+        extra.append("paged")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
 def _make_plugin_class():
     from axolotl.integrations.base import BasePlugin
 
@@ -284,7 +298,7 @@ def _make_plugin_class():
                     "sequence_len": cfg.get("sequence_len"),
                     "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
                     "trainable_params": trainable,
-                    "optimizer_class": type(getattr(opt, "optimizer", opt)).__name__ if opt is not None else None,
+                    "optimizer_class": _describe_optimizer(getattr(opt, "optimizer", opt)),
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "trainer_built_s": t_built,
                 }

@@ -74,9 +74,13 @@ def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, fla
              save_strategy="no", logging_steps=1)
     r["plugins"] = list(r.get("plugins") or []) + [PLUGIN]
     notes = []
-    if r.get("flash_attention") and not flash_ok:
-        r["flash_attention"], r["sdp_attention"] = False, True
-        changed.append("flash_attention->sdp_attention")
+    wants_flash = r.get("flash_attention") or r.get("attn_implementation") == "flash_attention_2"
+    if wants_flash and not flash_ok:
+        # Axolotl 0.19's spelling (sdp_attention is deprecated there)
+        r.pop("flash_attention", None)
+        r.pop("sdp_attention", None)
+        r["attn_implementation"] = "sdpa"
+        changed.append("flash attention->attn_implementation: sdpa")
         notes.append("flash_attn not installed: SDPA attention instead of FlashAttention-2")
     if a.cpu:
         r["sequence_len"] = seq_len
