@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_gradient_checkpointing:
         spec.gradient_checkpointing = False
     plan = estimate(spec, a.gpus)
-    print(report(plan, spec, load_measurements(a.measured)))
+    try:
+        measured = load_measurements(a.measured)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: measurements: {e}", file=sys.stderr)
+        return 2
+    print(report(plan, spec, measured))
     return 0
 
 
