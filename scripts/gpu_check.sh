@@ -28,9 +28,12 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}
-# The Makefile runs $(BIN)/python: point BIN at the interpreter chosen here.
-BIN=$(mktemp -d)
-ln -s "$(command -v "$PY" || echo "$PY")" "$BIN/python"
+# The Makefile runs $(BIN)/python: point BIN at the folder of the interpreter chosen here (a
+# venv's bin/ has `python`; a symlink to it elsewhere could lose the venv).
+BIN=$(cd "$(dirname "$(command -v "$PY")")" && pwd)
+if [ ! -x "$BIN/python" ]; then
+  BIN=$(mktemp -d) && ln -s "$(command -v python3)" "$BIN/python"
+fi
 MAKE_ARGS=(-o .venv/.installed "BIN=$BIN")
 
 {
