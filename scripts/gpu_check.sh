@@ -51,6 +51,8 @@ for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "axolot
         missing.append(f"{m} ({type(e).__name__}: {e})")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+if not torch.cuda.is_available():
+    missing.append("a CUDA device")
 if missing:
     print("missing: " + "; ".join(missing))
     sys.exit(2)

@@ -143,3 +143,38 @@ def test_answer_losses_counts_only_answer_tokens():
     assert mean_loss(per_row) == pytest.approx(math.log(40))
     d, se = paired_difference(per_row, per_row)
     assert d == 0 and se == 0
+
+
+def test_bench_gpu_summary_of_a_cuda_record(tmp_path):
+    """The GPU-only branch of the summary (allocator peaks, plan at the run's conditions, MFU
+    against the H200's peak) on a record shaped as the plugin writes it on CUDA: the figures
+    that reach the JSON and the table follow from the record, and `make plan` can read them."""
+    import argparse
+    import importlib.util
+
+    spec_mod = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec_mod)
+    spec_mod.loader.exec_module(bench_gpu)
+    from finlora import plan as planner
+    from finlora.recipe_matrix import load_spec
+
+    steps = [{"step": k, "t": 2.0 * k, "tokens": 8192 * k, "answer_tokens": 32 * k, "examples": 16 * k,
+              "micro_batches": 2 * k, "loss": 11.0} for k in range(1, 11)]
+    peak = lambda a: {"allocated_gib": a, "reserved_gib": a + 1, "active_gib": a, "current_gib": a - 3}  # noqa: E731
+    rec = {"steps": steps, "trainable_params": 4_718_592, "device": "NVIDIA H200", "bf16": True,
+           "attn_implementation": "sdpa", "optimizer_class": "bitsandbytes.AdamW (8-bit)",
+           "memory": {"load_peak": peak(11.0), "step1_peak": peak(16.0), "steady_peak": peak(15.5)}}
+    a = argparse.Namespace(warmup=2, peak_tflops=None, cpu=False)
+    spec = load_spec("ner_r8")
+    r = bench_gpu.summarise("ner_r8", spec, rec, ROOT / "recipes" / "models" / "llama-3.1-8b", a, 512, 512,
+                            100.0, ["base_model"], [])
+    assert r["timed_steps"] == 8 and r["tokens_per_s"] == pytest.approx(8192 / 2.0)
+    assert r["peak_tflops"] == 989.0 and 0 < r["mfu"] < r["mfu_6n"] < 1
+    assert r["train_peak_alloc_gib"] == 16.0 and r["load_peak_alloc_gib"] == 11.0
+    assert r["plan_allocator_gib"] == pytest.approx(planner.plan_recipe("ner_r8").allocator_gib)
+    assert "measured/planned" in bench_gpu.report(r)
+    out = tmp_path / "bench_gpu.json"
+    out.write_text(json.dumps([r]))
+    (m,) = [m for m in planner.load_measurements([out]) if m["kind"] == "bench_gpu"]
+    assert m["gib"] == 16.0 and m["load_gib"] == 11.0 and m["row_tokens"] == 512
+
