@@ -37,13 +37,18 @@ b micro_batch_size, t number of LoRA target modules.
    cross-entropy 4 + fp32 logits gradient 4). Data parallelism does not shard these.
    DoRA adds 4 * max(in * out) over the targets (the 16-bit weight it re-materialises
    to take the column norm, and W + BA).
-6. ZeRO-3 gather buffer: 2 layers' frozen weights (the layer in use and the one
-   prefetched), at the bits above.
-7. Overhead: 1.5 GiB per GPU (CUDA context and cuBLAS workspace ~0.7 GiB, NCCL
-   buffers, allocator fragmentation).
+6. ZeRO-3 gather buffer: max(2 layers' frozen weights (the layer in use and the one
+   prefetched), the largest parameter whole in 16-bit (embedding / lm_head) + 1 layer).
+7. Allocator overhead: 0.55 GiB inside PyTorch's allocator, calibrated on FinLoRA's
+   published NER figures (recipes/measured.json; recipes/PLANNER.md).
+8. CUDA context: 0.6 GiB outside PyTorch's allocator (an allowance).
 
-Peak = 1 + 2 + 3 + 4 + 5 + 6 + 7. It is an estimate for sizing cards: the loss head
-and activations assume the longest batch; allocator behaviour can add 5-10%.
+Training peak = 1 + ... + 8. Load peak: the whole frozen weights on every rank for a
+bitsandbytes model (quantised while loading, not under zero.Init, so not yet sharded by
+ZeRO-3) + the largest 16-bit Linear being quantised + 7 + 8; an unquantised ZeRO-3 model
+loads partitioned (weights / N + the largest parameter). A card must hold the larger.
+It is an estimate for sizing cards: the loss head and activations assume the longest
+batch unless `row_tokens` says otherwise.
 """
 
 from __future__ import annotations
