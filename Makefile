@@ -32,7 +32,7 @@ help:
 	@echo "make recipes | recipes-check           regenerate / check recipes from recipes/matrix.yml"
 	@echo "make params RECIPE=x | plan RECIPE=x GPUS=n  trainable parameters / GPU memory plan"
 	@echo "make bench-train [ARGS=...]           Axolotl recipe vs hand-written Trainer+PEFT (CPU)"
-	@echo "make bench-gpu                         8B r8/bf16/r4 throughput, MFU, memory vs plan (one GPU)"
+	@echo "make bench-gpu [ARGS=--cpu]            Axolotl's trainer on ner_r8/r4/r8_bf16: tokens/s, MFU, memory vs plan"
 	@echo "make test             the test suite (pytest)"
 
 setup: $(STAMP)

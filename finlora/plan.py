@@ -37,25 +37,41 @@ b micro_batch_size, t number of LoRA target modules.
    cross-entropy 4 + fp32 logits gradient 4). Data parallelism does not shard these.
    DoRA adds 4 * max(in * out) over the targets (the 16-bit weight it re-materialises
    to take the column norm, and W + BA).
-6. ZeRO-3 gather buffer: 2 layers' frozen weights (the layer in use and the one
-   prefetched), at the bits above.
-7. Overhead: 1.5 GiB per GPU (CUDA context and cuBLAS workspace ~0.7 GiB, NCCL
-   buffers, allocator fragmentation).
+6. ZeRO-3 gather buffer: max(2 layers' frozen weights (the layer in use and the one
+   prefetched), the largest parameter whole in 16-bit (embedding / lm_head) + 1 layer).
+7. Allocator overhead: 0.55 GiB inside PyTorch's allocator, calibrated on FinLoRA's
+   published NER figures (recipes/measured.json; recipes/PLANNER.md).
+8. CUDA context: 0.6 GiB outside PyTorch's allocator (an allowance).
 
-Peak = 1 + 2 + 3 + 4 + 5 + 6 + 7. It is an estimate for sizing cards: the loss head
-and activations assume the longest batch; allocator behaviour can add 5-10%.
+Training peak = 1 + ... + 8. Load peak: the whole frozen weights on every rank for a
+bitsandbytes model (quantised while loading, not under zero.Init, so not yet sharded by
+ZeRO-3) + the largest 16-bit Linear being quantised + 7 + 8; an unquantised ZeRO-3 model
+loads partitioned (weights / N + the largest parameter). A card must hold the larger.
+It is an estimate for sizing cards: the loss head and activations assume the longest
+batch unless `row_tokens` says otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from finlora.params import ParamCount, _layer_linears, count
 from finlora.recipe_matrix import RecipeSpec, load_matrix, load_spec, recipe_name
 
 GiB = 2 ** 30
 CARDS_GB = (24, 40, 80, 141)
-OVERHEAD_GIB = 1.5
+# Inside PyTorch's allocator, beyond the modelled tensors (cuBLAS workspace, bitsandbytes
+# buffers, rounding): calibrated on FinLoRA's published NER figures (recipes/measured.json):
+# their batch-4/batch-8 pairs extrapolate to 0.54-0.60 GiB above weights + LoRA state.
+ALLOCATOR_OVERHEAD_GIB = 0.55
+# Outside PyTorch's allocator (CUDA context, kernels and library handles): never in
+# max_memory_allocated, always on the card. An allowance, not measured here.
+CONTEXT_GIB = 0.6
+OVERHEAD_GIB = ALLOCATOR_OVERHEAD_GIB + CONTEXT_GIB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 EIGHT_BIT_OPTIMIZERS = ("8bit", "bnb_8bit", "adamw_8bit")
 
@@ -65,19 +81,39 @@ class Plan:
     recipe: str
     gpus: int
     zero: int
-    parts: dict[str, float]      # bytes per GPU, by component
+    parts: dict[str, float]      # bytes per GPU, by component, at the training peak
     notes: list[str]
+    load_parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU while loading
 
     @property
     def total(self) -> float:
+        """The training peak."""
         return sum(self.parts.values())
 
     @property
     def total_gib(self) -> float:
         return self.total / GiB
 
+    @property
+    def load_peak(self) -> float:
+        return sum(self.load_parts.values())
+
+    @property
+    def load_peak_gib(self) -> float:
+        return self.load_peak / GiB
+
+    @property
+    def peak_gib(self) -> float:
+        """What the card must hold: the larger of the load and the training peak."""
+        return max(self.total, self.load_peak) / GiB
+
+    @property
+    def allocator_gib(self) -> float:
+        """The training peak as PyTorch's max_memory_allocated sees it (no CUDA context)."""
+        return (self.total - self.parts.get("CUDA context", 0.0)) / GiB
+
     def fits(self, card_gb: float) -> bool:
-        return self.total_gib <= card_gb
+        return self.peak_gib <= card_gb
 
     @property
     def smallest_card(self) -> int | None:
@@ -88,7 +124,11 @@ def _is_8bit_optimizer(name: str) -> bool:
     return any(k in name for k in EIGHT_BIT_OPTIMIZERS)
 
 
-def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None) -> Plan:
+def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
+             row_tokens: int | None = None) -> Plan:
+    """The plan of `spec` on `gpus` data-parallel GPUs. `row_tokens`: the padded length of
+    each row (default `sequence_len`, the longest a batch can be; a measurement made on
+    shorter rows is compared at its own length)."""
     if gpus < 1:
         raise ValueError("GPUS must be >= 1")
     if spec.config_dir is None:
@@ -101,7 +141,7 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None) -> P
     h_kv = pc.kv_heads * head_dim
     N, Z = gpus, spec.zero_stage
     T = pc.trainable
-    s, b, t = spec.seq_len, spec.micro_batch, len(spec.targets)
+    s, b, t = min(row_tokens or spec.seq_len, spec.seq_len), spec.micro_batch, len(spec.targets)
     notes: list[str] = []
 
     # 1. frozen weights
@@ -118,8 +158,12 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None) -> P
     if c_oth == 4:
         notes.append("embeddings/lm_head/norms upcast to fp32 by prepare_model_for_kbit_training")
     layer_weights = w_lin / L
+    whole_weights = weights
     if Z == 3:
         weights /= N
+    # The largest single parameter (Llama: the untied embedding or lm_head, vocab x hidden),
+    # 16-bit: ZeRO-3 gathers it whole for its module's forward and backward.
+    largest_param = 2.0 * max(V * h, max(fi * fo for fi, fo in block_linears.values()))
 
     # 2-4. LoRA weights, gradients, optimizer
     lora = 4.0 * T / (N if Z == 3 else 1)
@@ -146,6 +190,9 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None) -> P
         acts += 4.0 * max(fi * fo for fi, fo in pc.shapes.values())
     loss_head = tokens * V * 10.0
 
+    # ZeRO-3 holds gathered weights: the layer in use and the one prefetched, or, at the
+    # embedding / lm_head, that whole parameter and one layer.
+    gather = max(2.0 * layer_weights, largest_param + layer_weights) if Z == 3 else 0.0
     parts = {
         "frozen weights": weights,
         "LoRA weights": lora,
@@ -153,10 +200,101 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None) -> P
         "optimizer state": optim,
         "activations": acts,
         "loss head (logits)": loss_head,
-        "ZeRO-3 gather buffer": 2.0 * layer_weights if Z == 3 else 0.0,
-        "CUDA context/overhead": OVERHEAD_GIB * GiB,
+        "ZeRO-3 gather buffer": gather,
+        "allocator overhead": ALLOCATOR_OVERHEAD_GIB * GiB,
+        "CUDA context": CONTEXT_GIB * GiB,
     }
-    return Plan(recipe=spec.name, gpus=N, zero=Z, parts=parts, notes=notes)
+
+    # Load time. A bitsandbytes model is quantised as it is loaded, one tensor at a time
+    # (each arrives 16-bit, then is replaced by its 8/4-bit form), and transformers does
+    # not load a quantised model under DeepSpeed's zero.Init: every rank holds the whole
+    # quantised model until the DeepSpeed engine partitions it. An unquantised model under
+    # ZeRO-3 is partitioned as it loads (zero.Init), one whole parameter at a time.
+    largest_linear = 2.0 * max(fi * fo for fi, fo in block_linears.values())
+    if Z == 3 and spec.bits == 16:
+        load = {"frozen weights (partitioned as loaded)": whole_weights / N,
+                "largest parameter, whole": largest_param}
+    else:
+        load = {"frozen weights, whole on each rank" if Z == 3 else "frozen weights": whole_weights}
+        if spec.bits in (4, 8):
+            load["16-bit tensor being quantised"] = largest_linear
+        if Z == 3:
+            notes.append(f"load peak {sum(load.values()) / GiB + CONTEXT_GIB + ALLOCATOR_OVERHEAD_GIB:.1f} GiB: "
+                         "the quantised model is whole on every rank until ZeRO-3 partitions it")
+    load["allocator overhead"] = ALLOCATOR_OVERHEAD_GIB * GiB
+    load["CUDA context"] = CONTEXT_GIB * GiB
+    return Plan(recipe=spec.name, gpus=N, zero=Z, parts=parts, notes=notes, load_parts=load)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+MEASURED = Path(__file__).resolve().parent.parent / "recipes" / "measured.json"
+BENCH_JSON = Path(__file__).resolve().parent.parent / "outputs" / "bench_gpu.json"
+
+
+def load_measurements(bench_files: list[str | Path] | None = None) -> list[dict]:
+    """Published figures (recipes/measured.json) and scripts/bench_gpu.py results (GPU
+    runs of the full-size model only), as rows: source, conditions, measured GiB."""
+    rows: list[dict] = []
+    doc = json.loads(MEASURED.read_text(encoding="utf-8"))
+    src = doc["source"]
+    cond = doc["conditions"]
+    for i, e in enumerate(doc["entries"]):
+        for k in ("model", "bits", "r", "micro_batch", "gib"):
+            if k not in e:
+                raise ValueError(f"{MEASURED}: entries[{i}]: missing field {k!r}")
+        rows.append({"kind": "published", "source": f"FinLoRA {src['file']} @ {src['commit']}",
+                     "model": e["model"], "bits": int(e["bits"]), "r": int(e["r"]), "recipe": None,
+                     "micro_batch": int(e["micro_batch"]), "row_tokens": int(cond["row_tokens_assumed"]),
+                     "gib": float(e["gib"]), "what": "NER, as published (GB read as GiB)"})
+    files = [Path(f) for f in (bench_files or [])] or ([BENCH_JSON] if BENCH_JSON.is_file() else [])
+    for f in files:
+        try:
+            runs = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a bench_gpu.py JSON file ({e})") from None
+        for i, r in enumerate(runs if isinstance(runs, list) else []):
+            if r.get("architecture") != "full" or r.get("device", "cpu") == "cpu" or "train_peak_alloc_gib" not in r:
+                continue
+            rows.append({"kind": "bench_gpu", "source": f"{f} [{i}] on {r['device']}", "recipe": r["recipe"],
+                         "model": None, "bits": r.get("bits"), "r": r.get("r"),
+                         "micro_batch": int(r["micro_batch"]), "row_tokens": int(r["row_tokens"]),
+                         "gib": float(r["train_peak_alloc_gib"]), "load_gib": r.get("load_peak_alloc_gib"),
+                         "what": "training peak, torch max_memory_allocated"})
+    return rows
+
+
+def _matches(m: dict, spec: RecipeSpec) -> bool:
+    if m["recipe"] is not None:
+        return m["recipe"] == spec.name
+    return (spec.config_dir is not None and Path(spec.config_dir).name == m["model"] and spec.bits == m["bits"]
+            and spec.r == m["r"] and not spec.dora and not spec.rslora)
+
+
+def planned_at(spec: RecipeSpec, micro_batch: int, row_tokens: int) -> Plan:
+    """The plan of `spec` at another micro batch and row length (what a measurement ran)."""
+    s = copy.copy(spec)
+    s.micro_batch = micro_batch
+    return estimate(s, 1, row_tokens=row_tokens)
+
+
+def beside_measured(spec: RecipeSpec, measurements: list[dict] | None = None) -> list[tuple[dict, Plan]]:
+    ms = load_measurements() if measurements is None else measurements
+    return [(m, planned_at(spec, m["micro_batch"], m["row_tokens"])) for m in ms if _matches(m, spec)]
+
+
+def calibration(spec: RecipeSpec, measurements: list[dict] | None = None) -> dict | None:
+    """For a recipe with published batch-4 and batch-8 figures: the measured line through
+    them (intercept = the batch-independent part, slope per row) against the plan's."""
+    pub = {m["micro_batch"]: (m, p) for m, p in beside_measured(spec, measurements) if m["kind"] == "published"}
+    if 4 not in pub or 8 not in pub:
+        return None
+    (m4, p4), (m8, p8) = pub[4], pub[8]
+    slope = (m8["gib"] - m4["gib"]) / 4
+    variable = lambda p: (p.parts["activations"] + p.parts["loss head (logits)"]) / GiB  # noqa: E731
+    return {"measured_intercept": m4["gib"] - 4 * slope, "measured_per_row": slope,
+            "planned_intercept": p8.allocator_gib - variable(p8), "planned_per_row": variable(p8) / 8,
+            "measured_b8": m8["gib"], "planned_b8": p8.allocator_gib, "row_tokens": m8["row_tokens"]}
 
 
 def plan_recipe(name_or_path: str, gpus: int = 1, gradient_checkpointing: bool | None = None) -> Plan:
@@ -166,7 +304,7 @@ def plan_recipe(name_or_path: str, gpus: int = 1, gradient_checkpointing: bool |
     return estimate(spec, gpus)
 
 
-def report(plan: Plan, spec: RecipeSpec) -> str:
+def report(plan: Plan, spec: RecipeSpec, measurements: list[dict] | None = None) -> str:
     bits = {16: "bf16", 8: "int8", 4: "nf4"}[spec.bits]
     lines = [
         f"recipe {plan.recipe}: {spec.base_model}, {bits} base, r={spec.r}, {spec.variant}, "
@@ -181,11 +319,29 @@ def report(plan: Plan, spec: RecipeSpec) -> str:
     for k, v in plan.parts.items():
         lines.append(f"{k:<28}{v / GiB:>12.2f}")
     lines.append("-" * 40)
-    lines.append(f"{'estimated peak':<28}{plan.total_gib:>12.2f}")
+    lines.append(f"{'estimated training peak':<28}{plan.total_gib:>12.2f}")
+    lines.append(f"{'estimated load peak':<28}{plan.load_peak_gib:>12.2f}")
     lines.append("")
-    lines.append("fits: " + "  ".join(f"{c} GB {'yes' if plan.fits(c) else 'no'}" for c in CARDS_GB))
+    lines.append(f"card needs {plan.peak_gib:.2f} GiB; fits: "
+                 + "  ".join(f"{c} GB {'yes' if plan.fits(c) else 'no'}" for c in CARDS_GB))
     for n in plan.notes:
         lines.append(f"note: {n}")
+    pairs = beside_measured(spec, measurements)
+    if pairs:
+        lines.append("")
+        lines.append("measured beside planned (GiB per GPU; planned at the measurement's micro batch and row "
+                     "length, without the CUDA context, which PyTorch's allocator figures leave out):")
+        for m, p in pairs:
+            lines.append(f"  {m['source']}: {m['what']}, micro batch {m['micro_batch']}, rows of "
+                         f"{m['row_tokens']} tokens: measured {m['gib']:.2f}, planned {p.allocator_gib:.2f} "
+                         f"({100 * (p.allocator_gib / m['gib'] - 1):+.0f}%)")
+            if m.get("load_gib") is not None:
+                lines.append(f"    load peak: measured {m['load_gib']:.2f}, planned "
+                             f"{p.load_peak_gib - CONTEXT_GIB:.2f}")
+        if any(m["kind"] == "published" and m["bits"] == 16 for m, _ in pairs):
+            lines.append("  note: the published 16-bit figure does not change with the batch and is ~2x the bf16 "
+                         "weights: it fits an fp32 base (4 bytes x 8.03e9 = 29.9 GiB) + 1 GiB; it is not what a "
+                         "bf16 recipe needs (recipes/PLANNER.md)")
     return "\n".join(lines)
 
 
@@ -207,7 +363,7 @@ def recipe_table(gpus: int = 1, include_default: bool = True) -> str:
         card = f"{p.smallest_card} GB" if p.smallest_card else "> 141 GB"
         bits = {16: "16 (bf16)", 8: "8 (int8)", 4: "4 (NF4)"}[spec.bits]
         return (f"| `{name}` | {task} | {label} | {spec.r} | {bits} | {spec.variant} | "
-                f"{pc.trainable:,} | {p.total_gib:.1f} | {card} |")
+                f"{pc.trainable:,} | {p.peak_gib:.1f} | {card} |")
 
     from finlora.recipes import RECIPE_DIR
 
@@ -233,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (ZeRO shards across them)")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="plan as if gradient_checkpointing were false")
+    p.add_argument("--measured", action="append", metavar="JSON",
+                   help="a scripts/bench_gpu.py result to print beside the plan (default: outputs/bench_gpu.json "
+                        "when present; recipes/measured.json always)")
     a = p.parse_args(argv)
     from finlora import recipes
 
@@ -241,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_gradient_checkpointing:
         spec.gradient_checkpointing = False
     plan = estimate(spec, a.gpus)
-    print(report(plan, spec))
+    try:
+        measured = load_measurements(a.measured)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: measurements: {e}", file=sys.stderr)
+        return 2
+    print(report(plan, spec, measured))
     return 0
 
 

@@ -1,64 +1,42 @@
 #!/usr/bin/env python
-"""GPU benchmark of the Llama-3.1-8B LoRA recipes: throughput, MFU, peak memory vs the planner.
+"""Time Axolotl's own trainer on the GPU recipes: tokens/s, MFU, peak memory beside `make plan`.
 
-    python scripts/bench_gpu.py                  # one H200: sentiment_r8, sentiment_r8_bf16, sentiment_r4
-    python scripts/bench_gpu.py --recipes sentiment_r4 --steps 300
-    python scripts/bench_gpu.py --dry-run        # tiny Llama, 2 steps, CPU/fp32: the CI check of this code
+    python scripts/bench_gpu.py                       # one GPU: ner_r8, ner_r4, ner_r8_bf16
+    python scripts/bench_gpu.py --task sentiment --steps 20
+    python scripts/bench_gpu.py --cpu                 # tiny model, 2 steps, this CPU: the test of this code
 
-A measurement harness, not the project's training path (that is Axolotl's): a plain
-PyTorch loop over transformers' LlamaForCausalLM + PEFT, so that each optimizer step is
-timed exactly (CUDA-synchronised) and nothing else runs in it. No download: the model is
-built from `recipes/models/llama-3.1-8b/config.json` with random weights, directly on the
-GPU, in bf16; for 8-bit / 4-bit recipes each decoder nn.Linear is then replaced by a
-bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0) / Linear4bit (NF4, double
-quantisation, bf16 compute), as `load_in_8bit` / `load_in_4bit` do, and
-`prepare_model_for_kbit_training` upcasts the rest to fp32 (as Axolotl does).
+Each recipe runs as users run it (`scripts/train.py`, i.e. `make train`: `make check`, then
+`axolotl train`), from a copy of the generated YAML in which only these keys change:
+- `base_model`: a local folder with random weights of the recipe's architecture
+  (`recipes/models/<model>/config.json`; built once, on the device it runs on, saved as
+  safetensors; `finlora.gpu_bench.random_model`) and a word-level tokenizer with Llama 3's
+  special-token ids. With `--cpu` the architecture is shrunk (2 layers, hidden 64; the
+  vocabulary, and so the loss head's shape, is kept).
+- `datasets[0].path`: synthetic rows of exactly `--row-tokens` tokens (default: the recipe's
+  `sequence_len`, the case `make plan` sizes for), enough for `--steps` optimizer steps at the
+  recipe's micro batch and gradient accumulation; the recipe's own dataset type tokenises them.
+- `max_steps`, `output_dir`, `dataset_prepared_path` (a work folder), `save_strategy: "no"`,
+  `logging_steps: 1`, and the plugin `finlora.gpu_bench.BenchGPUPlugin` appended.
+- `flash_attention` -> `sdp_attention` when the `flash_attn` package is absent (printed).
+- `--cpu` only: `sequence_len` (`--seq-len`, default 32) and the steps (2, the first untimed).
+Everything else (quantisation, LoRA, optimizer, precision, checkpointing, micro batch) is the
+recipe's and is applied by Axolotl. See `finlora/gpu_bench.py` for what the plugin measures
+and the MFU convention.
 
-Per recipe, read from its YAML (`finlora.recipe_matrix.load_spec`): bits, LoRA r / alpha
-/ dropout / q,k,v targets, micro batch, gradient accumulation, sequence_len, optimizer
-(adamw_bnb_8bit -> bnb AdamW8bit, paged_adamw_8bit -> bnb PagedAdamW8bit), lr, cosine
-schedule with the recipe's warm-up ratio, gradient clipping, gradient checkpointing
-(use_reentrant true), flash attention (FlashAttention-2 when `flash_attn` is installed,
-else SDPA, printed). bf16 autocast throughout.
-
-Data: random token ids with realistic lengths: the recipe's own data file's rows
-(context+target characters / 4, + 2 answer tokens; the Llama 3 tokenizer is not
-available offline) when it is present, else data/train/sentiment_cpu_train.jsonl, else
-a normal(75, 20) length, clipped to [16, sequence_len]; right padding to the longest
-row of each micro batch (no packing, like the recipes); loss on the last 2 tokens.
-
-Figures, over steps warmup+1..N:
-- tokens/s: non-padding tokens per second.
-- MFU = achieved model FLOP/s / peak (--peak-tflops, default 989 = H100/H200 SXM dense
-  bf16). Model FLOPs per step, summed over the rows of every micro batch (length s_i):
-      sum_i [ s_i * (4 * P_mm + 6 * T) + 6 * L * d * s_i^2 ]
-  P_mm: frozen parameters that take part in matmuls (every nn.Linear incl. lm_head; the
-  embedding is a lookup): 2 FLOPs per parameter and token forward, 2 more backward for
-  the activation gradient (frozen weights get no weight gradient). T: trainable LoRA
-  parameters, 2 forward + 4 backward. Attention scores and the weighted sum: causal,
-  per layer and row forward 2 * s^2 * d (d = heads x head_dim), backward twice that:
-  6 * L * d * s^2. Gradient checkpointing's recomputed forward is not counted (this is
-  MFU, not hardware FLOPs utilisation); the int8/NF4 bases dequantise or use int8
-  kernels, the peak used is bf16's for all.
-- peak memory: torch.cuda.max_memory_allocated (and max_memory_reserved), over the
-  realistic-length steps; then a short probe (--probe-steps, default 2) with every row
-  at the full sequence_len, the case `finlora.plan` sizes for, compared with
-  `plan.estimate` (total, and total minus its 1.5 GiB CUDA context/overhead allowance,
-  which max_memory_allocated does not see).
-
-Fits one 10-minute call on one H200 (--budget-s 540, shared by the recipes: a recipe
-stops early, after at least warmup+5 steps, when its share is used). Missing packages
-(torch with CUDA, transformers, peft, bitsandbytes) are listed and the exit status is 2.
+Output: a table, and JSON (atomic write; default outputs/bench_gpu.json on a GPU, which
+`make plan` reads as measurements; outputs/bench_gpu_cpu.json with --cpu, which it ignores).
+Exit status 2 when a GPU run finds no CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
-import math
 import os
-import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,367 +44,250 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RECIPES = ("sentiment_r8", "sentiment_r8_bf16", "sentiment_r4")
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, bos_token_id=1,
-            eos_token_id=2)
-GiB = 2 ** 30
+VARIANTS = ("r8", "r4", "r8_bf16")
+PLUGIN = "finlora.gpu_bench.BenchGPUPlugin"
 ANSWER_TOKENS = 2
 
 
-def missing_packages(dry_run: bool) -> list[str]:
-    need = ["torch", "transformers", "peft"] + ([] if dry_run else ["bitsandbytes"])
-    missing = [m for m in need if importlib.util.find_spec(m) is None]
-    if not dry_run and "torch" not in missing:
-        import torch
+def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, flash_ok: bool) -> dict:
+    from finlora.atomic import write_jsonl
+    from finlora.gpu_bench import OUT_ENV, synthetic_rows
 
-        if not torch.cuda.is_available():
-            missing.append("a CUDA device (torch.cuda.is_available() is False; torch " + torch.__version__ + ")")
-    return missing
-
-
-# ---------------------------------------------------------------------------- model
-
-def model_config(spec, dry_run: bool):
-    from transformers import LlamaConfig
-
-    d = json.loads((Path(spec.config_dir) / "config.json").read_text())
-    if dry_run:
-        d.update(TINY)
-        d.pop("rope_scaling", None)
-    d.pop("torch_dtype", None)
-    return LlamaConfig(**d)
-
-
-def quantize_linears(model, bits: int, device) -> None:
-    """Replace every decoder nn.Linear by its bitsandbytes 8-bit / NF4 counterpart.
-
-    bitsandbytes quantises a parameter when it moves from the CPU to the GPU, so each
-    bf16 weight makes a round trip through host memory, one matrix at a time."""
-    import bitsandbytes as bnb
-    import torch
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if type(lin) is not torch.nn.Linear:
-                    continue
-                w = lin.weight.data.to("cpu")
-                if bits == 8:
-                    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
-                                            has_fp16_weights=False, threshold=6.0, device="meta")
-                    q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
-                else:
-                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, device="meta",
-                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-                    try:
-                        p = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                              module=q)
-                    except TypeError:  # older bitsandbytes: no module argument
-                        p = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
-                    q.weight = p.to(device)
-                    if hasattr(q, "quant_state"):
-                        q.quant_state = q.weight.quant_state
-                setattr(parent, name, q)
-                del lin, w
-    if bits == 8:
-        model.is_loaded_in_8bit = True
-    else:
-        model.is_loaded_in_4bit = True
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def build_model(config, bits: int, device, dtype, quantize: bool):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)  # random init, on the device, in `dtype`
-    finally:
-        torch.set_default_dtype(old)
-    if quantize and bits in (4, 8):
-        quantize_linears(model, bits, device)
-    return model
-
-
-def matmul_params(config) -> int:
-    """Frozen parameters used in matmuls: every decoder nn.Linear + lm_head."""
-    h, i, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q = config.num_attention_heads * hd
-    kv = config.num_key_value_heads * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    return L * per_layer + h * v
-
-
-def step_flops(lengths: list[int], P_mm: int, T: int, L: int, d: int) -> float:
-    return float(sum(s * (4 * P_mm + 6 * T) + 6 * L * d * s * s for s in lengths))
-
-
-# ---------------------------------------------------------------------------- data
-
-def realistic_lengths(spec, seq_len: int, n: int, rng: random.Random) -> tuple[list[int], str]:
-    cands = [ROOT / ds.get("path", "") for ds in (spec.cfg.get("datasets") or [])]
-    cands.append(ROOT / "data" / "train" / "sentiment_cpu_train.jsonl")
-    for path in cands:
-        if path.is_file():
-            lens = []
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        row = json.loads(line)
-                        lens.append(round(len(row["context"] + row["target"]) / 4) + ANSWER_TOKENS)
-            if lens:
-                return [min(seq_len, max(16, rng.choice(lens))) for _ in range(n)], \
-                    f"lengths of {path.relative_to(ROOT)} (chars/4 + {ANSWER_TOKENS})"
-    return [min(seq_len, max(16, int(rng.gauss(75, 20)))) for _ in range(n)], "normal(75, 20) lengths"
-
-
-def make_batch(lengths: list[int], vocab: int, device, gen):
-    import torch
-
-    width = max(lengths)
-    ids = torch.randint(0, vocab, (len(lengths), width), generator=gen)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for j, s in enumerate(lengths):
-        mask[j, :s] = 1
-        labels[j, s - ANSWER_TOKENS:s] = ids[j, s - ANSWER_TOKENS:s]
-    ids[mask == 0] = 0
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-# ---------------------------------------------------------------------------- optimizer
-
-def make_optimizer(name: str, params, lr: float, use_bnb: bool):
-    import torch
-
-    if use_bnb and name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.AdamW8bit if name == "adamw_bnb_8bit" else bnb.optim.PagedAdamW8bit
-        return cls(params, lr=lr, weight_decay=0.0), name
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "adamw_torch" + (
-        f" (in place of {name}: no bitsandbytes/GPU)" if name != "adamw_torch" else "")
-
-
-# ---------------------------------------------------------------------------- one recipe
-
-def run_recipe(name: str, a, deadline: float) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import get_cosine_schedule_with_warmup
-
-    from finlora.plan import estimate
-    from finlora.recipe_matrix import load_spec
-
-    t_start = time.perf_counter()
-    spec = load_spec(name)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    quantize = spec.bits in (4, 8) and cuda and has_bnb
-    dtype = torch.bfloat16 if cuda else torch.float32
-    config = model_config(spec, a.dry_run)
-    tmpdir = None
-    if a.dry_run:  # the planner reads config.json from a folder: give it the tiny one
-        tmpdir = tempfile.TemporaryDirectory()
-        (Path(tmpdir.name) / "config.json").write_text(config.to_json_string())
-        spec.config_dir = Path(tmpdir.name)
-    flash = spec.flash_attention and cuda and importlib.util.find_spec("flash_attn") is not None
-    config._attn_implementation = "flash_attention_2" if flash else "sdpa"
     seq_len = a.seq_len or spec.seq_len
+    row_tokens = min(a.row_tokens or seq_len, seq_len)
     mb, ga = spec.micro_batch, spec.grad_accum
-    if a.dry_run:  # the same code path, smaller: 2 rows, 1 micro batch per step
-        mb, ga = min(mb, 2), 1
-    spec.seq_len, spec.micro_batch, spec.grad_accum = seq_len, mb, ga  # what the planner sizes = what runs
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(a.seed)
+    rdir = work / name
+    if rdir.exists():
+        shutil.rmtree(rdir)
+    rdir.mkdir(parents=True)
+    data = rdir / "rows.jsonl"
+    vocab_limit = 128000  # ordinary ids only: below Llama 3's special tokens
+    write_jsonl(data, synthetic_rows(a.steps * mb * ga, row_tokens, ANSWER_TOKENS, vocab_limit, a.seed))
 
-    model = build_model(config, spec.bits, device, dtype, quantize)
-    gc_kwargs = {"use_reentrant": True}
-    if quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=float(spec.cfg.get("lora_dropout", 0.05)),
-        target_modules=spec.targets, bias="none", task_type="CAUSAL_LM", use_rslora=spec.rslora,
-        use_dora=spec.dora))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    T = sum(p.numel() for p in params)
-    opt, opt_name = make_optimizer(spec.optimizer, params, float(spec.cfg.get("learning_rate", 1e-4)),
-                                   has_bnb and cuda)
-    steps = a.steps
-    warm_ratio = float(spec.cfg.get("warmup_ratio") or 0.0)
-    sched = get_cosine_schedule_with_warmup(opt, int(spec.cfg.get("warmup_steps") or math.ceil(warm_ratio * steps)),
-                                            steps)
+    r = copy.deepcopy(cfg)
+    changed = ["base_model", "datasets[0].path", "max_steps", "output_dir", "dataset_prepared_path",
+               "save_strategy", "logging_steps", "plugins"]
+    r["base_model"] = str(model_dir)
+    r["datasets"] = [dict(r["datasets"][0], path=str(data))]
+    r.update(max_steps=a.steps, output_dir=str(rdir / "out"), dataset_prepared_path=str(rdir / "prepared"),
+             save_strategy="no", logging_steps=1)
+    r["plugins"] = list(r.get("plugins") or []) + [PLUGIN]
+    notes = []
+    wants_flash = r.get("flash_attention") or r.get("attn_implementation") == "flash_attention_2"
+    if wants_flash and not flash_ok:
+        # Axolotl 0.19's spelling (sdp_attention is deprecated there)
+        r.pop("flash_attention", None)
+        r.pop("sdp_attention", None)
+        r["attn_implementation"] = "sdpa"
+        changed.append("flash attention->attn_implementation: sdpa")
+        notes.append("flash_attn not installed: SDPA attention instead of FlashAttention-2")
+    if a.cpu:
+        r["sequence_len"] = seq_len
+        changed.append("sequence_len")
+    recipe = rdir / f"{name}.yml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
+    record_path = rdir / "record.json"
+    env = dict(os.environ, **{OUT_ENV: str(record_path)})
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    env.setdefault("WANDB_MODE", "disabled")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    log = rdir / "train.log"
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)], cwd=ROOT,
+                              env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not record_path.is_file():
+        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"{name}: training exited with status {proc.returncode}; log {log}:\n{tail}")
+    rec = json.loads(record_path.read_text(encoding="utf-8"))
+    return summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes)
+
+
+def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes) -> dict:
+    from transformers import AutoConfig
+
+    from finlora.bench import throughput
+    from finlora.gpu_bench import GiB, attention_flops, matmul_params, model_flops_per_token, peak_tflops_for
+    from finlora.plan import estimate
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    T = int(rec["trainable_params"])
     P_mm = matmul_params(config)
     L = config.num_hidden_layers
-    d = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    rng = random.Random(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
-    lengths, length_src = realistic_lengths(spec, seq_len, (steps + a.probe_steps) * mb * ga, rng)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
-    clip = float(spec.cfg.get("max_grad_norm") or 1.0)
-    build_s = time.perf_counter() - t_start
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = config.num_attention_heads * hd
+    from finlora.params import _layer_linears
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    total_params = _layer_linears(model_dir)[2]
+    warm = min(a.warmup, len(rec["steps"]) - 1)
+    rate = throughput(rec["steps"], warm)
+    per_token = model_flops_per_token(P_mm, T)
+    # every row is row_tokens long (synthetic): attention FLOPs per row are the same
+    rows_per_s = rate["examples_per_s"]
+    flops_per_s = rate["tokens_per_s"] * per_token + rows_per_s * attention_flops(row_tokens, L, d)
+    device = rec.get("device", "cpu")
+    peak = a.peak_tflops or (peak_tflops_for(device) if device != "cpu" else None)
+    mfu = flops_per_s / (peak * 1e12) if peak else None
+    mfu_6n = rate["tokens_per_s"] * 6.0 * total_params / (peak * 1e12) if peak else None
 
-    def one_step(step_lengths: list[list[int]]) -> float:
-        loss_sum = 0.0
-        for ls in step_lengths:
-            batch = make_batch(ls, config.vocab_size, device, gen)
-            with autocast:
-                loss = model(**batch).loss / len(step_lengths)
-            loss.backward()
-            loss_sum += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss_sum
-
-    times, tokens, flops, losses = [], [], [], []
-    stopped_early = False
-    sync()
-    t_prev = time.perf_counter()
-    for step in range(steps):
-        chunk = lengths[step * mb * ga:(step + 1) * mb * ga]
-        losses.append(one_step([chunk[k * mb:(k + 1) * mb] for k in range(ga)]))
-        sync()
-        now = time.perf_counter()
-        times.append(now - t_prev)
-        t_prev = now
-        tokens.append(sum(chunk))
-        flops.append(step_flops(chunk, P_mm, T, L, d))
-        if now > deadline and step + 1 >= a.warmup + 5:
-            stopped_early = True
-            break
-    n = len(times)
-    w = min(a.warmup, n - 1)
-    dt = sum(times[w:])
-    peak_alloc = torch.cuda.max_memory_allocated() / GiB if cuda else None
-    peak_res = torch.cuda.max_memory_reserved() / GiB if cuda else None
-
-    # the planner's case: every row at the full sequence_len
-    probe_alloc = probe_res = None
-    if a.probe_steps:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(a.probe_steps):
-            one_step([[seq_len] * mb for _ in range(ga)])
-        sync()
-        if cuda:
-            probe_alloc = torch.cuda.max_memory_allocated() / GiB
-            probe_res = torch.cuda.max_memory_reserved() / GiB
-    plan = estimate(spec, 1)
-    overhead = plan.parts.get("CUDA context/overhead", 0.0) / GiB
-    peak_flops = a.peak_tflops * 1e12
+    # the plan at the conditions that ran: this micro batch, rows of row_tokens tokens, this model
+    spec.config_dir = Path(model_dir)
+    spec.seq_len = seq_len
+    plan = estimate(spec, 1, row_tokens=row_tokens)
+    mem = rec["memory"]
+    cuda = device != "cpu"
     res = {
-        "recipe": name, "bits": spec.bits, "r": spec.r, "targets": spec.targets, "trainable": T,
-        "micro_batch": mb, "grad_accum": ga, "seq_len": seq_len, "optimizer": opt_name,
-        "attention": config._attn_implementation, "quantized": quantize,
-        "gradient_checkpointing": spec.gradient_checkpointing, "lengths": length_src,
-        "steps_run": n, "timed_steps": n - w, "stopped_early": stopped_early, "build_s": build_s,
-        "s_per_step": dt / max(1, n - w), "tokens_per_s": sum(tokens[w:]) / dt if dt else 0.0,
-        "mean_row_tokens": sum(tokens) / max(1, n * mb * ga),
-        "mfu": (sum(flops[w:]) / dt / peak_flops) if dt else 0.0,
-        "first_loss": losses[0], "last_loss": losses[n - 1],
-        "peak_alloc_gib": peak_alloc, "peak_reserved_gib": peak_res,
-        "probe_alloc_gib": probe_alloc, "probe_reserved_gib": probe_res,
-        "plan_gib": plan.total_gib, "plan_without_overhead_gib": plan.total_gib - overhead,
-        "wall_s": time.perf_counter() - t_start,
+        "recipe": name, "device": device, "architecture": "tiny" if a.cpu else "full",
+        "config_dir": str(spec.config_dir), "bits": spec.bits, "r": spec.r, "trainable": T,
+        "total_params": total_params, "optimizer": spec.optimizer, "optimizer_class": rec.get("optimizer_class"),
+        "precision": "bf16" if rec.get("bf16") else "fp16" if rec.get("fp16") else "fp32",
+        "attention": rec.get("attn_implementation"), "gradient_checkpointing": spec.gradient_checkpointing,
+        "micro_batch": spec.micro_batch, "grad_accum": spec.grad_accum, "seq_len": seq_len,
+        "row_tokens": row_tokens, "recipe_keys_changed": changed, "notes": notes,
+        "steps_run": len(rec["steps"]), "warmup_steps": warm, "timed_steps": rate["timed_steps"],
+        "s_per_step": rate["s_per_step"], "tokens_per_s": rate["tokens_per_s"],
+        "tokens_per_step": rate["tokens_per_step"],
+        "flops_convention": "per token 6*T + 4*P_mm (LoRA fwd+bwd; frozen matmuls fwd + activation grad), "
+                            "per row 6*L*d*n^2 (causal attention), recompute not counted",
+        "model_flops_per_token": per_token, "peak_tflops": peak, "mfu": mfu, "mfu_6n": mfu_6n,
+        "losses": [s.get("loss") for s in rec["steps"]],
+        "memory_source": "torch.cuda max_memory_allocated/reserved" if cuda else "process RSS (VmHWM)",
+        "load_peak": mem.get("load_peak"), "step1_peak": mem.get("step1_peak"),
+        "steady_peak": mem.get("steady_peak"), "rss_reset_ok": rec.get("rss_reset_ok"),
+        "plan_gib": plan.total_gib, "plan_parts_gib": {k: v / GiB for k, v in plan.parts.items()},
+        "plan_allocator_gib": plan.allocator_gib,
+        "wall_s": wall,
     }
-    del model, opt, params
     if cuda:
-        torch.cuda.empty_cache()
-    if tmpdir is not None:
-        tmpdir.cleanup()
+        train_peak = max(x["allocated_gib"] for x in (mem.get("step1_peak"), mem.get("steady_peak")) if x)
+        res["train_peak_alloc_gib"] = train_peak
+        res["train_peak_reserved_gib"] = max(x["reserved_gib"] for x in (mem.get("step1_peak"),
+                                                                        mem.get("steady_peak")) if x)
+        res["load_peak_alloc_gib"] = mem["load_peak"]["allocated_gib"]
     return res
 
 
-def fmt(v, spec=".2f"):
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, f=".2f", unit=""):
+    return "n/a" if v is None else format(v, f) + unit
 
 
 def report(r: dict) -> str:
-    lines = [
-        f"== {r['recipe']}: {r['bits']}-bit base ({'quantized' if r['quantized'] else 'not quantized'}), "
-        f"LoRA r={r['r']} on {','.join(r['targets'])} ({r['trainable']:,} trainable), micro batch "
-        f"{r['micro_batch']} x {r['grad_accum']}, seq {r['seq_len']}, {r['optimizer']}, {r['attention']}, "
-        f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}",
-        f"   data: random ids, {r['lengths']}; mean row {r['mean_row_tokens']:.1f} tokens",
-        f"   steps {r['steps_run']} ({r['timed_steps']} timed{', stopped early: time budget' if r['stopped_early'] else ''}); "
-        f"build {r['build_s']:.1f} s; loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}",
-        f"   {r['s_per_step']:.3f} s/step   {r['tokens_per_s']:,.0f} tokens/s   MFU {100 * r['mfu']:.1f}%",
-        f"   peak memory (realistic lengths): allocated {fmt(r['peak_alloc_gib'])} GiB, reserved "
-        f"{fmt(r['peak_reserved_gib'])} GiB",
-        f"   peak memory (every row at seq {r['seq_len']}): allocated {fmt(r['probe_alloc_gib'])} GiB, reserved "
-        f"{fmt(r['probe_reserved_gib'])} GiB; planner {r['plan_gib']:.2f} GiB "
-        f"({r['plan_without_overhead_gib']:.2f} without its overhead allowance)"
-        + (f"; measured/planned(w/o overhead) {r['probe_alloc_gib'] / r['plan_without_overhead_gib']:.2f}"
-           if r["probe_alloc_gib"] else ""),
-    ]
+    lines = [f"== {r['recipe']} on {r['device']} ({r['architecture']} model, {r['total_params']:,} params, "
+             f"{r['trainable']:,} trainable): {r['precision']}, {r['attention']}, {r['optimizer_class']}, "
+             f"micro batch {r['micro_batch']} x {r['grad_accum']}, rows of {r['row_tokens']} tokens "
+             f"(sequence_len {r['seq_len']})"]
+    for n in r["notes"]:
+        lines.append(f"   note: {n}")
+    lines.append(f"   {r['steps_run']} steps ({r['timed_steps']} timed after {r['warmup_steps']} warm-up): "
+                 f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
+                 f"MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} (6N convention "
+                 f"{fmt(r['mfu_6n'] and 100 * r['mfu_6n'], '.1f', '%')}), wall {r['wall_s']:.0f} s")
+    if "train_peak_alloc_gib" in r:
+        lines.append(f"   memory (GiB, PyTorch allocator): load peak {r['load_peak_alloc_gib']:.2f}; training peak "
+                     f"{r['train_peak_alloc_gib']:.2f} allocated, {r['train_peak_reserved_gib']:.2f} reserved")
+        lines.append(f"   plan at these conditions: {r['plan_gib']:.2f} GiB per GPU, of which "
+                     f"{r['plan_allocator_gib']:.2f} inside PyTorch's allocator -> measured/planned "
+                     f"{r['train_peak_alloc_gib'] / r['plan_allocator_gib']:.2f}")
+    else:
+        lp, s1, st = r["load_peak"], r["step1_peak"], r["steady_peak"]
+        lines.append(f"   memory (GiB, process RSS high-water mark; includes Python, torch and Axolotl): "
+                     f"load {fmt(lp and lp['rss_peak_gib'])}, step 1 {fmt(s1 and s1['rss_peak_gib'])}, "
+                     f"after step 1 {fmt(st and st['rss_peak_gib'])}"
+                     + ("" if r["rss_reset_ok"] else " (peak reset unavailable: each figure is since start)"))
+        lines.append(f"   plan for this tiny model on a GPU: {r['plan_gib']:.3f} GiB (not comparable with RSS)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per recipe (default 200)")
-    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the rates (default 10)")
-    ap.add_argument("--probe-steps", type=int, default=2, help="full-length steps for the planner check")
-    ap.add_argument("--seq-len", type=int, help="override the recipes' sequence_len")
-    ap.add_argument("--budget-s", type=float, default=540, help="total seconds for all recipes (default 540)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H200: 989)")
+    ap.add_argument("--task", default="ner", help="task whose recipes run (default ner: FinLoRA's memory table is NER)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default r8,r4,r8_bf16)")
+    ap.add_argument("--recipes", help="comma-separated recipe names (instead of --task/--variants)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per recipe (default 10; --cpu 2)")
+    ap.add_argument("--warmup", type=int, help="first steps left out of the rates (default 2; --cpu 1)")
+    ap.add_argument("--row-tokens", type=int, help="tokens per synthetic row (default: sequence_len)")
+    ap.add_argument("--seq-len", type=int, help="--cpu only: sequence_len of the run (default 32)")
+    ap.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s (default: known GPUs; "
+                                                      "none on a CPU, so no MFU unless given)")
+    ap.add_argument("--cpu", action="store_true", help="tiny model of the same architecture on this CPU")
+    ap.add_argument("--workdir", help="model and run folders (default: a temporary folder, removed after)")
+    ap.add_argument("--json", help="write the figures here (default outputs/bench_gpu.json; --cpu "
+                                   "outputs/bench_gpu_cpu.json)")
+    ap.add_argument("--timeout-s", type=float, default=900, help="per recipe run")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny Llama (2 layers, hidden 64), 2 steps of 2 rows of <= 32 tokens, fp32 on CPU "
-                         "(no quantization without a GPU)")
     a = ap.parse_args(argv)
-    missing = missing_packages(a.dry_run)
-    if missing:
-        print("bench_gpu: missing: " + "; ".join(missing), file=sys.stderr)
-        print("bench_gpu: needs torch with CUDA, transformers, peft and bitsandbytes "
-              "(`make setup GPU=1`, or pip install bitsandbytes); --dry-run needs only the first three",
-              file=sys.stderr)
-        return 2
-    if a.dry_run:
-        a.steps, a.warmup, a.probe_steps = 2, 1, min(a.probe_steps, 1)
-        a.seq_len = a.seq_len or 32
+
     import torch
 
-    names = [n.strip() for n in a.recipes.split(",") if n.strip()]
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"bench_gpu: {dev}; torch {torch.__version__}; recipes {', '.join(names)}; "
-          f"{a.steps} steps, first {a.warmup} untimed; budget {a.budget_s:.0f} s"
-          + (" [dry run: tiny model]" if a.dry_run else ""), flush=True)
-    t0 = time.perf_counter()
-    results = []
-    for k, name in enumerate(names):
-        share = (a.budget_s - (time.perf_counter() - t0)) / (len(names) - k)
-        r = run_recipe(name, a, deadline=time.perf_counter() + share)
-        results.append(r)
-        print(report(r), flush=True)
-    print(f"bench_gpu: done in {time.perf_counter() - t0:.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    cuda = torch.cuda.is_available()
+    if not a.cpu and not cuda:
+        print(f"error: no CUDA device (torch {torch.__version__}); use --cpu for the tiny-model check",
+              file=sys.stderr)
+        return 2
+    if a.cpu and a.seq_len is None:
+        a.seq_len = 32
+    if not a.cpu:
+        a.seq_len = None
+    a.steps = a.steps or (2 if a.cpu else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.cpu else 2)
+    if a.steps <= a.warmup:
+        print(f"error: --steps {a.steps} must exceed --warmup {a.warmup}", file=sys.stderr)
+        return 2
+    out_json = Path(a.json or (ROOT / "outputs" / ("bench_gpu_cpu.json" if a.cpu else "bench_gpu.json")))
+
+    from finlora import recipes
+    from finlora.atomic import write_json
+    from finlora.gpu_bench import random_model
+    from finlora.recipe_matrix import load_spec
+
+    names = ([n.strip() for n in a.recipes.split(",") if n.strip()] if a.recipes else
+             [f"{a.task}_{v.strip()}" for v in a.variants.split(",") if v.strip()])
+    flash_ok = cuda and importlib.util.find_spec("flash_attn") is not None
+    dev = torch.cuda.get_device_name(0) if cuda else "CPU"
+    print(f"bench_gpu: {dev}; torch {torch.__version__}; recipes {', '.join(names)}; {a.steps} steps each, "
+          f"first {a.warmup} untimed" + (f"; tiny model, sequence_len {a.seq_len}" if a.cpu else ""), flush=True)
+    tmp = None
+    work = Path(a.workdir) if a.workdir else Path(tmp := tempfile.mkdtemp(prefix="bench_gpu."))
+    work.mkdir(parents=True, exist_ok=True)
+    results, failures = [], []
+    models: dict[str, Path] = {}
+    try:
+        for name in names:
+            path = recipes.resolve(name)
+            cfg = recipes.load(path)
+            spec = load_spec(str(path))
+            if spec.config_dir is None:
+                raise SystemExit(f"error: {name}: no config.json for {spec.base_model!r} under recipes/models/")
+            key = str(spec.config_dir)
+            if key not in models:
+                t0 = time.perf_counter()
+                models[key] = random_model(spec.config_dir, work / f"model_{len(models)}", tiny=a.cpu,
+                                           device="cuda" if cuda and not a.cpu else "cpu",
+                                           dtype="bfloat16" if cuda and not a.cpu else "float32", seed=a.seed)
+                print(f"bench_gpu: random {'tiny ' if a.cpu else ''}model of {spec.config_dir.name} saved in "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+            try:
+                r = bench_recipe(name, spec, cfg, models[key], work, a, flash_ok)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"bench_gpu: {e}", file=sys.stderr, flush=True)
+                failures.append(name)
+                continue
+            results.append(r)
+            print(report(r), flush=True)
+            write_json(out_json, results)  # after each recipe: a later failure keeps what ran
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if results:
+        print(f"bench_gpu: figures in {out_json}")
+    if failures:
+        print(f"error: failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 
