@@ -316,7 +316,7 @@ def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path,
         if "flash" in impl:
             cfg["attn_implementation"] = "sdpa"
             notes.append(f"SUBSTITUTE attn_implementation: {impl} -> sdpa (CUDA-only kernel)")
-        if cfg.get("bf16") == "auto":
+        if cfg.get("bf16") == "auto" and not (cfg.get("deepspeed") and processes > 1):
             from finlora.axolotl_plugin import cpu_has_native_bf16
 
             notes.append("bf16: auto as in the recipe; the plugin resolves it to "
@@ -337,7 +337,8 @@ def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path,
     if cfg.get("deepspeed"):
         if processes > 1:
             notes.append(f"deepspeed: {cfg['deepspeed']} as in the recipe, {processes} processes"
-                         + ("" if cuda else " on the CPU (DS_ACCELERATOR=cpu, gloo)"))
+                         + ("" if cuda else " on the CPU (DS_ACCELERATOR=cpu, gloo); bf16: auto resolves to fp32 "
+                            "there (transformers takes bf16 on a CPU only with use_cpu, which drops DeepSpeed)"))
         else:
             notes.append(f"SUBSTITUTE deepspeed: {cfg['deepspeed']} -> null (deepspeed is not installed: "
                          "`make setup-deepspeed` to smoke it); everything else as in the recipe")
@@ -428,7 +429,13 @@ def run(name: str, *, keep_going_without_deepspeed: bool = True) -> dict:
     if config_dir is None:
         raise SmokeError(f"{name}: no recipes/models/*/config.json for base_model {cfg['base_model']}")
     special = {k: v for k, v in (cfg.get("special_tokens") or {}).items() if isinstance(v, str)}
-    base = tiny_model(config_dir, SMOKE_DIR / "models" / f"{Path(config_dir).name}-tiny", special_tokens=special)
+    # ZeRO-3 keeps parameters under 10 x hidden whole on every rank and gathers them in one
+    # call that assumes one dtype (deepspeed/runtime/zero/partition_parameters.py). At hidden
+    # 64 the packed 4-bit k/v weights (bf16 storage) fall under it beside fp32 norms and the
+    # gather fails; at 384, as in the real 70B, no 4-bit weight is that small.
+    hidden = 384 if processes > 1 else 64
+    base = tiny_model(config_dir, SMOKE_DIR / "models" / f"{Path(config_dir).name}-tiny-h{hidden}",
+                      special_tokens=special, hidden=hidden)
     meta = json.loads((base / "finlora_tiny_model.json").read_text())
     _say(f"{name}: tiny random {Path(config_dir).name} in {_rel(base)}: {meta['built_from']['layers']} layers, "
          f"hidden {meta['built_from']['hidden']}, vocabulary {meta['vocab_size']}")
@@ -452,7 +459,10 @@ def run(name: str, *, keep_going_without_deepspeed: bool = True) -> dict:
     # Training: `make train`'s own code (make check, then `axolotl train` / accelerate).
     env_before = dict(os.environ)
     if processes > 1 and not cuda:
+        # DeepSpeed's CPU accelerator; ACCELERATE_USE_CPU would make Accelerate drop DeepSpeed
+        # silently (finlora.axolotl_plugin.check_cpu_launch refuses that).
         os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["ACCELERATE_USE_CPU"] = "0"
     t0 = time.time()
     try:
         rc = train.main([*(["--gpus", str(processes)] if processes > 1 else []), str(smoke_recipe)])
@@ -464,6 +474,14 @@ def run(name: str, *, keep_going_without_deepspeed: bool = True) -> dict:
         raise SmokeError(f"{name}: training failed (exit {rc}); the smoke recipe is {_rel(smoke_recipe)}")
     out = work / "out"
     loss = losses(out)
+    zero = None
+    if scfg.get("deepspeed"):
+        # DeepSpeed's own checkpoint, one file per rank: proof that its engine trained, not
+        # plain DDP (which Accelerate falls back to without a word on a CPU).
+        zero = sorted(_rel(f) for f in out.glob("checkpoint-*/global_step*/zero_pp_rank_*_optim_states.pt"))
+        if len(zero) != processes:
+            raise SmokeError(f"{name}: deepspeed is set but {out}/checkpoint-*/global_step*/ holds {len(zero)} ZeRO "
+                             f"optimizer shards, not {processes}: DeepSpeed did not train")
     adapter = adapter_report(out, cfg, meta["built_from"]["layers"])
     _say(f"trained {STEPS} steps in {t_train:.1f} s: loss {loss[0]:.4f} -> {loss[-1]:.4f}; adapter "
          f"{adapter['tensors']} tensors, r={adapter['config']['r']}"
@@ -497,7 +515,8 @@ def run(name: str, *, keep_going_without_deepspeed: bool = True) -> dict:
         "smoke_recipe": _rel(smoke_recipe), "changes": notes, "data": where,
         "tiny_model": {"dir": _rel(base), **{k: meta[k] for k in ("vocab_size", "added_tokens", "parameters")},
                        **meta["built_from"]},
-        "losses": loss, "adapter": {k: adapter[k] for k in ("config", "tensors")},
+        "losses": loss, "deepspeed": {"config": scfg.get("deepspeed"), "zero_optimizer_shards": zero},
+        "adapter": {k: adapter[k] for k in ("config", "tensors")},
         "adapter_shapes": adapter["shapes"],
         "merge": {"verify": info["verify"], "modules_merged": info["modules_merged"], "scale": info["scale"]},
         "eval": metrics, "eval_report": _rel(report / "report.md"),
