@@ -71,6 +71,10 @@ def test_smoke_trains_merges_and_scores(variant):
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
     steps = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert [s["loss"] for s in steps if "loss" in s] == result["losses"]
+    # The smoke feeds exactly 2 global batches (micro x accumulation x processes), so each
+    # step is half an epoch: the recipe's batch geometry ran, and with 2 processes the rows
+    # were sharded (each process alone on all rows would log 0.25, 0.5).
+    assert [s["epoch"] for s in steps if "loss" in s] == [0.5, 1.0]
 
     # The adapter: the recipe's rank and flavour on every target module of every layer.
     acfg = json.loads((out / "adapter_config.json").read_text())
