@@ -137,8 +137,7 @@ def check_cpu_launch(env, deepspeed: bool = False) -> None:
     falls back to "not distributed" unless ACCELERATE_USE_CPU is set (measured here).
     With DeepSpeed it is the other way round: Accelerate drops DeepSpeed without a word
     whenever it is told to use the CPU (ACCELERATE_USE_CPU or TrainingArguments.use_cpu),
-    and the processes run plain DDP; a ZeRO-3 model, already partitioned while loading,
-    then fails at its first forward ("Padding_idx must be within num_embeddings")."""
+    and the processes run plain DDP (seen here: no ZeRO checkpoint shards were written)."""
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not on_cpu():
         return
