@@ -13,7 +13,9 @@ curve; everything else applies only when no CUDA device is present:
   `device_map={"": LOCAL_RANK}`, which transformers reads as a CUDA index; the
   model is kept on the CPU instead. Such a launch without `ACCELERATE_USE_CPU=1`
   (which `make train GPUS=n` sets) is refused with that fix named: without it every
-  process would train alone on the whole data set.
+  process would train alone on the whole data set. A recipe with `deepspeed:` runs on
+  DeepSpeed's CPU accelerator instead (`deepspeed_on_cpu_backend`; launch with
+  ACCELERATE_USE_CPU=0 DS_ACCELERATOR=cpu): Accelerate drops DeepSpeed on the CPU.
 
 On every host it also seeds the RNGs with the recipe's `seed` right before the LoRA
 matrices are created (`pre_lora_load`): Axolotl 0.19 seeds only when the Trainer is
