@@ -17,7 +17,7 @@ export WANDB_MODE ?= disabled
 
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
-.PHONY: help setup base-model data train eval infer merge recipes recipes-check params plan bench-train bench-gpu test clean-outputs
+.PHONY: help setup setup-deepspeed smoke smoke-all base-model data train eval infer merge recipes recipes-check params plan bench-train bench-gpu test clean-outputs
 
 help:
 	@echo "make setup [GPU=1]    virtual env with pinned torch/axolotl (GPU=1: CUDA wheels + deepspeed, no compiling)"
@@ -33,6 +33,8 @@ help:
 	@echo "make params RECIPE=x | plan RECIPE=x GPUS=n  trainable parameters / GPU memory plan"
 	@echo "make bench-train [ARGS=...]           Axolotl recipe vs hand-written Trainer+PEFT (CPU)"
 	@echo "make bench-gpu [ARGS=--cpu]            Axolotl's trainer on ner_r8/r4/r8_bf16: tokens/s, MFU, memory vs plan"
+	@echo "make smoke [RECIPE=x|all] | smoke-all 2 steps of a GPU recipe on a tiny random model (CPU), merged, scored"
+	@echo "make setup-deepspeed                   add DeepSpeed 0.18.9 to .venv (no CUDA build; ZeRO smokes on the CPU)"
 	@echo "make test             the test suite (pytest)"
 
 setup: $(STAMP)
@@ -52,6 +54,16 @@ else
 	$(BIN)/pip install -r requirements.txt -c constraints.txt
 endif
 	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+# DeepSpeed ships as a source distribution; with DS_BUILD_OPS=0 nothing is compiled at
+# install time, and without build isolation its setup.py finds the installed torch.
+# Its small dependencies that the lock lacks are pinned here.
+DEEPSPEED_PINS := deepspeed==0.18.9 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
+setup-deepspeed: $(VENV)/.installed-deepspeed
+
+$(VENV)/.installed-deepspeed: $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation $(DEEPSPEED_PINS) -c constraints.txt
 	touch $@
 
 base-model: $(STAMP)
@@ -101,6 +113,14 @@ plan: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+# RECIPE=all smokes all generated recipes, RECIPE=all:r8_dora one variant over all tasks;
+# without RECIPE, the reference recipe sentiment_r8 (the CPU default is not a GPU recipe).
+smoke: $(STAMP)
+	$(BIN)/python scripts/smoke.py $(if $(filter file,$(origin RECIPE)),sentiment_r8,$(RECIPE)) $(ARGS)
+
+smoke-all: $(STAMP)
+	$(BIN)/python scripts/smoke.py all $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python scripts/bench_gpu.py $(ARGS)

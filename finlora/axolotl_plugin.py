@@ -13,7 +13,9 @@ curve; everything else applies only when no CUDA device is present:
   `device_map={"": LOCAL_RANK}`, which transformers reads as a CUDA index; the
   model is kept on the CPU instead. Such a launch without `ACCELERATE_USE_CPU=1`
   (which `make train GPUS=n` sets) is refused with that fix named: without it every
-  process would train alone on the whole data set.
+  process would train alone on the whole data set. A recipe with `deepspeed:` runs on
+  DeepSpeed's CPU accelerator instead (`deepspeed_on_cpu_backend`; launch with
+  ACCELERATE_USE_CPU=0 DS_ACCELERATOR=cpu): Accelerate drops DeepSpeed on the CPU.
 
 On every host it also seeds the RNGs with the recipe's `seed` right before the LoRA
 matrices are created (`pre_lora_load`): Axolotl 0.19 seeds only when the Trainer is
@@ -226,16 +228,63 @@ def _report(cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
           + "\n".join(shown), file=sys.stderr, flush=True)
 
 
-def check_cpu_launch(env) -> None:
+def _flag(env, name: str) -> bool:
+    return env.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_cpu_launch(env, deepspeed: bool = False) -> None:
     """Refuse a multi-process CPU launch that would silently train each process alone:
     Accelerate's shared state, made before the Trainer asks for the CPU, finds no GPU and
-    falls back to "not distributed" unless ACCELERATE_USE_CPU is set (measured here)."""
+    falls back to "not distributed" unless ACCELERATE_USE_CPU is set (measured here).
+    With DeepSpeed it is the other way round: Accelerate drops DeepSpeed without a word
+    whenever it is told to use the CPU (ACCELERATE_USE_CPU or TrainingArguments.use_cpu),
+    and the processes run plain DDP (seen here: no ZeRO checkpoint shards were written)."""
     world = int(env.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and on_cpu() and env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+    if world <= 1 or not on_cpu():
+        return
+    if deepspeed:
+        if _flag(env, "ACCELERATE_USE_CPU"):
+            raise SystemExit(
+                "error: DeepSpeed on a machine without CUDA, but ACCELERATE_USE_CPU is set: Accelerate would drop "
+                "DeepSpeed silently and run plain DDP. Unset it (ACCELERATE_USE_CPU=0) and set DS_ACCELERATOR=cpu.")
+        if env.get("DS_ACCELERATOR") != "cpu":
+            raise SystemExit("error: DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu")
+        return
+    if not _flag(env, "ACCELERATE_USE_CPU"):
         raise SystemExit(
             f"error: {world} training processes on a machine without CUDA, but ACCELERATE_USE_CPU is not set: "
             "each process would train alone on the whole data set. Set ACCELERATE_USE_CPU=1 for "
             "`torchrun`/`accelerate launch`, or use `make train GPUS=n`, which sets it.")
+
+
+def deepspeed_on_cpu_backend() -> None:
+    """Let Accelerate start DeepSpeed on a CPU-only host (DeepSpeed's CPU accelerator, gloo).
+
+    Accelerate 1.13 picks a process-group backend only for devices (nccl, xccl, hccl...);
+    on a CPU-only host it finds none, then counts one process and rank 0 in every process
+    (each would train alone on all the data) although DeepSpeed's own process group is
+    up. Naming gloo and the multi-CPU layout here gives the real world size, ranks and
+    the CPU device; Accelerate then switches the state to DeepSpeed as it does on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, "_finlora_cpu_deepspeed", False):
+        return
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        name, kind = original(self, cpu, sagemaker_dp, backend)
+        if name is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1 \
+                and _flag(os.environ, "ACCELERATE_USE_DEEPSPEED"):
+            return "gloo", DistributedType.MULTI_CPU
+        return name, kind
+
+    _prepare_backend._finlora_cpu_deepspeed = True
+    PartialState._prepare_backend = _prepare_backend
+
+
+def _cpu_deepspeed(cfg) -> bool:
+    return on_cpu() and bool(cfg.get("deepspeed")) and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 class FinLoRAPlugin(BasePlugin):
@@ -243,7 +292,7 @@ class FinLoRAPlugin(BasePlugin):
         return "finlora.axolotl_plugin.FinLoRAArgs"
 
     def register(self, cfg):
-        check_cpu_launch(os.environ)
+        check_cpu_launch(os.environ, deepspeed=bool(cfg.get("deepspeed")))
         report_long_rows()
         if os.environ.get("RANK", "0") == "0" and cfg.get("output_dir"):
             # a previous run's list must not pass for this run's
@@ -256,11 +305,14 @@ class FinLoRAPlugin(BasePlugin):
         # what validation, the model loader and the Trainer all see.
         if on_cpu():
             if cfg.get("bf16") == "auto":
-                cfg["bf16"] = cpu_has_native_bf16()
+                # Transformers accepts bf16 on a CPU only with use_cpu, which drops DeepSpeed.
+                cfg["bf16"] = cpu_has_native_bf16() and not _cpu_deepspeed(cfg)
             if cfg.get("bf16"):
                 cfg["fp16"] = False
             elif cfg.get("fp16") is None:
                 cfg["fp16"] = False
+            if _cpu_deepspeed(cfg):
+                deepspeed_on_cpu_backend()
 
     def load_datasets(self, cfg, preprocess: bool = False):
         # The last hook that sees the final config before the model loader reads
@@ -284,7 +336,7 @@ class FinLoRAPlugin(BasePlugin):
                                  f"(loss_type {getattr(model, 'loss_type', None)!r}); remove the key")
 
     def get_training_args(self, cfg):
-        if on_cpu():
+        if on_cpu() and not _cpu_deepspeed(cfg):
             return {"use_cpu": True}
         return None
 

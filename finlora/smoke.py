@@ -1,0 +1,587 @@
+"""`make smoke RECIPE=x`: a generated GPU recipe trained for two steps on the CPU,
+through the same path as `make train` (finlora.train -> `axolotl train` with the
+project's plugin), then merged (finlora.merge) and scored (finlora.evaluate).
+
+The recipe is taken as generated; the smoke changes only what a CPU cannot have:
+
+- base_model: a tiny *random* model of the recipe's architecture, built from
+  `recipes/models/<model>/config.json` (`tiny_model`): 2 layers, hidden 64 (384 under
+  ZeRO-3, see `run`), the
+  same ratio of attention to key/value heads, the same rope settings, the vocabulary
+  of the tokenizer. Llama 3.1's tokenizer is not available offline here, so the
+  tokenizer is SmolLM2-135M-Instruct's with the recipe's special tokens added to it
+  (they keep their names; the recipe's `special_tokens:` is not touched).
+- datasets / dataset_prepared_path / output_dir: a few rows of the task's data in
+  outputs/smoke/<name>/ (which rows, and from where, is printed).
+- max_steps: 2 (micro batch, accumulation, sequence length, packing, optimizer, LoRA
+  and precision keys stay as generated), logging_steps: 1 so both losses are logged.
+- CUDA-only pieces are substituted, each one printed: `flash_attention` -> SDPA;
+  a DeepSpeed recipe runs as 2 CPU processes over gloo with DeepSpeed's CPU
+  accelerator (when deepspeed is installed; otherwise without DeepSpeed, said so).
+- 8-bit DoRA gets a CPU-only workaround plugin (`CpuInt8DoraPlugin`) for a peft +
+  bitsandbytes bug that only the CPU path hits; it is printed as WORKAROUND.
+
+Anything else that fails here fails the smoke: a recipe that would crash on a GPU
+node for a reason a CPU can show crashes here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from finlora import ROOT
+
+SMOKE_DIR = ROOT / "outputs" / "smoke"
+SMOLLM2 = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
+SHARED = ROOT.parent / "shared" / "data" / "finlora"
+STEPS = 2
+DS_PROCESSES = 2
+EVAL_ROWS = 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class SmokeError(Exception):
+    """The smoke cannot run or its run did not do what the recipe says."""
+
+
+# --------------------------------------------------------------------------- tiny model
+
+def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path = SMOLLM2,
+               special_tokens: dict | None = None, layers: int = 2, hidden: int = 64, heads: int = 8,
+               dtype: str = "float32", seed: int = 0) -> Path:
+    """A random model of the architecture in `config_dir/config.json`, shrunk, saved as
+    safetensors with a tokenizer in `out_dir` (reused when already built with the same
+    settings). Kept from the real config: model type, rope type/theta/scaling, norm eps,
+    activation, biases, tied embeddings, and the attention-to-key/value head ratio; the
+    MLP keeps its width ratio to the hidden size. The vocabulary is the tokenizer's,
+    after `special_tokens` (e.g. a recipe's eos/pad names) are added to it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from finlora.atomic import atomic_dir, write_json
+
+    config_dir, out_dir, tokenizer_dir = Path(config_dir), Path(out_dir), Path(tokenizer_dir)
+    real = json.loads((config_dir / "config.json").read_text())
+    wanted = {"config": real, "tokenizer": str(tokenizer_dir.resolve()), "special_tokens": special_tokens or {},
+              "layers": layers, "hidden": hidden, "heads": heads, "dtype": dtype, "seed": seed}
+    stamp = out_dir / "finlora_tiny_model.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("built_from") == wanted:
+        return out_dir
+    ratio = real["num_attention_heads"] // real.get("num_key_value_heads", real["num_attention_heads"])
+    if heads % ratio:
+        raise SmokeError(f"{config_dir}/config.json: {heads} heads cannot keep the heads/kv-heads ratio {ratio}")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    added = [v for v in (special_tokens or {}).values() if v not in tok.get_vocab()]
+    if added:
+        tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    cfg = AutoConfig.from_pretrained(config_dir)
+    cfg.num_hidden_layers = layers
+    cfg.hidden_size = hidden
+    cfg.num_attention_heads = heads
+    cfg.num_key_value_heads = heads // ratio
+    cfg.head_dim = hidden // heads
+    cfg.intermediate_size = int(round(hidden * real["intermediate_size"] / real["hidden_size"]))
+    cfg.vocab_size = len(tok)
+    cfg.max_position_embeddings = min(real.get("max_position_embeddings", 8192), 16384)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        name = getattr(tok, key.replace("_id", ""), None)
+        setattr(cfg, key, tok.convert_tokens_to_ids(name) if name else None)
+    if special_tokens and special_tokens.get("eos_token"):
+        cfg.eos_token_id = tok.convert_tokens_to_ids(special_tokens["eos_token"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    with atomic_dir(out_dir, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "finlora_tiny_model.json", {
+            "built_from": wanted, "vocab_size": cfg.vocab_size, "added_tokens": added,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "note": "random weights: a smoke-test model, not a language model"})
+    return out_dir
+
+
+# --------------------------------------------------------------------------- CPU-only workaround
+
+def keep_int8_scale(dequantize):
+    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU.
+
+    peft 0.20 (utils/integrations.py) re-wraps an 8-bit weight after dequantizing it *only
+    when the weight is on the CPU* (`if is_cpu: module.weight = module.weight.to(device)`).
+    bitsandbytes 0.50's `Int8Params.to` then sets CB (the int8 data) but not SCB (its row
+    scales, which the layer's first forward moved into `state`), so the next forward's
+    `init_8bit_state` copies SCB=None into the state and the int8 matmul fails. DoRA calls
+    this on every forward, so 8-bit DoRA cannot take a step on a CPU. On a GPU the weight
+    is never re-wrapped and the state keeps its scales. The wrapper clears the stale CB
+    (the state already holds the same int8 data), which is what the GPU path leaves."""
+
+    def wrapped(module):
+        out = dequantize(module)
+        w, state = getattr(module, "weight", None), getattr(module, "state", None)
+        if (type(w).__name__ == "Int8Params" and w.CB is not None and w.SCB is None
+                and state is not None and state.SCB is not None):
+            w.CB = None
+        return out
+
+    wrapped._finlora_keeps_int8_scale = True
+    return wrapped
+
+
+try:
+    from axolotl.integrations.base import BasePlugin as _BasePlugin
+except ImportError:  # Axolotl absent: only the smoke's own process needs the plugin
+    _BasePlugin = object
+
+
+class CpuInt8DoraPlugin(_BasePlugin):
+    """Listed in a smoke recipe (never in a generated one) for 8-bit DoRA on a CPU."""
+
+    def register(self, cfg):
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        import peft.tuners.lora.dora as dora
+
+        if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
+            dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)
+
+
+# --------------------------------------------------------------------------- data
+
+# The `make eval` set that scores each recipe task (None: `make eval` has no set for it,
+# so its rows are scored with finlora.evaluate's functions directly).
+EVAL_SET = {"sentiment": "fiqa", "headline": "headline", "ner": "ner", "formula": "formula",
+            "xbrl_term": "xbrl_term", "financebench": "financebench", "finer": None, "xbrl_extract": None}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _written_rows(task: str, n: int) -> list[dict]:
+    """FinLoRA-shaped rows for the tasks whose data are not on this machine (built from
+    finlora.data.synthetic's invented headlines and companies, so nothing is real)."""
+    import random
+
+    from finlora.data.synthetic import COMPANIES, generate
+    from finlora.data.tasks import TASKS
+
+    rng = random.Random(7)
+    rows = []
+    for i, r in enumerate(generate(max(n, 3), seed=11)[:n]):
+        co = rng.choice(COMPANIES)
+        amount = f"{rng.randint(1, 900)}.{rng.randint(0, 9)}"
+        if task == "headline":
+            t = TASKS["headline"]
+            rows.append({"context": t.render({**t.defaults, "text": r["text"]}),
+                         "target": "Yes" if r["label"] == "positive" else "No"})
+        elif task == "finer":
+            tag = ("DebtInstrumentFaceAmount", "Revenues", "OperatingLeaseCost")[i % 3]
+            rows.append({"context": f"Instruction: What is the appropriate XBRL US GAAP tag for \"{amount}\" in "
+                                    f"the given sentence? Output the US GAAP tag only and nothing else.\nInput: "
+                                    f"{co} reported {amount} million of {tag} for the year.\nAnswer: ",
+                         "target": tag})
+        elif task == "xbrl_extract":
+            xml = (f"<xbrl><us-gaap:Revenues contextRef=\"FY{2020 + i % 4}\" unitRef=\"usd\" decimals=\"-6\">"
+                   f"{amount}</us-gaap:Revenues></xbrl>")
+            rows.append({"context": TASKS["xbrl_extract"].render(
+                {"instruction": "You are a knowledgeable XBRL assistant. Answer the question with the value "
+                                "from the XML file only.", "xml": xml,
+                 "text": f"What was {co}'s revenue in FY{2020 + i % 4}? Answer:"}), "target": amount})
+        else:
+            raise SmokeError(f"no rows for task {task!r} on this machine and no generator for it")
+    return rows
+
+
+def task_rows(task: str, n_train: int, n_test: int) -> tuple[list[dict], list[dict], str]:
+    """(train rows, test rows, where they came from). Real rows where this machine has
+    them: the prepared data/train/<task>_train.jsonl, else FinLoRA's files in
+    ../shared/data/finlora; train and test rows never overlap."""
+    eval_set = EVAL_SET[task] or task
+    prepared = ROOT / "data" / "train" / f"{task}_train.jsonl"
+    shared_train = SHARED / "train" / f"{task}_train.jsonl"
+    shared_test = SHARED / "test" / f"{eval_set}_test.jsonl"
+    if prepared.is_file() or shared_train.is_file():
+        src = prepared if prepared.is_file() else shared_train
+        train = _read_jsonl(src)[:n_train]
+        test = _read_jsonl(shared_test)[:n_test] if shared_test.is_file() else None
+        where = f"{len(train)} rows of {_rel(src)}"
+        if test is None:
+            test = _read_jsonl(src)[n_train:n_train + n_test]
+            where += f"; scored: the {len(test)} rows after them"
+        else:
+            where += f"; scored: {len(test)} rows of {_rel(shared_test)}"
+    elif shared_test.is_file():
+        rows = _read_jsonl(shared_test)
+        # Test rows stand in for training rows here (no training file on this machine):
+        # the smoke checks that the recipe trains, not what it learns.
+        train, test = rows[n_test:n_test + n_train], rows[:n_test]
+        where = (f"{len(train)} rows of {_rel(shared_test)} (no training file for {task} here), "
+                 f"scored: {len(test)} other rows of it")
+    else:
+        rows = _written_rows(task, n_train + n_test)
+        train, test = rows[:n_train], rows[n_train:]
+        where = f"{len(rows)} rows the smoke wrote itself (no {task} data on this machine): {len(train)} trained, {len(test)} scored"
+    if len(train) < n_train:
+        raise SmokeError(f"{task}: only {len(train)} training rows found, {n_train} needed for {STEPS} steps")
+    return train, test, where
+
+
+def _rel(p: Path) -> str:
+    p = Path(p)
+    for base in (ROOT, ROOT.parent):
+        if p.resolve().is_relative_to(base.resolve()):
+            return str(p.resolve().relative_to(base.resolve())) if base == ROOT else "../" + str(
+                p.resolve().relative_to(base.resolve()))
+    return str(p)
+
+
+# --------------------------------------------------------------------------- recipe
+
+def split_name(name: str) -> tuple[str, str]:
+    """(task, variant) of a generated recipe name such as `xbrl_term_r8_bf16`."""
+    from finlora.recipe_matrix import load_matrix
+
+    m = load_matrix()
+    for task in sorted(m["tasks"], key=len, reverse=True):
+        variant = name[len(task) + 1:]
+        if name.startswith(task + "_") and variant in m["variants"]:
+            return task, variant
+    raise SmokeError(f"{name}: not a recipe generated from recipes/matrix.yml (task_variant); "
+                     f"`make smoke` runs those: {', '.join(generated_names())}")
+
+
+def generated_names() -> list[str]:
+    from finlora.recipe_matrix import recipe_names
+
+    return recipe_names()
+
+
+def optimizer_runs_on_cpu(name: str) -> str | None:
+    """None when the optimizer named in a recipe takes a step on CPU tensors here;
+    else the error it raised. The bitsandbytes ones are built as Axolotl's Trainer
+    builds them (transformers' optimizer registry)."""
+    import torch
+    from transformers import TrainingArguments
+    from transformers.trainer import Trainer
+
+    p = torch.nn.Parameter(torch.randn(4096, 8))
+    try:
+        args = TrainingArguments(output_dir=str(SMOKE_DIR / ".optim-probe"), optim=name, use_cpu=True,
+                                 report_to=[], save_strategy="no")
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        opt = cls([p], **kwargs)
+        p.grad = torch.randn_like(p)
+        opt.step()
+    except Exception as e:  # any failure means the CPU cannot run it: reported, then substituted
+        return f"{type(e).__name__}: {e}"
+    finally:
+        shutil.rmtree(SMOKE_DIR / ".optim-probe", ignore_errors=True)
+    return None
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path, *, cuda: bool,
+                 processes: int) -> tuple[dict, list[str]]:
+    """The recipe's config with the smoke's changes, and one line per change."""
+    cfg = json.loads(json.dumps(cfg))  # a deep copy of plain YAML data
+    notes = [f"base_model: {cfg.get('base_model')} -> {_rel(base)} (tiny random {cfg.get('model_type')})",
+             f"datasets[0].path -> {_rel(train_file)}",
+             f"output_dir -> {_rel(work / 'out')}, dataset_prepared_path -> {_rel(work / 'prepared')}",
+             f"max_steps: {STEPS}, logging_steps: 1 (recipe: num_epochs {cfg.get('num_epochs')}, "
+             f"logging_steps {cfg.get('logging_steps')})"]
+    cfg["base_model"] = str(base)
+    if len(cfg.get("datasets") or []) != 1:
+        raise SmokeError(f"{name}: the smoke feeds one data set; the recipe lists {len(cfg.get('datasets') or [])}")
+    cfg["datasets"][0]["path"] = str(train_file)
+    cfg["output_dir"] = str(work / "out")
+    cfg["dataset_prepared_path"] = str(work / "prepared")
+    cfg["max_steps"] = STEPS
+    cfg["logging_steps"] = 1
+    if not cuda:
+        if cfg.get("flash_attention"):
+            cfg["flash_attention"] = False
+            cfg["sdp_attention"] = True
+            notes.append("SUBSTITUTE flash_attention: true -> sdp_attention: true (FlashAttention-2 is a CUDA kernel)")
+        impl = str(cfg.get("attn_implementation") or "")
+        if "flash" in impl:
+            cfg["attn_implementation"] = "sdpa"
+            notes.append(f"SUBSTITUTE attn_implementation: {impl} -> sdpa (CUDA-only kernel)")
+        if cfg.get("bf16") == "auto" and not (cfg.get("deepspeed") and processes > 1):
+            from finlora.axolotl_plugin import cpu_has_native_bf16
+
+            notes.append("bf16: auto as in the recipe; the plugin resolves it to "
+                         + ("bf16 (this CPU has AMX/AVX512-BF16)" if cpu_has_native_bf16() else "fp32 (no native bf16 on this CPU)"))
+        opt = cfg.get("optimizer")
+        if opt:
+            why = optimizer_runs_on_cpu(opt)
+            if why is not None:
+                cfg["optimizer"] = "adamw_torch"
+                notes.append(f"SUBSTITUTE optimizer: {opt} -> adamw_torch ({opt} cannot step on the CPU: {why})")
+            else:
+                notes.append(f"optimizer: {opt} as in the recipe (it steps on the CPU with this bitsandbytes)")
+        if cfg.get("load_in_8bit") and cfg.get("peft_use_dora"):
+            cfg["plugins"] = list(cfg.get("plugins") or []) + ["finlora.smoke.CpuInt8DoraPlugin"]
+            notes.append("WORKAROUND plugins += finlora.smoke.CpuInt8DoraPlugin: 8-bit DoRA fails on a CPU only "
+                         "(peft 0.20 re-wraps a CPU int8 weight and bitsandbytes 0.50 drops its scales, SCB; "
+                         "the GPU path keeps them); see finlora/smoke.py keep_int8_scale")
+    if cfg.get("deepspeed"):
+        if processes > 1:
+            notes.append(f"deepspeed: {cfg['deepspeed']} as in the recipe, {processes} processes"
+                         + ("" if cuda else " on the CPU (DS_ACCELERATOR=cpu, gloo); bf16: auto resolves to fp32 "
+                            "there (transformers takes bf16 on a CPU only with use_cpu, which drops DeepSpeed)"))
+        else:
+            notes.append(f"SUBSTITUTE deepspeed: {cfg['deepspeed']} -> null (deepspeed is not installed: "
+                         "`make setup-deepspeed` to smoke it); everything else as in the recipe")
+            cfg["deepspeed"] = None
+    return cfg, notes
+
+
+def write_recipe(path: Path, cfg: dict, name: str, notes: list[str]) -> None:
+    import yaml
+
+    from finlora.atomic import write_text
+
+    head = [f"# `make smoke RECIPE={name}`: recipes/{name}.yml as generated, except:"] + [f"#   {n}" for n in notes]
+    write_text(path, "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- run
+
+def _say(msg: str) -> None:
+    print(f"smoke: {msg}", flush=True)
+
+
+def adapter_report(out: Path, cfg: dict, layers: int) -> dict:
+    """What the trained adapter holds, checked against the recipe: every target module
+    of every layer has A [r, in] and B [out, r] (and DoRA's magnitude [out])."""
+    from safetensors import safe_open
+
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    r = int(cfg["lora_r"])
+    want = {"r": r, "lora_alpha": cfg["lora_alpha"], "use_rslora": bool(cfg.get("peft_use_rslora")),
+            "use_dora": bool(cfg.get("peft_use_dora"))}
+    got = {k: acfg.get(k) for k in want}
+    if got != want:
+        raise SmokeError(f"{out}/adapter_config.json says {got}; the recipe says {want}")
+    shapes = {}
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        for k in f.keys():
+            shapes[k] = list(f.get_slice(k).get_shape())
+    targets = list(cfg["lora_target_modules"])
+    problems = []
+    for layer in range(layers):
+        for t in targets:
+            pre = f"base_model.model.model.layers.{layer}.self_attn.{t}"
+            a, b = shapes.get(f"{pre}.lora_A.weight"), shapes.get(f"{pre}.lora_B.weight")
+            if not a or not b or a[0] != r or b[1] != r:
+                problems.append(f"{pre}: A {a}, B {b} (rank {r} wanted)")
+            mag = shapes.get(f"{pre}.lora_magnitude_vector")
+            if want["use_dora"] and (not b or mag != [b[0]]):
+                problems.append(f"{pre}: DoRA magnitude {mag}, one value per output row of B {b} wanted")
+            if not want["use_dora"] and mag is not None:
+                problems.append(f"{pre}: a DoRA magnitude vector in a plain LoRA adapter")
+    if problems:
+        raise SmokeError(f"{out}/adapter_model.safetensors: " + "; ".join(problems))
+    return {"config": got, "tensors": len(shapes), "shapes": shapes}
+
+
+def losses(out: Path) -> list[float]:
+    log = out / "loss_log.jsonl"
+    rows = _read_jsonl(log) if log.is_file() else []
+    vals = [r["loss"] for r in rows if "loss" in r]
+    if len(vals) != STEPS or not all(math.isfinite(v) for v in vals):
+        raise SmokeError(f"{log}: {STEPS} finite losses expected, found {vals}")
+    return vals
+
+
+def run(name: str) -> dict:
+    """Smoke one generated recipe; returns (and writes to outputs/smoke/<name>/smoke.json)
+    what ran, what was substituted, the losses, the adapter's shapes, the merge check and
+    the scores. Raises SmokeError (or the failing tool's exit) when any stage fails."""
+    import torch
+
+    from finlora import recipes, train
+    from finlora.atomic import write_json, write_jsonl
+    from finlora.recipe_matrix import model_config_dir_for
+
+    t_start = time.time()
+    task, variant = split_name(name)
+    recipe_path = recipes.resolve(name)
+    cfg = recipes.load(recipe_path)
+    cuda = torch.cuda.is_available()
+    processes = DS_PROCESSES if cfg.get("deepspeed") and deepspeed_available() else 1
+    work = SMOKE_DIR / name
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "data" / "test").mkdir(parents=True)
+
+    config_dir = model_config_dir_for(cfg["base_model"])
+    if config_dir is None:
+        raise SmokeError(f"{name}: no recipes/models/*/config.json for base_model {cfg['base_model']}")
+    special = {k: v for k, v in (cfg.get("special_tokens") or {}).items() if isinstance(v, str)}
+    # ZeRO-3 keeps parameters under 10 x hidden whole on every rank and gathers them in one
+    # call that assumes one dtype (deepspeed/runtime/zero/partition_parameters.py). At hidden
+    # 64 the packed 4-bit k/v weights (bf16 storage) fall under it beside fp32 norms and the
+    # gather fails; at 384, as in the real 70B, no 4-bit weight is that small.
+    hidden = 384 if processes > 1 else 64
+    base = tiny_model(config_dir, SMOKE_DIR / "models" / f"{Path(config_dir).name}-tiny-h{hidden}",
+                      special_tokens=special, hidden=hidden)
+    meta = json.loads((base / "finlora_tiny_model.json").read_text())
+    _say(f"{name}: tiny random {Path(config_dir).name} in {_rel(base)}: {meta['built_from']['layers']} layers, "
+         f"hidden {meta['built_from']['hidden']}, vocabulary {meta['vocab_size']}")
+    _say(f"tokenizer: SmolLM2-135M-Instruct's (Llama 3.1's is not available offline) with the recipe's "
+         f"special tokens added as new tokens: {', '.join(meta['added_tokens']) or 'none needed'}")
+
+    rows_needed = int(cfg["micro_batch_size"]) * int(cfg["gradient_accumulation_steps"]) * STEPS * processes
+    train_rows, test_rows, where = task_rows(task, rows_needed, EVAL_ROWS)
+    train_file = work / "data" / f"{task}_train.jsonl"
+    write_jsonl(train_file, train_rows)
+    eval_set = EVAL_SET[task] or task
+    write_jsonl(work / "data" / "test" / f"{eval_set}_test.jsonl", test_rows)
+    _say(f"data: {where}")
+
+    scfg, notes = smoke_config(name, cfg, base, train_file, work, cuda=cuda, processes=processes)
+    smoke_recipe = work / f"{name}.yml"
+    write_recipe(smoke_recipe, scfg, name, notes)
+    for n in notes:
+        _say(n)
+
+    # Training: `make train`'s own code (make check, then `axolotl train` / accelerate).
+    env_before = dict(os.environ)
+    if processes > 1 and not cuda:
+        # DeepSpeed's CPU accelerator; ACCELERATE_USE_CPU would make Accelerate drop DeepSpeed
+        # silently (finlora.axolotl_plugin.check_cpu_launch refuses that).
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        os.environ["ACCELERATE_USE_CPU"] = "0"
+    t0 = time.time()
+    try:
+        rc = train.main([*(["--gpus", str(processes)] if processes > 1 else []), str(smoke_recipe)])
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    t_train = time.time() - t0
+    if rc != 0:
+        raise SmokeError(f"{name}: training failed (exit {rc}); the smoke recipe is {_rel(smoke_recipe)}")
+    out = work / "out"
+    loss = losses(out)
+    zero = None
+    if scfg.get("deepspeed"):
+        # DeepSpeed's own checkpoint, one file per rank: proof that its engine trained, not
+        # plain DDP (which Accelerate falls back to without a word on a CPU).
+        zero = sorted(_rel(f) for f in out.glob("checkpoint-*/global_step*/zero_pp_rank_*_optim_states.pt"))
+        if len(zero) != processes:
+            raise SmokeError(f"{name}: deepspeed is set but {out}/checkpoint-*/global_step*/ holds {len(zero)} ZeRO "
+                             f"optimizer shards, not {processes}: DeepSpeed did not train")
+    adapter = adapter_report(out, cfg, meta["built_from"]["layers"])
+    _say(f"trained {STEPS} steps in {t_train:.1f} s: loss {loss[0]:.4f} -> {loss[-1]:.4f}; adapter "
+         f"{adapter['tensors']} tensors, r={adapter['config']['r']}"
+         + (", rsLoRA" if adapter["config"]["use_rslora"] else "") + (", DoRA" if adapter["config"]["use_dora"] else ""))
+
+    # Merge: `make merge`'s code, verified against base + adapter through PEFT.
+    from finlora.merge import merge
+
+    t0 = time.time()
+    info = merge(base, out, out / "merged", force=True, do_verify=True, recipe_cfg=scfg, progress=False,
+                 log=lambda m: print(m, flush=True))
+    t_merge = time.time() - t0
+
+    # Scoring: `make eval`'s code on a few held-out rows, base against merged.
+    t0 = time.time()
+    report = work / "eval"
+    if EVAL_SET[task]:
+        from finlora.evaluate import main as eval_main
+
+        rc = eval_main(["--base", str(base), "--merged", str(out / "merged"), "--datasets", eval_set,
+                        "--data-dir", str(work / "data" / "test"), "--out", str(report), "--batch-size", "4"])
+        if rc != 0:
+            raise SmokeError(f"{name}: scoring failed (exit {rc})")
+        metrics = json.loads((report / "metrics.json").read_text())["results"]
+    else:
+        metrics = score_direct(task, base, out / "merged", test_rows, report)
+    t_eval = time.time() - t0
+
+    result = {
+        "recipe": name, "task": task, "variant": variant, "processes": processes, "cuda": cuda,
+        "smoke_recipe": _rel(smoke_recipe), "changes": notes, "data": where,
+        "tiny_model": {"dir": _rel(base), **{k: meta[k] for k in ("vocab_size", "added_tokens", "parameters")},
+                       **meta["built_from"]},
+        "losses": loss, "deepspeed": {"config": scfg.get("deepspeed"), "zero_optimizer_shards": zero},
+        "adapter": {k: adapter[k] for k in ("config", "tensors")},
+        "adapter_shapes": adapter["shapes"],
+        "merge": {"verify": info["verify"], "modules_merged": info["modules_merged"], "scale": info["scale"]},
+        "eval": metrics, "eval_report": _rel(report / "report.md"),
+        "seconds": {"train": round(t_train, 1), "merge": round(t_merge, 1), "eval": round(t_eval, 1),
+                    "total": round(time.time() - t_start, 1)},
+    }
+    write_json(work / "smoke.json", result)
+    _say(f"{name}: PASS in {result['seconds']['total']:.0f} s (train {t_train:.0f} s, merge {t_merge:.0f} s, "
+         f"eval {t_eval:.0f} s); report {_rel(work / 'smoke.json')}")
+    return result
+
+
+def score_direct(task: str, base: Path, merged: Path, rows: list[dict], report: Path) -> dict:
+    """`make eval` has no test set for this task: score with its own functions."""
+    from finlora.atomic import write_json, write_text
+    from finlora.evaluate import Example, evaluate_set, markdown_table
+    from finlora.models import load_model
+
+    ex = [Example(i, r["context"], r["target"]) for i, r in enumerate(rows)]
+    results = {}
+    for label, kw in (("base", {}), ("merged", {"merged": str(merged)})):
+        model, tok = load_model(str(base), **kw)
+        results[label] = {task: evaluate_set(model, tok, task, ex, 4, label)[0]}
+        del model
+    write_json(report / "metrics.json", {"meta": {"base": str(base), "merged": str(merged), "task": task},
+                                         "results": results})
+    write_text(report / "report.md", f"# Evaluation (smoke)\n\n{markdown_table(results)}")
+    print(markdown_table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train a generated recipe for 2 steps on a tiny random model, "
+                                            "merge and score it (make smoke RECIPE=x; RECIPE=all for every one)")
+    p.add_argument("recipes", nargs="+", help="recipe names, `all`, or a variant as `all:r8_dora`")
+    a = p.parse_args(argv)
+    names: list[str] = []
+    for spec in a.recipes:
+        if spec == "all":
+            names += generated_names()
+        elif spec.startswith("all:"):
+            names += [n for n in generated_names() if split_name(n)[1] == spec[4:]]
+        else:
+            names.append(spec)
+    from finlora.merge import MergeError
+
+    if not names:
+        print(f"error: no generated recipe matches {' '.join(a.recipes)}", file=sys.stderr)
+        return 2
+    failed, times = [], {}
+    for n in names:
+        t0 = time.time()
+        try:
+            run(n)
+            times[n] = ("PASS", time.time() - t0)
+        except (SmokeError, MergeError, SystemExit) as e:
+            msg = str(e) if not isinstance(e, SystemExit) or not isinstance(e.code, int) else f"exit {e.code}"
+            print(f"error: smoke {n}: {msg}", file=sys.stderr)
+            failed.append(n)
+            times[n] = ("FAIL", time.time() - t0)
+    if len(names) > 1:
+        for n, (status, s) in times.items():
+            print(f"smoke: {status} {n:32s} {s:6.0f} s")
+        print(f"smoke: {len(names) - len(failed)}/{len(names)} passed in {sum(s for _, s in times.values()):.0f} s")
+    return 1 if failed else 0

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Smoke a generated recipe on the CPU: `python scripts/smoke.py sentiment_r8 [more ...|all]`. See finlora/smoke.py."""
+import sys
+
+from finlora.smoke import main
+
+if __name__ == "__main__":
+    sys.exit(main())
