@@ -445,7 +445,9 @@ def run(name: str) -> dict:
     _say(f"tokenizer: SmolLM2-135M-Instruct's (Llama 3.1's is not available offline) with the recipe's "
          f"special tokens added as new tokens: {', '.join(meta['added_tokens']) or 'none needed'}")
 
-    rows_needed = int(cfg["micro_batch_size"]) * int(cfg["gradient_accumulation_steps"]) * STEPS * processes
+    # make train divides the accumulation over the processes, keeping the global batch
+    accum = train.accumulation_for(int(cfg["gradient_accumulation_steps"]), processes)
+    rows_needed = int(cfg["micro_batch_size"]) * accum * processes * STEPS
     train_rows, test_rows, where = task_rows(task, rows_needed, EVAL_ROWS)
     train_file = work / "data" / f"{task}_train.jsonl"
     write_jsonl(train_file, train_rows)

@@ -127,10 +127,8 @@ def plan_launch(cfg: dict, gpus: int | None, nodes: int | None, extra: list[str]
         if not given.isdigit() or int(given) < 1:
             raise recipes.RecipeError(f"error: --gradient-accumulation-steps {given}: not a positive integer")
         new = int(given)
-    elif processes == 1 or accum % processes == 0:
-        new = accum // processes
     else:
-        new = max(1, round(accum / processes))
+        new = accumulation_for(accum, processes)
     if given is None and new != accum:
         extra = [*extra, "--gradient-accumulation-steps", str(new)]
     total = micro * new * processes
@@ -144,6 +142,14 @@ def plan_launch(cfg: dict, gpus: int | None, nodes: int | None, extra: list[str]
         lines.append(f"train: global batch CHANGES to {total} = {how}, from the recipe's {recipe_global} "
                      f"({micro} x {accum} on one process): {why}")
     return gpus, extra, lines
+
+
+def accumulation_for(accum: int, processes: int) -> int:
+    """The gradient accumulation that keeps a recipe's one-process global batch on
+    `processes` processes (the nearest one when they do not divide it)."""
+    if accum % processes == 0:
+        return accum // processes
+    return max(1, round(accum / processes))
 
 
 def summarise(output_dir: Path) -> None:
