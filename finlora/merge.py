@@ -10,14 +10,14 @@ merge_and_unload by `scripts/bench_merge.py`; figures in the README):
   by peft's `get_pattern_key`. It runs on a float32 copy and is cast back once, so the
   result is bit-identical to merge_and_unload in float32 (Axolotl's DoRA path is not);
 - streaming is: the base is read one tensor at a time and the output shards are
-  written as it goes (finlora.merge_io), so peak memory is one weight matrix plus the
-  adapter. `axolotl merge-lora` holds a whole input shard and its merged copy;
+  written as it goes (finlora.merge_io), so memory above the imports is about twice the
+  largest tensor, plus the adapter. `axolotl merge-lora` holds a whole input shard and its merged copy;
 - checks before anything is written (adapter config, every adapter key, the shape and
-  rank of every adapted module, tied weights, quantized bases): Axolotl skips what it
-  cannot match with a log line;
+  rank of every adapted module, tied weights, quantized bases): Axolotl merges what it
+  can match and silently skips the rest (an embedding LoRA, in the benchmark);
 - the output is built in a hidden temporary folder beside the destination and renamed
   into place only when complete (finlora.atomic.atomic_dir); `axolotl merge-lora`
-  writes into the destination, so a killed merge leaves a loadable-looking folder.
+  writes into the destination, so a killed merge leaves config.json and part of the shards there.
   `--verify` runs on the temporary folder, so a merge that fails it never arrives.
 - 4-bit-trained adapters are merged into the unquantized base (FinLoRA's advice), not
   into an NF4 round-trip of it as `axolotl merge-lora` does for a qlora recipe.
@@ -480,10 +480,6 @@ def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
     return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in sorted(by_kind.items())}
 
 
-def _dtype_name(dt: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(dt, dt)
-
-
 def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -515,7 +511,7 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> d
     for fname in COPY_FILES:
         if (p.base / fname).is_file():
             shutil.copyfile(p.base / fname, tmp / fname)
-    dtypes = sorted({_dtype_name(p.tensors[k].dtype) for k in p.deltas})
+    dtypes = sorted({str(p.tensors[k].torch_dtype).removeprefix("torch.") for k in p.deltas})
     return {"shards": n, "total_size": total, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
 
 
