@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from peft.utils.other import get_pattern_key
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -432,18 +433,6 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     return layer.get_base_layer().weight.data.to(w0.dtype)
 
 
-def _plan_shards(tensors: dict[str, TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
-    shards: list[list[TensorInfo]] = [[]]
-    size = 0
-    for info in tensors.values():
-        if shards[-1] and size + info.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(info)
-        size += info.nbytes
-    return shards
-
-
 def _clean_stale(dest: Path) -> list[Path]:
     """Remove temp folders that an interrupted merge to `dest` left beside it: those
     whose pid file names a process that is gone (or that have none and are an hour old)."""
@@ -484,35 +473,33 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> d
     from tqdm import tqdm
 
     (tmp / PID_FILE).write_text(str(os.getpid()))
-    shards = _plan_shards(p.tensors, max_shard)
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map: dict[str, str] = {}
-    total = 0
+    # the shard plan save_pretrained uses: names, index and total size
+    split = split_state_dict_into_shards_factory(p.tensors, get_storage_size=lambda t: t.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard)
     bar = tqdm(total=len(p.tensors), unit="tensor", desc="merge", disable=not progress, mininterval=0.5,
                file=sys.stderr)
     try:
-        for name, infos in zip(names, shards):
+        for name, keys in split.filename_to_tensors.items():
             bar.set_postfix_str(name)
+            infos = [p.tensors[k] for k in keys]
             w = ShardWriter(tmp / name, [(t.name, t.torch_dtype, t.shape) for t in infos])
             for info in infos:
                 t = read_tensor(info)
                 d = p.deltas.get(info.name)
                 w.write_tensor(info.name, t if d is None else merged_weight(t, d, p.weights, p.fan_in_fan_out))
                 del t
-                weight_map[info.name] = name
-                total += info.nbytes
                 bar.update(1)
             w.close()
     finally:
         bar.close()
-    if n > 1:
-        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    if split.is_sharded:
+        write_json(tmp / "model.safetensors.index.json", {"metadata": split.metadata,
+                                                           "weight_map": split.tensor_to_filename})
     for fname in COPY_FILES:
         if (p.base / fname).is_file():
             shutil.copyfile(p.base / fname, tmp / fname)
     dtypes = sorted({str(p.tensors[k].torch_dtype).removeprefix("torch.") for k in p.deltas})
-    return {"shards": n, "total_size": total, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+    return {"shards": len(split.filename_to_tensors), "total_size": split.metadata["total_size"], "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
 
 
 # --------------------------------------------------------------------------- verify
