@@ -1,29 +1,26 @@
-"""Fold a LoRA adapter into its base model's weights: W = W0 + s * B @ A, streamed.
+"""Fold a LoRA/DoRA adapter into its base model's weights, streamed, checked and atomic.
 
-`make merge RECIPE=x [OUT=dir] [VERIFY=1]` -> `scripts/merge.py` -> `main(argv)`.
+`make merge RECIPE=x [OUT=dir] [VERIFY=1]` -> `scripts/merge.py` -> `main(argv)`;
+`merge(base, adapter, out)` from Python.
 
-The naive route (load the whole model, `merge_and_unload`, `save_pretrained`) needs
-the full model in RAM, twice over while saving: >140 GB for a 70B model. Here the
-base checkpoint is read one tensor at a time and the output shards are written as
-we go (finlora.merge_io), so peak memory is one weight matrix in float32 plus the
-adapter, whatever the model size.
-
-Order of work: everything that can be checked is checked before anything is
-written (adapter config, every adapter key, the shape and rank of every adapted
-module, tied weights, quantized bases); then the output is built in a temporary
-folder beside the destination and renamed into place only when complete
-(finlora.atomic.atomic_dir). `--verify` runs on that temporary folder, so a merge
-that fails verification never reaches the destination either.
-
-Math, matching PEFT 0.20 (`peft/tuners/lora/layer.py`, `variants.py`, `dora.py`):
-  scale  = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha per module
-           from rank_pattern / alpha_pattern (same regex rule as peft's get_pattern_key)
-  delta  = transpose(B @ A, fan_in_fan_out) * scale        (Linear, Conv1D)
-           (B @ A).T * scale                                (Embedding)
-  LoRA:  W = W0 + delta
-  DoRA:  V = W0 + delta; W = m / ||V||_row * V, the norm over the input dimension
-         for each output row (rows of the [out, in] matrix; columns if fan_in_fan_out)
-Each adapted matrix is merged in float32 and cast back to its stored dtype once.
+What is ours and why (measured side by side with `axolotl merge-lora` and PEFT's
+merge_and_unload by `scripts/bench_merge.py`; figures in the README):
+- the arithmetic is not: each adapted matrix is folded by PEFT's own LoRA layer
+  (`merge(safe_merge=True)`, the code merge_and_unload runs), per-module rank and alpha
+  by peft's `get_pattern_key`. It runs on a float32 copy and is cast back once, so the
+  result is bit-identical to merge_and_unload in float32 (Axolotl's DoRA path is not);
+- streaming is: the base is read one tensor at a time and the output shards are
+  written as it goes (finlora.merge_io), so memory above the imports is about twice the
+  largest tensor, plus the adapter. `axolotl merge-lora` holds a whole input shard and its merged copy;
+- checks before anything is written (adapter config, every adapter key, the shape and
+  rank of every adapted module, tied weights, quantized bases): Axolotl merges what it
+  can match and silently skips the rest (an embedding LoRA, in the benchmark);
+- the output is built in a hidden temporary folder beside the destination and renamed
+  into place only when complete (finlora.atomic.atomic_dir); `axolotl merge-lora`
+  writes into the destination, so a killed merge leaves config.json and part of the shards there.
+  `--verify` runs on the temporary folder, so a merge that fails it never arrives.
+- 4-bit-trained adapters are merged into the unquantized base (FinLoRA's advice), not
+  into an NF4 round-trip of it as `axolotl merge-lora` does for a qlora recipe.
 """
 
 from __future__ import annotations
@@ -41,18 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+from peft.utils.other import get_pattern_key
+from transformers.utils.hub import convert_file_size_to_int
 
 from finlora import ROOT
 from finlora.atomic import atomic_dir, write_json
-from finlora.merge_io import (
-    FLOAT_DTYPES,
-    SafetensorsError,
-    ShardWriter,
-    TensorInfo,
-    parse_size,
-    read_header,
-    read_tensor,
-)
+from finlora.merge_io import SafetensorsError, ShardWriter, TensorInfo, read_tensor, tensor_infos
+
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 PID_FILE = ".finlora-merge.pid"
 PREFIX = "base_model.model."
@@ -129,8 +123,7 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
                 path = base_dir / name
                 if not path.is_file():
                     raise MergeError(f"{index} names shard {name}, which is missing")
-                hdr, _ = read_header(path)
-                for k, info in sorted(hdr.items(), key=lambda kv: kv[1].start):
+                for k, info in tensor_infos(path).items():
                     if wmap.get(k) == name:
                         out[k] = info
             missing = sorted(set(wmap) - set(out))
@@ -138,8 +131,7 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
                 raise MergeError(f"{index} maps {missing[0]} (and {len(missing) - 1} more) to a shard that lacks it")
             return out
         if single.is_file():
-            hdr, _ = read_header(single)
-            return dict(sorted(hdr.items(), key=lambda kv: kv[1].start))
+            return tensor_infos(single)
     except SafetensorsError as e:
         raise MergeError(str(e)) from None
     if list(base_dir.glob("*.bin")) or list(base_dir.glob("*.pt")):
@@ -148,41 +140,24 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     raise MergeError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (is this a model folder?)")
 
 
-class AdapterWeights:
-    """The adapter's tensors by saved name; read on demand (they are small, but an
-    adapter that targets embeddings also carries copies of them)."""
+def load_adapter(adapter_dir: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's file and its tensors by saved name, read by PEFT (they are small)."""
+    from peft.utils import load_peft_weights
+    from safetensors import SafetensorError
 
-    def __init__(self, adapter_dir: Path, allow_pickle: bool):
-        st = adapter_dir / "adapter_model.safetensors"
-        binf = adapter_dir / "adapter_model.bin"
-        self.path = st
-        self._infos: dict[str, TensorInfo] = {}
-        self._loaded: dict[str, torch.Tensor] = {}
-        self.pickled = False
-        if st.is_file():
-            try:
-                self._infos, _ = read_header(st)
-            except SafetensorsError as e:
-                raise MergeError(str(e)) from None
-        elif binf.is_file():
-            if not allow_pickle:
-                raise MergeError(
-                    f"{binf} is a pickled adapter: unpickling can run arbitrary code, so it is refused. "
-                    f"Re-save it as safetensors, or pass --allow-pickle if you trust its source.")
-            self.path, self.pickled = binf, True
-            # weights_only=True still refuses anything but tensors and plain containers
-            self._loaded = torch.load(binf, map_location="cpu", weights_only=True)
-        else:
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        path = adapter_dir / "adapter_model.bin"
+        if not path.is_file():
             raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (train the adapter first?)")
-
-    def keys(self) -> list[str]:
-        return list(self._infos) if self._infos else list(self._loaded)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._infos[key].shape if self._infos else tuple(self._loaded[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return read_tensor(self._infos[key]) if self._infos else self._loaded[key]
+        if not allow_pickle:  # PEFT would load it with weights_only=True, which narrows but does not close the hole
+            raise MergeError(
+                f"{path} is a pickled adapter: unpickling can run arbitrary code, so it is refused. "
+                f"Re-save it as safetensors, or pass --allow-pickle if you trust its source.")
+    try:
+        return path, load_peft_weights(str(adapter_dir), device="cpu")
+    except SafetensorError as e:
+        raise MergeError(f"{path}: not a readable safetensors file (truncated download?): {e}") from None
 
 
 _KEY = re.compile(
@@ -203,6 +178,7 @@ class ModuleDelta:
     r: int = 0
     alpha: float = 0.0
     scale: float = 0.0
+    rslora: bool = False
 
     @property
     def base_key(self) -> str:
@@ -213,12 +189,9 @@ class ModuleDelta:
         return self.module.rsplit(".", 1)[-1]
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    # peft.utils.other.get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module)
-    for k in patterns or {}:
-        if re.match(rf"(.*\.)?({k})$", module):
-            return patterns[k]
-    return default
+def _pattern_value(patterns: dict | None, module: str, default):
+    # the per-module rank/alpha rule PEFT applies when it builds the layers
+    return (patterns or {}).get(get_pattern_key(list(patterns or {}), module), default)
 
 
 # Adapter-config features whose effect cannot be folded into the weights (or that
@@ -239,7 +212,7 @@ _UNMERGEABLE = {
 }
 
 
-def adapter_modules(cfg: dict, weights: AdapterWeights, where: Path) -> dict[str, ModuleDelta]:
+def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, where: Path) -> dict[str, ModuleDelta]:
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise MergeError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LoRA/DoRA adapters can be merged here")
     for key, why in _UNMERGEABLE.items():
@@ -267,21 +240,22 @@ def adapter_modules(cfg: dict, weights: AdapterWeights, where: Path) -> dict[str
         else:
             d.keys["copy"] = key
     if unknown:
-        raise MergeError(f"{weights.path}: {len(unknown)} tensor(s) that are not LoRA weights, e.g. {unknown[0]!r} "
+        raise MergeError(f"{path}: {len(unknown)} tensor(s) that are not LoRA weights, e.g. {unknown[0]!r} "
                          f"(modules_to_save or another PEFT method?); refusing to merge what it cannot interpret")
     use_rslora = bool(cfg.get("use_rslora"))
     for d in mods.values():
         if not ("A" in d.keys and "B" in d.keys):
             if set(d.keys) == {"copy"}:
                 continue  # a saved copy of a base layer without LoRA: checked in plan()
-            raise MergeError(f"{weights.path}: module {d.module} has "
+            raise MergeError(f"{path}: module {d.module} has "
                              f"{'lora_A' if 'A' in d.keys else 'lora_B'} but not "
                              f"{'lora_B' if 'A' in d.keys else 'lora_A'}")
         d.r = int(_pattern_value(cfg.get("rank_pattern"), d.module, r0))
         d.alpha = float(_pattern_value(cfg.get("alpha_pattern"), d.module, a0))
-        d.scale = d.alpha / math.sqrt(d.r) if use_rslora else d.alpha / d.r
+        d.scale = d.alpha / math.sqrt(d.r) if use_rslora else d.alpha / d.r  # for merge_info; PEFT's layer applies its own
+        d.rslora = use_rslora
         if bool(cfg.get("use_dora")) != ("m" in d.keys):
-            raise MergeError(f"{weights.path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
+            raise MergeError(f"{path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
                              f"adapter_config.json but the magnitude vector is "
                              f"{'present' if 'm' in d.keys else 'missing'}")
         if d.kind == "embedding" and "m" in d.keys:
@@ -299,7 +273,8 @@ class Plan:
     adapter_cfg: dict
     tensors: dict[str, TensorInfo]
     deltas: dict[str, ModuleDelta]          # by base key
-    weights: AdapterWeights
+    weights: dict[str, torch.Tensor]
+    adapter_file: Path
     quantized_training: list[str]
     warnings: list[str]
 
@@ -363,10 +338,10 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
         warnings.append(f"adapter_config.json names base {claimed!r}, merging into {base} (shapes match)")
 
     tensors = base_tensors(base)
-    weights = AdapterWeights(adapter, allow_pickle)
-    mods = adapter_modules(acfg, weights, adapter / "adapter_config.json")
+    adapter_file, weights = load_adapter(adapter, allow_pickle)
+    mods = adapter_modules(acfg, weights, adapter_file, adapter / "adapter_config.json")
     if not mods:
-        raise MergeError(f"{weights.path}: no LoRA weights in the adapter, nothing to merge")
+        raise MergeError(f"{adapter_file}: no LoRA weights in the adapter, nothing to merge")
 
     tied = bool(base_cfg.get("tie_word_embeddings", (base_cfg.get("text_config") or {}).get("tie_word_embeddings", False)))
     fifo = bool(acfg.get("fan_in_fan_out"))
@@ -387,7 +362,7 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
         if w.dtype not in FLOAT_DTYPES:
             raise MergeError(f"module {d.module}: base weight is stored as {w.dtype}, not a float; a quantized "
                              f"checkpoint cannot be merged into (use the unquantized base)")
-        a_shape, b_shape = weights.shape(d.keys["A"]), weights.shape(d.keys["B"])
+        a_shape, b_shape = tuple(weights[d.keys["A"]].shape), tuple(weights[d.keys["B"]].shape)
         if len(a_shape) != 2 or len(b_shape) != 2 or len(w.shape) != 2:
             raise MergeError(f"module {d.module}: only 2-D weights are merged (got base {list(w.shape)}, "
                              f"lora_A {list(a_shape)}, lora_B {list(b_shape)})")
@@ -411,59 +386,51 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
                              f"{list(expect)} but {d.base_key} in the base is {list(w.shape)}{hint}")
         if "m" in d.keys:
             out_dim = expect[1] if fifo else expect[0]
-            if weights.shape(d.keys["m"]) != (out_dim,):
-                raise MergeError(f"module {d.module}: DoRA magnitude has shape {list(weights.shape(d.keys['m']))}, "
+            if tuple(weights[d.keys["m"]].shape) != (out_dim,):
+                raise MergeError(f"module {d.module}: DoRA magnitude has shape {list(weights[d.keys['m']].shape)}, "
                                  f"expected [{out_dim}]")
-        if "copy" in d.keys and weights.shape(d.keys["copy"]) != tuple(w.shape):
+        if "copy" in d.keys and weights[d.keys["copy"]].shape != w.shape:
             raise MergeError(f"module {d.module}: the adapter carries its own copy of {d.base_key} with shape "
-                             f"{list(weights.shape(d.keys['copy']))} != {list(w.shape)} (resized vocabulary?); "
+                             f"{list(weights[d.keys['copy']].shape)} != {list(w.shape)} (resized vocabulary?); "
                              f"this merger does not handle resized embeddings")
         deltas[d.base_key] = d
-    return Plan(base, adapter, base_cfg, acfg, tensors, deltas, weights,
+    return Plan(base, adapter, base_cfg, acfg, tensors, deltas, weights, adapter_file,
                 _quantization_notes(adapter, recipe_cfg), warnings)
 
 
 # --------------------------------------------------------------------------- merge
 
-def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: AdapterWeights, fifo: bool) -> torch.Tensor:
-    """W0 + delta (or the DoRA update) in float32, cast back to w0's dtype."""
-    a = weights.get(d.keys["A"]).float()
-    b = weights.get(d.keys["B"]).float()
-    if d.kind == "embedding":
-        delta = (b @ a).T * d.scale
-    else:
-        delta = b @ a
-        if fifo:
-            delta = delta.T
-        delta = delta * d.scale
-    w = w0.float()
-    if "copy" in d.keys and not torch.equal(weights.get(d.keys["copy"]), w0):
+def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Tensor], fifo: bool) -> torch.Tensor:
+    """W0 with the adapter folded in by PEFT's own layer (`merge(safe_merge=True)`: the same
+    code merge_and_unload runs), on a float32 copy, cast back to w0's dtype once."""
+    from peft import LoraConfig
+    from peft.tuners.lora import layer as lora
+    from transformers.pytorch_utils import Conv1D
+
+    if "copy" in d.keys and not torch.equal(weights[d.keys["copy"]], w0):
         raise MergeError(f"module {d.module}: the adapter's saved copy of {d.base_key} differs from the base's; "
                          f"the adapter was trained on another version of the base model")
-    if "m" in d.keys:
-        mag = weights.get(d.keys["m"]).float()
-        v = w + delta
-        vt = v.T if fifo else v                      # [out, in]
-        norm = torch.linalg.norm(vt, dim=1)          # per output row, over the input dim (PEFT)
-        factor = (mag / norm).view(-1, 1)
-        out = factor.T * v if fifo else factor * v
+    w = w0.float()
+    cfg = LoraConfig(r=d.r, lora_alpha=d.alpha, use_rslora=d.rslora, use_dora="m" in d.keys, fan_in_fan_out=fifo)
+    a, b = weights[d.keys["A"]].float(), weights[d.keys["B"]].float()
+    if d.kind == "embedding":
+        layer = lora.Embedding(torch.nn.Embedding(*w.shape, _weight=w), "default", cfg, d.r, d.alpha)
+        layer.lora_embedding_A["default"].data, layer.lora_embedding_B["default"].data = a, b
     else:
-        out = w.add_(delta)
-    if not torch.isfinite(out).all():
-        raise MergeError(f"module {d.module}: the merged weight has NaN or inf; the adapter is broken")
-    return out.to(w0.dtype)
-
-
-def _plan_shards(tensors: dict[str, TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
-    shards: list[list[TensorInfo]] = [[]]
-    size = 0
-    for info in tensors.values():
-        if shards[-1] and size + info.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(info)
-        size += info.nbytes
-    return shards
+        if fifo:  # GPT-2's Conv1D stores [in, out]
+            base = Conv1D(w.shape[1], w.shape[0])
+        else:
+            base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        base.weight.data = w
+        layer = lora.Linear(base, "default", cfg, d.r, d.alpha)
+        layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data = a, b
+        if "m" in d.keys:
+            layer.lora_magnitude_vector["default"].weight.data = weights[d.keys["m"]].float()
+    try:
+        layer.merge(safe_merge=True)
+    except ValueError as e:  # safe_merge found NaN/inf
+        raise MergeError(f"module {d.module}: the merged weight has NaN or inf; the adapter is broken ({e})") from None
+    return layer.get_base_layer().weight.data.to(w0.dtype)
 
 
 def _clean_stale(dest: Path) -> list[Path]:
@@ -502,48 +469,37 @@ def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
     return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in sorted(by_kind.items())}
 
 
-def _dtype_name(dt: str) -> str:
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(dt, dt)
-
-
 def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     (tmp / PID_FILE).write_text(str(os.getpid()))
-    shards = _plan_shards(p.tensors, max_shard)
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    files: dict[Path, object] = {}
-    weight_map: dict[str, str] = {}
-    total = 0
+    # the shard plan save_pretrained uses: names, index and total size
+    split = split_state_dict_into_shards_factory(p.tensors, get_storage_size=lambda t: t.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard)
     bar = tqdm(total=len(p.tensors), unit="tensor", desc="merge", disable=not progress, mininterval=0.5,
                file=sys.stderr)
     try:
-        for name, infos in zip(names, shards):
+        for name, keys in split.filename_to_tensors.items():
             bar.set_postfix_str(name)
-            w = ShardWriter(tmp / name, [(t.name, t.dtype, t.shape, t.nbytes) for t in infos])
+            infos = [p.tensors[k] for k in keys]
+            w = ShardWriter(tmp / name, [(t.name, t.torch_dtype, t.shape) for t in infos])
             for info in infos:
-                src = files.get(info.file) or files.setdefault(info.file, open(info.file, "rb"))
+                t = read_tensor(info)
                 d = p.deltas.get(info.name)
-                if d is None:
-                    w.copy_from(info.name, info, src)
-                else:
-                    w.write_tensor(info.name, merged_weight(read_tensor(info, src), d, p.weights, p.fan_in_fan_out))
-                weight_map[info.name] = name
-                total += info.nbytes
+                w.write_tensor(info.name, t if d is None else merged_weight(t, d, p.weights, p.fan_in_fan_out))
+                del t
                 bar.update(1)
             w.close()
     finally:
         bar.close()
-        for f in files.values():
-            f.close()
-    if n > 1:
-        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    if split.is_sharded:
+        write_json(tmp / "model.safetensors.index.json", {"metadata": split.metadata,
+                                                           "weight_map": split.tensor_to_filename})
     for fname in COPY_FILES:
         if (p.base / fname).is_file():
             shutil.copyfile(p.base / fname, tmp / fname)
-    dtypes = sorted({_dtype_name(p.tensors[k].dtype) for k in p.deltas})
-    return {"shards": n, "total_size": total, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+    dtypes = sorted({str(p.tensors[k].torch_dtype).removeprefix("torch.") for k in p.deltas})
+    return {"shards": len(split.filename_to_tensors), "total_size": split.metadata["total_size"], "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
 
 
 # --------------------------------------------------------------------------- verify
@@ -595,7 +551,12 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
           progress: bool = True, log=print) -> dict:
     """Merge `adapter` into `base`, writing `out` atomically. Returns merge_info."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    max_bytes = parse_size(max_shard_size)
+    try:
+        max_bytes = convert_file_size_to_int(max_shard_size)
+        if max_bytes <= 0:
+            raise ValueError
+    except ValueError:
+        raise MergeError(f"--max-shard-size {max_shard_size!r} is not a size (e.g. 2GB, 500MB, 1GiB)") from None
     if out.exists() and not force:
         raise MergeError(f"{out} already exists (use --force to replace it)")
     with contextlib.suppress(OSError):
@@ -617,7 +578,7 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     with atomic_dir(out, force=force) as tmp:
         written = write_merged(p, tmp, max_bytes, progress=progress)
         info = {
-            "base": str(base), "adapter": str(adapter), "adapter_file": p.weights.path.name,
+            "base": str(base), "adapter": str(adapter), "adapter_file": p.adapter_file.name,
             "peft_type": "DORA" if p.adapter_cfg.get("use_dora") else "LORA",
             "r": p.adapter_cfg.get("r"), "lora_alpha": p.adapter_cfg.get("lora_alpha"),
             "use_rslora": bool(p.adapter_cfg.get("use_rslora")), "use_dora": bool(p.adapter_cfg.get("use_dora")),

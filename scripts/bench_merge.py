@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Benchmark `finlora.merge` against PEFT's merge_and_unload + save_pretrained.
+"""Benchmark `finlora.merge` side by side with `axolotl merge-lora` and PEFT's merge_and_unload.
 
-    python scripts/bench_merge.py            # ~1.1B-parameter Llama, bf16, 4 shards (needs ~10 GB disk)
+    python scripts/bench_merge.py            # 953M-parameter Llama, bf16, 4 shards (~4 min on 2 cores, ~8 GB disk)
     python scripts/bench_merge.py --small    # tiny model: a quick dry run
 
-Builds a Llama-architecture model with random weights tensor by tensor (never the
-whole model in memory) as 4 safetensors shards, plus a random r=8 q/k/v adapter with
-non-zero B, then merges it twice, each in its own subprocess so that peak RSS
-(ru_maxrss of that child) is measured separately: ours, and the naive PEFT path.
-Prints wall time and peak RSS of each, their ratios, and the largest absolute
-difference between the two merged weight sets, compared tensor by tensor.
+1. Speed and memory: a Llama-architecture model with random weights, built tensor by tensor
+   as 4 safetensors shards, and a random r=8 q/k/v adapter with non-zero B, merged three
+   ways, each in its own subprocess so that peak RSS (ru_maxrss of that child) is its own:
+   ours (`scripts/merge.py`), `axolotl merge-lora` (its default memory-efficient path, run
+   as the command a user types) and PEFT's merge_and_unload + save_pretrained. The three
+   merged weight sets are then compared tensor by tensor.
+2. Variants: small random float32 Llamas with adapters built by PEFT (rsLoRA, DoRA,
+   rank_pattern/alpha_pattern, LoRA on embed_tokens/lm_head) plus a GPT-2 (Conv1D,
+   fan_in_fan_out), merged by ours and by Axolotl's `merge_lora_sharded_efficient` (the
+   function `axolotl merge-lora` calls), each compared with PEFT's merge_and_unload.
+3. A kill mid-merge: each command is SIGKILLed once its second output shard has begun;
+   what is left at the destination is listed.
 Not a test: the figures depend on the machine.
 """
 
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,9 +33,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+AXOLOTL = str(Path(sys.executable).parent / "axolotl")
 
 # The measuring parent imports neither torch nor the model: building and comparing run
 # in their own child processes. ru_maxrss is carried across fork+exec, so a child forked
@@ -39,6 +47,16 @@ BIG = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, vocab
 SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256,
              num_attention_heads=4, num_key_value_heads=4)
 TARGETS = ("q_proj", "k_proj", "v_proj")
+VARIANTS = {
+    "LoRA q/k/v": dict(),
+    "rsLoRA": dict(use_rslora=True, r=8, lora_alpha=4),
+    "DoRA": dict(use_dora=True),
+    "rank_pattern + alpha_pattern": dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                                         rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+                                         alpha_pattern={"v_proj": 3}),
+    "LoRA on embed_tokens + lm_head": dict(target_modules=["embed_tokens", "lm_head", "o_proj"]),
+    "GPT-2 Conv1D, fan_in_fan_out": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+}
 
 
 def numel(shape) -> int:
@@ -67,7 +85,7 @@ def build(work: Path, c: dict, dtype=None, shards: int = 4) -> tuple[Path, Path]
     """Random base (sharded safetensors + config) and random adapter, tensor by tensor."""
     import torch
 
-    from finlora.merge_io import DTYPE_NAMES, ShardWriter
+    from finlora.merge_io import ShardWriter
 
     dtype = dtype or torch.bfloat16
     base, adapter = work / "base", work / "adapter"
@@ -86,7 +104,7 @@ def build(work: Path, c: dict, dtype=None, shards: int = 4) -> tuple[Path, Path]
     wmap = {}
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        w = ShardWriter(base / fname, [(n, DTYPE_NAMES[dtype], s, item * numel(s)) for n, s in group])
+        w = ShardWriter(base / fname, [(n, dtype, s) for n, s in group])
         for n, s in group:
             t = torch.ones(s, dtype=dtype) if n.endswith("norm.weight") else \
                 (torch.randn(s, generator=g) * 0.02).to(dtype)
@@ -133,6 +151,17 @@ model.save_pretrained(out, max_shard_size="2GB")
 """
 
 
+def axolotl_cmd(work: Path, base: Path, adapter: Path, out_parent: Path) -> list[str]:
+    """`axolotl merge-lora` reads a recipe; this one names only what merging needs (the
+    dataset entry is there because Axolotl's config validation requires one)."""
+    cfg = work / f"{out_parent.name}.yml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "base_model": str(base), "adapter": "lora", "lora_model_dir": str(adapter), "output_dir": str(out_parent),
+        "datasets": [{"path": str(work / "unused.jsonl"), "type": "alpaca"}], "micro_batch_size": 1,
+        "num_epochs": 1, "learning_rate": 1e-4, "sequence_len": 64}))
+    return [AXOLOTL, "merge-lora", str(cfg)]
+
+
 def run_child(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process, from its own rusage (wait4)."""
     t0 = time.perf_counter()
@@ -146,31 +175,120 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
-def compare(a: Path, b: Path) -> tuple[float, int, int]:
-    """Largest |a - b| over all tensors, tensors compared, tensors not bit-identical."""
-    import torch
+def read_folder(d: Path) -> dict:
+    """Tensor name -> tensor of a saved model folder (one file or sharded)."""
     from safetensors import safe_open
 
-    def files(d: Path) -> dict[str, Path]:
-        idx = d / "model.safetensors.index.json"
-        if idx.exists():
-            return {k: d / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
-        with safe_open(d / "model.safetensors", framework="pt") as f:
-            return {k: d / "model.safetensors" for k in f.keys()}
+    idx = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(d / name, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
 
-    fa, fb = files(a), files(b)
-    if set(fa) != set(fb):
-        sys.exit(f"bench: different tensor names: {sorted(set(fa) ^ set(fb))[:5]}")
+
+def diff(got: dict, ref: dict) -> dict:
+    """Largest |got - ref|, tensors compared, tensors not bit-identical, names missing or extra."""
+    import torch
+
     worst, differ = 0.0, 0
-    for k in fa:
-        with safe_open(fa[k], framework="pt") as x, safe_open(fb[k], framework="pt") as y:
-            ta, tb = x.get_tensor(k), y.get_tensor(k)
-        if ta.dtype != tb.dtype or ta.shape != tb.shape:
-            sys.exit(f"bench: {k}: {ta.dtype}{list(ta.shape)} vs {tb.dtype}{list(tb.shape)}")
-        if not torch.equal(ta, tb):
+    for k in set(got) & set(ref):
+        a, b = got[k], ref[k]
+        if a.dtype != b.dtype or a.shape != b.shape:
             differ += 1
-            worst = max(worst, (ta.float() - tb.float()).abs().max().item())
-    return worst, len(fa), differ
+            worst = float("inf")
+        elif not torch.equal(a, b):
+            differ += 1
+            worst = max(worst, (a.float() - b.float()).abs().max().item())
+    return {"max_abs": worst, "tensors": len(ref), "not_identical": differ,
+            "missing": len(set(ref) - set(got)), "extra": len(set(got) - set(ref))}
+
+
+def compare3(ours: Path, axo: Path, peft: Path) -> dict:
+    """One tensor set held at a time against PEFT's, shard by shard of PEFT's output."""
+    ref = read_folder(peft)
+    return {"ours_vs_peft": diff(read_folder(ours), ref), "axolotl_vs_peft": diff(read_folder(axo), ref)}
+
+
+def variants(work: Path) -> dict:
+    """Each variant: ours and Axolotl's merge against PEFT's merge_and_unload, float32."""
+    import logging
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from axolotl.cli.utils.lora_merge import merge_lora_sharded_efficient
+    from finlora.merge import merge
+
+    logging.disable(logging.WARNING)
+    results = {}
+    for i, (name, lora) in enumerate(VARIANTS.items()):
+        d = work / f"v{i}"
+        torch.manual_seed(0)
+        if "GPT-2" in name:
+            model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                 max_position_embeddings=64, tie_word_embeddings=False))
+        model.save_pretrained(d / "base", max_shard_size="40KB")
+        lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj"], **lora}
+        pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        torch.manual_seed(1)
+        with torch.no_grad():  # non-zero B and a non-trivial DoRA magnitude, so every part counts
+            for n, p in pm.named_parameters():
+                if "lora_B" in n or "lora_embedding" in n:  # PEFT starts embedding A at zero too
+                    p.normal_(0, 0.2)
+                elif "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+        pm.save_pretrained(d / "adapter")
+        base_model = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32)
+        ref = {k: v.clone() for k, v in
+               PeftModel.from_pretrained(base_model, d / "adapter").merge_and_unload().state_dict().items()}
+        ref.pop("lm_head.weight", None) if "GPT-2" in name else None  # tied to wte; not saved
+        row = {}
+        for path, fn in (("ours", lambda o: merge(d / "base", d / "adapter", o, progress=False, log=lambda *_: None)),
+                         ("axolotl", lambda o: merge_lora_sharded_efficient(d / "base", d / "adapter", o))):
+            try:
+                fn(d / path)
+                row[path] = diff(read_folder(d / path), ref)
+            except Exception as e:  # noqa: BLE001 - a refusal is a result here
+                row[path] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
+        results[name] = row
+    return results
+
+
+def kill_mid_merge(cmd: list[str], watch: str, dest: Path, timeout: float = 300) -> dict:
+    """SIGKILL `cmd` as soon as a file matching glob `watch` (under dest's parent) exists."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not list(dest.parent.glob(watch)):
+            if proc.poll() is not None:
+                return {"error": "finished before it could be killed"}
+            if time.time() > deadline:
+                return {"error": "never started writing"}
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    hidden = sorted(p.name for p in dest.parent.glob(f".{dest.name}.*.tmp"))
+    return {"destination_exists": dest.exists(), "files": left, "hidden_temp": hidden}
+
+
+def fmt_diff(d: dict) -> str:
+    if "error" in d:
+        return f"refused/failed: {d['error']}"
+    if d["missing"] or d["extra"]:
+        return f"{d['missing']} tensors missing, {d['extra']} extra"
+    if not d["not_identical"]:
+        return f"bit-identical ({d['tensors']} tensors)"
+    return f"{d['not_identical']}/{d['tensors']} tensors differ, max |diff| {d['max_abs']:.3g}"
 
 
 def main(argv=None) -> int:
@@ -178,37 +296,67 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny model: a quick dry run")
     ap.add_argument("--workdir", type=Path, help="where to build (default: a temp dir, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the built model and outputs")
-    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--compare-only", type=Path, nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     c = SMALL if args.small else BIG
-    if args.build_only:
-        build(args.build_only, c)
-        return 0
-    if args.compare_only:
-        worst, n, differ = compare(*args.compare_only)
-        print(json.dumps([worst, n, differ]))
+    if args.child:  # work that imports torch runs here, in its own process
+        job, *paths = args.child
+        if job == "build":
+            build(Path(paths[0]), c)
+        elif job == "compare":
+            print(json.dumps(compare3(*map(Path, paths))))
+        elif job == "variants":
+            print(json.dumps(variants(Path(paths[0]))))
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench_merge.", dir=args.workdir))
     me = [sys.executable, str(Path(__file__).resolve())] + (["--small"] if args.small else [])
+
+    def child(*a) -> dict:
+        out = subprocess.run(me + ["--child", *map(str, a)], check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     try:
         t0 = time.perf_counter()
-        subprocess.run(me + ["--build-only", str(work)], check=True)
+        subprocess.run(me + ["--child", "build", str(work)], check=True)
         base, adapter = work / "base", work / "adapter"
         n_params = sum(numel(s) for _, s in llama_shapes(c))
         print(f"bench: built {n_params / 1e6:,.1f}M-parameter Llama (bf16, 4 shards) and r=8 q/k/v adapter "
-              f"in {time.perf_counter() - t0:.1f} s under {work}", flush=True)
-        ours_out, peft_out = work / "merged_ours", work / "merged_peft"
-        ours = run_child([sys.executable, str(ROOT / "scripts" / "merge.py"), "--base", str(base),
-                          "--adapter", str(adapter), "--out", str(ours_out), "--no-progress"])
-        peft = run_child([sys.executable, "-c", PEFT_CHILD, str(base), str(adapter), str(peft_out)])
-        cmp = subprocess.run(me + ["--compare-only", str(ours_out), str(peft_out)], check=True,
-                             capture_output=True, text=True)
-        worst, n, differ = json.loads(cmp.stdout.strip().splitlines()[-1])
-        print(f"bench: ours  (finlora.merge, streamed):      wall {ours[0]:7.1f} s   peak RSS {ours[1] / 2**20:8.0f} MiB")
-        print(f"bench: peft  (merge_and_unload + save):      wall {peft[0]:7.1f} s   peak RSS {peft[1] / 2**20:8.0f} MiB")
-        print(f"bench: ratio ours/peft:                      wall {ours[0] / peft[0]:7.2f}     peak RSS {ours[1] / peft[1]:8.2f}")
-        print(f"bench: max |ours - peft| over {n} tensors: {worst:.3g} ({differ} tensors not bit-identical)")
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        merge_py = [sys.executable, str(ROOT / "scripts" / "merge.py"), "--base", str(base), "--adapter", str(adapter),
+                    "--no-progress"]
+        runs = {
+            "ours (scripts/merge.py)": run_child(merge_py + ["--out", str(work / "ours")]),
+            "axolotl merge-lora": run_child(axolotl_cmd(work, base, adapter, work / "axo")),
+            "peft merge_and_unload + save": run_child([sys.executable, "-c", PEFT_CHILD, str(base), str(adapter),
+                                                       str(work / "peft")]),
+        }
+        # what each path costs before it reads a byte: its imports (a fixed cost, whatever the model)
+        imports = {
+            "ours (scripts/merge.py)": "import finlora.merge",
+            "axolotl merge-lora": "import axolotl.cli.main, axolotl.cli.merge_lora, axolotl.cli.config",
+            "peft merge_and_unload + save": "import transformers, peft; from transformers import AutoModelForCausalLM",
+        }
+        for name, (wall, rss) in runs.items():
+            base_rss = run_child([sys.executable, "-c", imports[name]])[1]
+            print(f"bench: {name:30s} wall {wall:7.1f} s   peak RSS {rss / 2**20:6.0f} MiB "
+                  f"(imports alone {base_rss / 2**20:4.0f} MiB)", flush=True)
+        cmp = child("compare", work / "ours", work / "axo" / "merged", work / "peft")
+        print(f"bench: ours    vs peft: {fmt_diff(cmp['ours_vs_peft'])}")
+        print(f"bench: axolotl vs peft: {fmt_diff(cmp['axolotl_vs_peft'])}", flush=True)
+        for name, row in child("variants", work).items():
+            print(f"bench: variant {name:31s} ours: {fmt_diff(row['ours'])}; axolotl: {fmt_diff(row['axolotl'])}")
+        kills = {
+            "ours": kill_mid_merge(merge_py + ["--out", str(work / "kill_ours"), "--max-shard-size",
+                                                "40KB" if args.small else "500MB"],
+                                   ".kill_ours.*.tmp/model-00002-of-*.safetensors", work / "kill_ours"),
+            "axolotl": kill_mid_merge(axolotl_cmd(work, base, adapter, work / "kill_axo"),
+                                      "merged/model-00002-of-*.safetensors", work / "kill_axo" / "merged"),
+        }
+        for name, k in kills.items():
+            print(f"bench: SIGKILL mid-merge, {name:7s}: destination "
+                  + (k["error"] if "error" in k else
+                     (f"holds {k['files']}" if k["destination_exists"] else "absent")
+                     + (f"; hidden temp folder {k['hidden_temp']} (removed by the next run)" if k["hidden_temp"] else "")))
         return 0
     finally:
         if not args.keep:

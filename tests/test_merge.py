@@ -1,5 +1,6 @@
 """`make merge`: the streamed merge against PEFT's merge_and_unload, on the real SmolLM2
-with a really trained adapter and on small random models for each LoRA variant."""
+with a really trained adapter and on small random models for each LoRA variant; the
+refusals, the atomic destination and the side-by-side benchmark's dry run."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def make_adapter(base: Path, out: Path, safe: bool = True, **lora) -> Path:
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_B" in n or "lora_embedding_B" in n:
+            if "lora_B" in n or "lora_embedding" in n:  # PEFT starts embedding A at zero, not only B
                 p.normal_(0, 0.2)
             elif "lora_magnitude_vector" in n:
                 p.mul_(1 + 0.1 * torch.rand_like(p))
@@ -264,6 +265,35 @@ def test_tied_head_refused(tmp_path, capsys):
     assert "lm_head" in err and "tie_word_embeddings" in err
 
 
+@pytest.mark.parametrize("which", ["base", "adapter"])
+def test_truncated_safetensors_refused_by_name(pair, tmp_path, capsys, which):
+    # safetensors.safe_open reads the header; a cut-off download must still name the file
+    base, adapter = pair
+    path = sorted(base.glob("model-*.safetensors"))[0] if which == "base" else adapter / "adapter_model.safetensors"
+    data = path.read_bytes()
+    for cut in (5, len(data) - 16):  # inside the length prefix; inside the last tensor
+        path.write_bytes(data[:cut])
+        err = refused(capsys, base, adapter, tmp_path / "out")
+        assert str(path) in err and "truncated" in err, err
+    path.write_bytes(data)
+    assert run_merge(base, adapter, tmp_path / "out") == 0
+
+
+def test_bad_shard_size_refused(pair, tmp_path, capsys):
+    base, adapter = pair
+    for size in ("lots", "0MB"):
+        assert "is not a size" in refused(capsys, base, adapter, tmp_path / "out", "--max-shard-size", size)
+
+
+def test_merge_error_is_an_exception_until_main(pair, tmp_path):
+    from finlora.merge import MergeError, merge
+
+    base, adapter = pair
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MergeError, match="already exists"):
+        merge(base, adapter, tmp_path / "out", progress=False)
+
+
 def test_pickled_adapter_needs_opt_in(tmp_path, capsys):
     base = tiny_llama(tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter", safe=False)
@@ -307,8 +337,14 @@ def test_killed_merge_leaves_no_destination(tiny_run, tmp_path, capsys):
 
 # ------------------------------------------------------------------ benchmark dry run
 
+@pytest.mark.slow  # starts `axolotl merge-lora` twice: ~3 min of imports on 2 cores
 def test_bench_small_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_merge.py"), "--small", "--workdir",
-                           str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+                           str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "peak RSS" in proc.stdout and "max |ours - peft|" in proc.stdout
+    out = proc.stdout
+    assert "axolotl merge-lora" in out and out.count("peak RSS") == 3, out
+    # ours is PEFT's merge by construction: bit-identical on the bf16 model and every float32 variant
+    assert "ours    vs peft: bit-identical" in out, out
+    assert out.count("ours: bit-identical") == 6, out
+    assert "SIGKILL mid-merge, ours   : destination absent" in out, out
