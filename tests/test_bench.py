@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from finlora import ROOT
@@ -35,8 +36,11 @@ def test_bench_gpu_cpu_mode_times_axolotl(tmp_path):
         assert r["steps_run"] == 2 and r["timed_steps"] == 1
         # 2 layers x r x ((64+64) + 2 x (64+32)): Axolotl's PEFT model, counted by the plugin
         assert r["trainable"] == {8: 5120, 4: 2560}[r["r"]]
-        # every row is 32 tokens; micro batch 8 x accumulation 2 as in the recipe
-        assert r["tokens_per_step"] == 8 * 2 * 32 and r["tokens_per_s"] > 0 and r["mfu"] > 0
+        # every row is 32 tokens; micro batch x accumulation as in the recipe
+        recipe = yaml.safe_load((ROOT / "recipes" / f"{r['recipe']}.yml").read_text())
+        batch = recipe["micro_batch_size"] * recipe["gradient_accumulation_steps"]
+        assert (r["micro_batch"], r["grad_accum"]) == (recipe["micro_batch_size"], recipe["gradient_accumulation_steps"])
+        assert r["tokens_per_step"] == batch * 32 and r["tokens_per_s"] > 0 and r["mfu"] > 0
         assert len(r["losses"]) == 2 and all(x > 0 for x in r["losses"])
         assert r["load_peak"]["rss_peak_gib"] > 0.1 and r["steady_peak"]["rss_peak_gib"] > 0.1
         assert "base_model" in r["recipe_keys_changed"] and "lora_r" not in r["recipe_keys_changed"]

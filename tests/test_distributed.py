@@ -38,7 +38,10 @@ from conftest import TINY_ROWS, tiny_recipe
 from finlora import ROOT
 
 ROWS = TINY_ROWS + [(t.replace("The company", "The group").replace("Shares", "Its shares"), y) for t, y in TINY_ROWS]
-SAME = dict(lora_dropout=0.0, curriculum_sampling=True, max_steps=3, learning_rate=0.0015)
+# fp32 on every CPU: the bounds below are reasoned for fp32 sums. On a CPU with AMX the
+# default recipe's `bf16: auto` trains in bf16, where the two summation orders differed by
+# 6e-3 in the loss (measured here), which says nothing about the data sharding under test.
+SAME = dict(lora_dropout=0.0, curriculum_sampling=True, max_steps=3, learning_rate=0.0015, bf16=False)
 
 
 def _train(work, micro_batch: int, gpus: int | None) -> tuple[dict, list[dict], str]:
