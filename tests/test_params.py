@@ -41,8 +41,7 @@ def test_recipe_and_cli(capsys):
     assert "11,141,120" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(), reason="SmolLM2 base absent (make base-model)")
-def test_smollm2_default_recipe_matches_peft():
+def test_smollm2_default_recipe_matches_peft(base_model_dir):
     from peft import LoraConfig, get_peft_model
 
     pc = params.count_recipe("smollm2_sentiment_r8")
