@@ -254,7 +254,7 @@ class Checker:
 
     # -- keys and Axolotl's validation
     def keys(self) -> bool:
-        from finlora import recipe_matrix as rm
+        from finlora import axolotl_config as rm
 
         allowed, _ = rm.schema_keys()
         bad = rm.unknown_keys(self.cfg)
@@ -269,7 +269,7 @@ class Checker:
         return not bad
 
     def axolotl_validation(self) -> None:
-        from finlora import recipe_matrix as rm
+        from finlora import axolotl_config as rm
 
         base = str(self.cfg.get("base_model", ""))
         if not rm.model_config_dir_for(base):
@@ -334,7 +334,7 @@ class Checker:
                     self.error(f"datasets[{i}].path", f"{path} does not exist (run `make data`)")
         ds = self.cfg.get("deepspeed")
         if ds and isinstance(ds, str):
-            from finlora.recipe_matrix import RecipeInvalid, check_deepspeed_json
+            from finlora.axolotl_config import RecipeInvalid, check_deepspeed_json
 
             try:
                 check_deepspeed_json(ds)
@@ -512,7 +512,7 @@ class Checker:
             self.note(f"disk: about {mb(need)} needed ({kept} checkpoint(s) x {mb(ckpt)}), {mb(free)} free")
 
     def _trainable_params(self) -> int | None:
-        from finlora import recipe_matrix as rm
+        from finlora import axolotl_config as rm
 
         base = str(self.cfg.get("base_model", ""))
         cdir = rm.model_config_dir_for(base) if base else None

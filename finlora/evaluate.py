@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from finlora.errors import EvalError
 from finlora import ROOT
 from finlora.data.tasks import SENTIMENT3, TASKS, Task, fold_nwgi
 from finlora.models import load_model
@@ -25,10 +26,6 @@ from finlora.models import load_model
 # Tasks a model can be scored on, and the test file each reads from --data-dir.
 EVAL_SETS = ("fpb", "fiqa", "tfns", "nwgi", "headline", "ner", "formula", "xbrl_term", "financebench")
 MAX_NEW_TOKENS = {"label": 8, "number": 16, "text": 64}
-
-
-class EvalError(SystemExit):
-    pass
 
 
 @dataclass

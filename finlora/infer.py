@@ -18,12 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from finlora.errors import InferError
 from finlora import recipes
 from finlora.models import check_adapter, load_base
-
-
-class InferError(SystemExit):
-    pass
 
 
 @dataclass

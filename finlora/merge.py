@@ -42,6 +42,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from peft.utils.other import get_pattern_key
 from transformers.utils.hub import convert_file_size_to_int
 
+from finlora.errors import MergeError
 from finlora import ROOT
 from finlora.atomic import atomic_dir, write_json
 from finlora.merge_io import SafetensorsError, ShardWriter, TensorInfo, read_tensor, tensor_infos
@@ -93,10 +94,6 @@ VERIFY_PROMPTS = (
     "{negative/neutral/positive}.\nInput: Shares fell 9% after the bank cut its guidance.\nAnswer: ",
     "The company has 120 employees in Finland and its headquarters are in Helsinki.",
 )
-
-
-class MergeError(Exception):
-    """A problem the user must fix; the message names the file, module or option."""
 
 
 # --------------------------------------------------------------------------- inputs

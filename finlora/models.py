@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finlora.errors import ModelError
 from finlora import ROOT
-
-
-class ModelError(SystemExit):
-    pass
 
 
 def _normalise(name: str) -> str:

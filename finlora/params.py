@@ -17,6 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finlora.errors import RecipeError
+from finlora.recipes import DEFAULT_RECIPE, Recipe, model_config_dir, resolve_path
+
 
 @dataclass
 class ParamCount:
@@ -66,7 +69,7 @@ def build_meta_model(config_dir: str | Path):
 _cache: dict[str, tuple] = {}
 
 
-def _layer_linears(config_dir: str | Path):
+def layer_linears(config_dir: str | Path):
     """(per-block {leaf name: (in, out)}, blocks, total params, linear params, config)."""
     key = str(Path(config_dir).resolve())
     if key in _cache:
@@ -93,7 +96,7 @@ def _layer_linears(config_dir: str | Path):
 
 
 def count(config_dir: str | Path, r: int, targets: list[str], dora: bool = False) -> ParamCount:
-    block_linears, blocks, total, linear_params, config = _layer_linears(config_dir)
+    block_linears, blocks, total, linear_params, config = layer_linears(config_dir)
     missing = [t for t in targets if t not in block_linears]
     if missing:
         raise ValueError(f"target modules {missing} not in the model; it has {sorted(block_linears)}")
@@ -115,12 +118,93 @@ def count(config_dir: str | Path, r: int, targets: list[str], dora: bool = False
     )
 
 
-def count_recipe(name_or_path: str) -> ParamCount:
-    from finlora.recipe_matrix import load_spec
+# --------------------------------------------------------------------------- recipe facts
 
+
+@dataclass
+class RecipeSpec:
+    """What params/plan need to know about a recipe, read from its YAML."""
+
+    name: str
+    config_dir: Path | None
+    base_model: str
+    bits: int
+    r: int
+    alpha: int
+    targets: list[str]
+    dora: bool
+    rslora: bool
+    optimizer: str
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    flash_attention: bool
+    deepspeed: str | None
+    zero_stage: int
+    offload_optimizer: bool
+    cfg: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        if self.dora:
+            return "DoRA"
+        if self.rslora:
+            return "rsLoRA"
+        return "QLoRA" if self.bits == 4 else "LoRA"
+
+
+def spec_from_cfg(name: str, cfg: dict) -> RecipeSpec:
+    bits = 4 if cfg.get("load_in_4bit") else 8 if cfg.get("load_in_8bit") else 16
+    ds = cfg.get("deepspeed")
+    stage, offload = 0, False
+    if ds:
+        dsc = load_deepspeed(ds)
+        zo = dsc.get("zero_optimization", {})
+        stage = int(zo.get("stage", 0))
+        offload = (zo.get("offload_optimizer") or {}).get("device") == "cpu"
+    base = str(cfg.get("base_model", ""))
+    return RecipeSpec(
+        name=name,
+        config_dir=model_config_dir(base) if base else None,
+        base_model=base,
+        bits=bits,
+        r=int(cfg.get("lora_r") or 8),
+        alpha=int(cfg.get("lora_alpha") or 16),
+        targets=list(cfg.get("lora_target_modules") or []),
+        dora=bool(cfg.get("peft_use_dora")),
+        rslora=bool(cfg.get("peft_use_rslora")),
+        optimizer=str(cfg.get("optimizer") or "adamw_torch"),
+        seq_len=int(cfg.get("sequence_len") or 2048),
+        micro_batch=int(cfg.get("micro_batch_size") or 1),
+        grad_accum=int(cfg.get("gradient_accumulation_steps") or 1),
+        gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
+        # "no seq x seq score matrix": FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA
+        flash_attention=bool(cfg.get("flash_attention"))
+        or str(cfg.get("attn_implementation") or "").startswith(("sdpa", "flash_attention")),
+        deepspeed=ds,
+        zero_stage=stage,
+        offload_optimizer=offload,
+        cfg=cfg,
+    )
+
+
+def load_spec(name_or_path: str) -> RecipeSpec:
+    recipe = Recipe.open(name_or_path)
+    return spec_from_cfg(recipe.name, recipe.config)
+
+
+def load_deepspeed(ds: str | dict) -> dict:
+    if isinstance(ds, dict):
+        return ds
+    p = resolve_path(ds)
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def count_recipe(name_or_path: str) -> ParamCount:
     spec = load_spec(name_or_path)
     if spec.config_dir is None:
-        raise SystemExit(f"error: {spec.name}: no local config.json for base_model {spec.base_model!r}"
+        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}"
                          " (build it with `make base-model`, or pass --config)")
     return count(spec.config_dir, spec.r, spec.targets, spec.dora)
 
@@ -167,14 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         pc = count(cdir, a.r or 8, [t.strip() for t in targets if t.strip()], a.dora)
         print(table(pc))
         return 0
-    from finlora import recipes
-
-    recipe = recipe or recipes.DEFAULT_RECIPE
-    from finlora.recipe_matrix import load_spec
-
-    spec = load_spec(recipe)
+    spec = load_spec(recipe or DEFAULT_RECIPE)
     if spec.config_dir is None:
-        raise SystemExit(f"error: {spec.name}: no local config.json for base_model {spec.base_model!r}"
+        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}"
                          " (run `make base-model`, or pass --config)")
     targets = [t.strip() for t in a.targets.split(",")] if a.targets else spec.targets
     pc = count(spec.config_dir, a.r or spec.r, targets, spec.dora or a.dora)

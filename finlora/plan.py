@@ -59,8 +59,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finlora.params import ParamCount, _layer_linears, count
-from finlora.recipe_matrix import RecipeSpec, load_matrix, load_spec, recipe_name
+from finlora.params import ParamCount, RecipeSpec, count, layer_linears, load_spec
+from finlora.recipes import load_matrix, recipe_name
 
 GiB = 2 ** 30
 CARDS_GB = (24, 40, 80, 141)
@@ -134,7 +134,7 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
     if spec.config_dir is None:
         raise SystemExit(f"error: {spec.name}: no local config.json for base_model {spec.base_model!r}")
     pc = pc or count(spec.config_dir, spec.r, spec.targets, spec.dora)
-    block_linears, L, _, _, config = _layer_linears(spec.config_dir)
+    block_linears, L, _, _, config = layer_linears(spec.config_dir)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h, a, V, i = pc.hidden, pc.heads, pc.vocab, pc.intermediate
     head_dim = getattr(text, "head_dim", None) or h // a

@@ -1,54 +1,221 @@
-"""Find and read recipes: `recipes/<name>.yml`, complete Axolotl configs."""
+"""The one reader of recipes (`recipes/<name>.yml`, complete Axolotl configs) and of
+the matrix they are generated from (`recipes/matrix.yml`).
+
+A command reads its recipe once, as a `Recipe`, and passes that object down: the
+config Axolotl will see (the file with the command's overrides on top), the line of
+every top-level key for error messages, and the answer to "is this value a local
+path?" (`is_local`), which every module asks here rather than deciding for itself.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
 from finlora import ROOT
+from finlora.errors import RecipeError
 
 RECIPE_DIR = ROOT / "recipes"
+MATRIX = RECIPE_DIR / "matrix.yml"
 DEFAULT_RECIPE = "smollm2_sentiment_r8"
+BITS_LABEL = {16: "bf16", 8: "int8", 4: "nf4"}
+
+# A recipe value naming a local file or folder rather than a hub id starts like this
+# (or exists relative to the repository root).
+LOCAL_PREFIXES = ("./", "../", "/", "~", "outputs/", "data/", "recipes/")
 
 
-class RecipeError(SystemExit):
-    """A recipe problem the user must fix; the message says which file and key."""
+def rel(path: str | Path) -> str:
+    """A path as the user would type it from the repository root."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def resolve_path(value: str | Path) -> Path:
+    """Paths in recipes are relative to the repository root (where `make` runs)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (ROOT / p)
+
+
+def is_local(value: str) -> bool:
+    """A recipe value that names a local file or folder rather than a hub id."""
+    value = str(value)
+    return bool(value) and (value.startswith(LOCAL_PREFIXES) or resolve_path(value).exists())
 
 
 def available() -> list[str]:
     # matrix.yml sits beside the recipes but is the generator's input, not a recipe
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yml") if p.name != "matrix.yml")
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yml") if p != MATRIX)
 
 
-def resolve(name_or_path: str) -> Path:
+def resolve(name_or_path: str | Path) -> Path:
     """A recipe name (`sentiment_r8`) or a path to a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yml", ".yaml") and p.is_file():
         return p.resolve()
     candidate = RECIPE_DIR / f"{name_or_path}.yml"
-    if candidate.is_file():
+    if candidate.is_file() and candidate != MATRIX:
         return candidate
     names = available()
     raise RecipeError(
-        f"error: no recipe named {name_or_path!r} (looked for {candidate.relative_to(ROOT)}).\n"
+        f"no recipe named {str(name_or_path)!r} (looked for {rel(candidate)}).\n"
         f"Recipes there are ({len(names)}): " + ", ".join(names)
     )
 
 
-def load(path: Path) -> dict:
+def parse_overrides(args: Sequence[str]) -> dict:
+    """`axolotl train` overrides (`--max-steps 3`, `--output_dir=x`) as recipe keys."""
+    out: dict = {}
+    args = [str(a) for a in args]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value = args[i + 1]
+                    i += 1
+                else:
+                    value = "true"
+            try:
+                out[name.replace("-", "_")] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _parse(path: Path, text: str) -> tuple[dict, dict[str, int], list[tuple[str, int]]]:
+    """(mapping, {top-level key: line}, [(duplicated key, line)]) from one YAML parse."""
+    loader = yaml.SafeLoader(text)
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"error: {where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(cfg, dict):
-        raise RecipeError(f"error: {path}: a recipe must be a YAML mapping of Axolotl keys")
-    return cfg
+        where = f"{rel(path)}:{mark.line + 1}" if mark else rel(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{rel(path)}: a recipe must be a YAML mapping of Axolotl keys")
+    lines: dict[str, int] = {}
+    dups = []
+    for k, _ in node.value:
+        name = str(k.value)
+        if name in lines:
+            dups.append((name, k.start_mark.line + 1))
+        lines.setdefault(name, k.start_mark.line + 1)
+    return data, lines, dups
 
 
-def resolve_path(value: str) -> Path:
-    """Paths in recipes are relative to the repository root (where `make` runs)."""
-    p = Path(value)
-    return p if p.is_absolute() else (ROOT / p)
+@dataclass
+class Recipe:
+    """One recipe as a command sees it: the file, and the overrides given on top."""
+
+    path: Path
+    file: dict                                   # the mapping as written in the file
+    args: list[str] = field(default_factory=list)  # `axolotl train` overrides, passed on as given
+    key_lines: dict[str, int] = field(default_factory=dict)
+    duplicates: list[tuple[str, int]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, name_or_path: str | Path, args: Sequence[str] = ()) -> "Recipe":
+        path = resolve(name_or_path)
+        file, lines, dups = _parse(path, path.read_text(encoding="utf-8"))
+        return cls(path, file, [str(a) for a in args], lines, dups)
+
+    def with_args(self, args: Sequence[str]) -> "Recipe":
+        """The same file with other overrides (not read again)."""
+        return Recipe(self.path, self.file, [str(a) for a in args], self.key_lines, self.duplicates)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def overrides(self) -> dict:
+        return parse_overrides(self.args)
+
+    @property
+    def config(self) -> dict:
+        """What Axolotl will see: the file with the overrides on top."""
+        return {**self.file, **self.overrides}
+
+    def get(self, key: str, default=None):
+        return self.config.get(key, default)
+
+    def where(self, key: str | None = None) -> str:
+        """`recipes/x.yml:23` for a key (dotted or indexed keys: their top-level line)."""
+        line = self.key_lines.get(key.split(".")[0].split("[")[0]) if key else None
+        return f"{rel(self.path)}:{line}" if line else rel(self.path)
+
+    def local(self, value: str | None) -> Path | None:
+        """The resolved path when `value` names a local file or folder, else None (hub id)."""
+        return resolve_path(value) if value and is_local(str(value)) else None
+
+    @property
+    def output_dir(self) -> Path:
+        return resolve_path(str(self.get("output_dir") or f"./outputs/{self.name}"))
+
+    @property
+    def base_model(self) -> str:
+        return str(self.get("base_model") or "")
+
+    @property
+    def config_dir(self) -> Path | None:
+        """A folder with the base model's config.json, without the hub (see model_config_dir)."""
+        return model_config_dir(self.base_model) if self.base_model else None
+
+
+def load(path: str | Path) -> dict:
+    """The mapping a recipe file holds (no overrides)."""
+    return Recipe.open(path).file
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def load_matrix(path: Path = MATRIX) -> dict:
+    try:
+        m = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{rel(path)}: not valid YAML: {e}") from None
+    for key in ("models", "tasks", "common", "variants", "reference_gpus"):
+        if key not in m:
+            raise RecipeError(f"{rel(path)}: top-level key {key!r} is missing")
+    for name, v in m["variants"].items():
+        if v["model"] not in m["models"]:
+            raise RecipeError(f"{rel(path)}: variants.{name}.model: no model {v['model']!r}")
+        if v["bits"] not in BITS_LABEL:
+            raise RecipeError(f"{rel(path)}: variants.{name}.bits must be one of 16, 8, 4")
+    return m
+
+
+def recipe_name(task: str, variant: str) -> str:
+    return f"{task}_{variant}"
+
+
+def recipe_names(matrix: dict | None = None) -> list[str]:
+    m = matrix or load_matrix()
+    return [recipe_name(t, v) for v in m["variants"] for t in m["tasks"]]
+
+
+def model_config_dir(base_model: str, matrix: dict | None = None) -> Path | None:
+    """The folder holding `base_model`'s config.json: the local folder itself, or for a hub
+    id the copy shipped under recipes/models/ (so that no check needs the hub)."""
+    if is_local(base_model):
+        local = resolve_path(base_model)
+        return local if (local / "config.json").is_file() else None
+    m = matrix or load_matrix()
+    for spec in m["models"].values():
+        if spec["base_model"] == base_model:
+            return ROOT / spec["config_dir"]
+    return None

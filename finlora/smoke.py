@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from finlora.errors import SmokeError
 from finlora import ROOT
 
 SMOKE_DIR = ROOT / "outputs" / "smoke"
@@ -45,10 +46,6 @@ STEPS = 2
 DS_PROCESSES = 2
 EVAL_ROWS = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-class SmokeError(Exception):
-    """The smoke cannot run or its run did not do what the recipe says."""
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -247,7 +244,7 @@ def _rel(p: Path) -> str:
 
 def split_name(name: str) -> tuple[str, str]:
     """(task, variant) of a generated recipe name such as `xbrl_term_r8_bf16`."""
-    from finlora.recipe_matrix import load_matrix
+    from finlora.recipes import load_matrix
 
     m = load_matrix()
     for task in sorted(m["tasks"], key=len, reverse=True):
@@ -259,7 +256,7 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def generated_names() -> list[str]:
-    from finlora.recipe_matrix import recipe_names
+    from finlora.recipes import recipe_names
 
     return recipe_names()
 
@@ -415,7 +412,7 @@ def run(name: str) -> dict:
 
     from finlora import recipes, train
     from finlora.atomic import write_json, write_jsonl
-    from finlora.recipe_matrix import model_config_dir_for
+    from finlora.recipes import model_config_dir as model_config_dir_for
 
     t_start = time.time()
     task, variant = split_name(name)

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if prepared and recipes.resolve_path(prepared).is_dir():
         shutil.rmtree(recipes.resolve_path(prepared))
 
-    from finlora.recipe_matrix import launch_command
+    from finlora.launch import launch_command
     from finlora.redact import redact_text, redact_tree
 
     try:

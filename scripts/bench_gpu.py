@@ -121,9 +121,9 @@ def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed,
     L = config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d = config.num_attention_heads * hd
-    from finlora.params import _layer_linears
+    from finlora.params import layer_linears
 
-    total_params = _layer_linears(model_dir)[2]
+    total_params = layer_linears(model_dir)[2]
     warm = min(a.warmup, len(rec["steps"]) - 1)
     rate = throughput(rec["steps"], warm)
     per_token = model_flops_per_token(P_mm, T)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from finlora import recipes
     from finlora.atomic import write_json
     from finlora.gpu_bench import random_model
-    from finlora.recipe_matrix import load_spec
+    from finlora.params import load_spec
 
     names = ([n.strip() for n in a.recipes.split(",") if n.strip()] if a.recipes else
              [f"{a.task}_{v.strip()}" for v in a.variants.split(",") if v.strip()])

@@ -2,7 +2,8 @@
 """Score models on FinLoRA test sets: `python scripts/evaluate.py --recipe NAME --datasets fpb,fiqa`."""
 import sys
 
+from finlora.cli import run
 from finlora.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

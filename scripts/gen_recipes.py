@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from finlora import recipe_matrix
+from finlora import generate as recipe_matrix
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 """Generate with base + adapter(s) or a merged model: `python scripts/infer.py --recipe NAME --prompt TEXT`."""
 import sys
 
+from finlora.cli import run
 from finlora.infer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -3,7 +3,8 @@
 or `python scripts/merge.py --base DIR --adapter DIR --out DIR`. See finlora/merge.py."""
 import sys
 
+from finlora.cli import run
 from finlora.merge import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -7,7 +7,8 @@
 """
 import sys
 
+from finlora.cli import run
 from finlora.params import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -5,7 +5,8 @@
 """
 import sys
 
+from finlora.cli import run
 from finlora.plan import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

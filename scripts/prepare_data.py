@@ -2,7 +2,8 @@
 
 import sys
 
+from finlora.cli import run
 from finlora.data.prepare import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -2,7 +2,8 @@
 """Smoke a generated recipe on the CPU: `python scripts/smoke.py sentiment_r8 [more ...|all]`. See finlora/smoke.py."""
 import sys
 
+from finlora.cli import run
 from finlora.smoke import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -2,7 +2,8 @@
 """Train a recipe: `python scripts/train.py [RECIPE] [axolotl overrides...]`."""
 import sys
 
+from finlora.cli import run
 from finlora.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

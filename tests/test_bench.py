@@ -160,7 +160,7 @@ def test_bench_gpu_summary_of_a_cuda_record(tmp_path):
     bench_gpu = importlib.util.module_from_spec(spec_mod)
     spec_mod.loader.exec_module(bench_gpu)
     from finlora import plan as planner
-    from finlora.recipe_matrix import load_spec
+    from finlora.params import load_spec
 
     steps = [{"step": k, "t": 2.0 * k, "tokens": 8192 * k, "answer_tokens": 32 * k, "examples": 16 * k,
               "micro_batches": 2 * k, "loss": 11.0} for k in range(1, 11)]

@@ -7,7 +7,7 @@ import pytest
 from finlora import ROOT
 from finlora import params
 from finlora import plan as planner
-from finlora.recipe_matrix import load_spec
+from finlora.params import load_spec
 
 LLAMA_70B = ROOT / "recipes" / "models" / "llama-3.1-70b"
 LLAMA_8B = ROOT / "recipes" / "models" / "llama-3.1-8b"

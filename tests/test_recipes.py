@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finlora import ROOT
-from finlora import recipe_matrix as rm
+from finlora import axolotl_config as rm
 
 GENERATED = rm.recipe_names()
 DEFAULT = ROOT / "recipes" / "smollm2_sentiment_r8.yml"

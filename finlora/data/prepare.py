@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
+from finlora.errors import DataError
 from finlora import ROOT, recipes
 from finlora.atomic import write_json, write_jsonl
 from finlora.data import sources, stats, synthetic
@@ -51,14 +52,6 @@ TEST_FRACTION = 0.2
 NWGI_TRAIN_ROWS = 600  # NWGI rows added to the FPB training file (of ~3,240 in our 80% split)
 BALANCE_POWER = 0.5  # class c of n_c rows -> n_max * (n_c / n_max) ** 0.5 rows (split.oversample)
 MAX_LISTED = 50  # overlap pairs listed in full; every bad row is always listed
-
-
-class DataError(SystemExit):
-    """The input is not fit to write; the message lists every problem."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+from finlora.errors import SourceError
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora", "hf")
 _BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "fpb-txt"}
@@ -36,10 +37,6 @@ class RawRow:
 @dataclass
 class SourceInfo:
     latin1_lines: list[int] = field(default_factory=list)
-
-
-class SourceError(SystemExit):
-    """A source that cannot be read at all (missing file, missing column)."""
 
 
 def guess_format(path: str | Path) -> str:
