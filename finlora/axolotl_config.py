@@ -14,24 +14,15 @@ hand-written) must pass before anything loads.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import yaml
-
-from finlora import ROOT
 from finlora.errors import RecipeError
-from finlora.recipes import model_config_dir as model_config_dir_for
-
-
-# --------------------------------------------------------------------------- validation
-
-
-class RecipeInvalid(ValueError):
-    pass
+from finlora.recipes import Recipe, is_local, rel, resolve_path
 
 
 def _names(fname: str, f) -> set[str]:
@@ -174,25 +165,25 @@ def check_deepspeed_json(ds: str) -> dict:
     Axolotl imports it only after validation (prepare_optim_env). We check the JSON
     ourselves: it parses, names a ZeRO stage 1-3, uses only known keys, and leaves
     batch sizes and precision to the recipe ("auto"), so that it cannot disagree."""
-    p = ROOT / ds if not Path(ds).is_absolute() else Path(ds)
+    p = resolve_path(ds)
     if not p.is_file():
-        raise RecipeInvalid(f"deepspeed: {ds} does not exist")
+        raise RecipeError(f"deepspeed: {ds} does not exist")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise RecipeInvalid(f"deepspeed: {ds}: not valid JSON: {e}") from None
+        raise RecipeError(f"deepspeed: {ds}: not valid JSON: {e}") from None
     unknown = sorted(set(d) - KNOWN_DS_KEYS)
     zo = d.get("zero_optimization") or {}
     unknown += sorted(f"zero_optimization.{k}" for k in set(zo) - KNOWN_ZERO_KEYS)
     if unknown:
-        raise RecipeInvalid(f"deepspeed: {ds}: unknown keys: {', '.join(unknown)}")
+        raise RecipeError(f"deepspeed: {ds}: unknown keys: {', '.join(unknown)}")
     if zo.get("stage") not in (1, 2, 3):
-        raise RecipeInvalid(f"deepspeed: {ds}: zero_optimization.stage must be 1, 2 or 3")
+        raise RecipeError(f"deepspeed: {ds}: zero_optimization.stage must be 1, 2 or 3")
     for k in ("gradient_accumulation_steps", "train_batch_size", "train_micro_batch_size_per_gpu"):
         if d.get(k) != "auto":
-            raise RecipeInvalid(f"deepspeed: {ds}: {k} must be \"auto\" (the recipe sets it)")
+            raise RecipeError(f"deepspeed: {ds}: {k} must be \"auto\" (the recipe sets it)")
     if (d.get("bf16") or {}).get("enabled") not in ("auto", True):
-        raise RecipeInvalid(f"deepspeed: {ds}: bf16.enabled must be \"auto\"")
+        raise RecipeError(f"deepspeed: {ds}: bf16.enabled must be \"auto\"")
     return d
 
 
@@ -250,47 +241,46 @@ def _as_gpu_host(enabled: bool) -> Iterator[None]:
         yield
 
 
-def validate_recipe(
-    path: str | Path,
+def validate(
+    recipe: Recipe,
     model_config_dir: str | Path | None = None,
     gpu: bool | None = None,
     n_gpu: int = 1,
 ) -> dict:
-    """Validate one recipe offline; return Axolotl's normalized config.
+    """Validate a recipe's config (the file with its overrides) offline; return
+    Axolotl's normalized config.
 
-    Raises RecipeInvalid naming the bad keys. `model_config_dir` defaults to the
-    shipped config for the recipe's base_model (or the local base_model folder).
-    `gpu` (default: the recipe names a hub model, flash attention or bitsandbytes)
-    validates with a GPU's capabilities (bf16, sm_90), as `axolotl train` on a GPU node
-    would see them. A deprecation that one of Axolotl's validators logs (rather than
-    marks in the schema) is refused too, with Axolotl's message.
+    Raises RecipeError naming the bad keys (Axolotl's own exception as its __cause__).
+    `model_config_dir` defaults to the shipped config for the recipe's base_model (or
+    the local base_model folder). `gpu` (default: the recipe names a hub model, flash
+    attention or bitsandbytes) validates with a GPU's capabilities (bf16, sm_90), as
+    `axolotl train` on a GPU node would see them. A deprecation that one of Axolotl's
+    validators logs (rather than marks in the schema) is refused too, with Axolotl's
+    message.
     """
     from axolotl.cli.config import prepare_plugins
     from axolotl.utils.config import normalize_cfg_datasets, normalize_config, validate_config
     from axolotl.utils.dict import DictDefault
 
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise RecipeInvalid(f"{path}: not a YAML mapping")
+    where = rel(recipe.path)
+    raw = copy.deepcopy(recipe.config)  # Axolotl normalises datasets in place
     bad = unknown_keys(raw)
     if bad:
-        raise RecipeInvalid(f"{path}: keys Axolotl does not accept: {', '.join(bad)}")
+        raise RecipeError(f"{where}: keys Axolotl does not accept: {', '.join(bad)}")
     if raw.get("deepspeed"):
         check_deepspeed_json(raw["deepspeed"])
     if model_config_dir is None:
-        model_config_dir = model_config_dir_for(str(raw.get("base_model", "")))
+        model_config_dir = recipe.config_dir
         if model_config_dir is None:
-            raise RecipeInvalid(f"{path}: no local config.json for base_model {raw.get('base_model')!r}")
+            raise RecipeError(f"{where}: no local config.json for base_model {raw.get('base_model')!r}")
     model_config_dir = Path(model_config_dir)
     if gpu is None:
-        base = str(raw.get("base_model", ""))
         gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit")
                    or str(raw.get("attn_implementation") or "").startswith("flash")
-                   or not base.startswith(("./", "/", "outputs/")))
+                   or not is_local(recipe.base_model))
 
     cfg = DictDefault(raw)
-    cfg.axolotl_config_path = str(path)
+    cfg.axolotl_config_path = str(recipe.path)
     # Injected here, not written in the recipe: Axolotl also takes the tokenizer from
     # base_model_config, which holds no tokenizer; real runs read both from base_model.
     cfg.base_model_config = str(model_config_dir)
@@ -310,10 +300,10 @@ def validate_recipe(
             try:
                 cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
             except Exception as e:  # pydantic ValidationError, ValueError, DeprecationWarning
-                raise RecipeInvalid(f"{path}: Axolotl rejects the config: {e}") from e
+                raise RecipeError(f"{where}: Axolotl rejects the config: {e}") from e
             deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
             if deprecations:
-                raise RecipeInvalid(f"{path}: deprecated in Axolotl: {' | '.join(deprecations)}")
+                raise RecipeError(f"{where}: deprecated in Axolotl: {' | '.join(deprecations)}")
             # load_cfg's next steps, minus prepare_debug_log (writes into output_dir) and
             # prepare_optim_env (sets process env vars and imports deepspeed).
             cfg.base_model_config = str(model_config_dir)

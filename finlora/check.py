@@ -7,8 +7,8 @@ problem is one line naming the file and the key:
     error: recipes/x.yml:23: lora_rnak: unknown key (did you mean lora_r?); Axolotl would ignore it
 
 Checked, in order: the YAML parses (file:line) without duplicate keys; every key is
-known to Axolotl (`recipe_matrix.unknown_keys`) and Axolotl's own validation accepts
-the config (`recipe_matrix.validate_recipe`, offline); safetensors and no remote
+known to Axolotl (`axolotl_config.unknown_keys`) and Axolotl's own validation accepts
+the config (`axolotl_config.validate`, offline); safetensors and no remote
 code; local paths exist (base_model, datasets[i].path, deepspeed); the tokenizer has
 an EOS and a pad token once the recipe's special_tokens are applied; every data row
 is valid JSON with the prompt/answer fields as non-empty strings and fits in
@@ -18,7 +18,8 @@ the checkpoints the recipe will keep.
 Checkpoints: Hugging Face's Trainer writes `checkpoint-N/` in place, file by file,
 `trainer_state.json` last, so a crash (SIGKILL, OOM kill, node loss) can leave a
 partial folder. `checkpoint_problems` defines "complete": trainer_state.json parses
-and names step N; the weights are safetensors whose header and length agree; and
+and names step N; the weights are safetensors that `safe_open` accepts (it refuses a
+file shorter or longer than its header says); and
 optimizer.pt, scheduler.pt and rng_state*.pth exist and load. Those three are torch
 pickles: they are loaded here as the Trainer itself loads them (weights_only=True,
 no arbitrary code), and trusted only because this project's own runs wrote them.
@@ -33,55 +34,32 @@ import logging
 import math
 import re
 import shutil
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from finlora import ROOT, recipes
+from finlora import recipes
+from finlora.errors import RecipeError
+from finlora.recipes import Recipe, rel
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 MARGIN_BYTES = 64 << 20  # logs, loss curve, tokenizer copy, Axolotl's prepared-data cache
 
 
-def rel(path: str | Path) -> str:
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
-
-
-def is_local(value: str) -> bool:
-    """A recipe path that names a local file or folder rather than a hub id."""
-    return value.startswith(("./", "../", "/", "~", "outputs/", "data/")) or recipes.resolve_path(value).exists()
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
 def safetensors_ok(path: Path) -> str | None:
-    """None when the file's header parses and its length matches; else why not."""
+    """None when safetensors opens the file (header and length agree); else why not."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path.name} is truncated"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return f"{path.name} is truncated (header)"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        return f"{path.name} is unreadable ({type(e).__name__})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
-    return None
+        with safe_open(str(path), "np"):
+            return None
+    except (OSError, SafetensorError) as e:
+        return f"{path.name} is truncated or unreadable ({str(e).split(': ')[-1]})"
 
 
 def torch_file_ok(path: Path) -> str | None:
@@ -145,13 +123,17 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """[(step, folder)] of the `checkpoint-N` folders, oldest first, as the Trainer sorts them."""
+    if not Path(output_dir).is_dir():
+        return []
+    from transformers.trainer_utils import sort_checkpoints
+
     out = []
-    if Path(output_dir).is_dir():
-        for p in Path(output_dir).iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and p.is_dir():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+    for p in map(Path, sort_checkpoints(str(output_dir))):
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return out
 
 
 def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
@@ -163,51 +145,6 @@ def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, lis
             return p, skipped
         skipped.append((p, why))
     return None, skipped
-
-
-# --------------------------------------------------------------------------- recipe reading
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def key_lines(text: str) -> tuple[dict[str, int], list[tuple[str, int]]]:
-    """({top-level key: line}, [(duplicated key, line)]) of a YAML mapping."""
-    node = yaml.compose(text, Loader=_Loader)
-    lines: dict[str, int] = {}
-    dups = []
-    if isinstance(node, yaml.MappingNode):
-        for k, _ in node.value:
-            name = str(k.value)
-            if name in lines:
-                dups.append((name, k.start_mark.line + 1))
-            lines.setdefault(name, k.start_mark.line + 1)
-    return lines, dups
-
-
-def parse_overrides(args: Sequence[str]) -> dict:
-    """`axolotl train` overrides (`--max-steps 3`, `--output_dir=x`) as recipe keys."""
-    out: dict = {}
-    i = 0
-    args = list(args)
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            key = name.replace("-", "_")
-            if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    value = args[i + 1]
-                    i += 1
-                else:
-                    value = "true"
-            try:
-                out[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                out[key] = value
-        i += 1
-    return out
 
 
 # --------------------------------------------------------------------------- the checks
@@ -233,31 +170,26 @@ class Result:
 
 
 class Checker:
-    def __init__(self, recipe: Path, cfg: dict, key_line: dict[str, int], resume: bool, pending: bool):
-        self.recipe, self.cfg, self.key_line = recipe, cfg, key_line
+    def __init__(self, recipe: Recipe, resume: bool, pending: bool):
+        self.recipe, self.cfg = recipe, recipe.config
         self.resume, self.pending = resume, pending
-        self.r = Result(recipe, cfg)
-        self.where = rel(recipe)
-
-    def _at(self, key: str) -> str:
-        line = self.key_line.get(key.split(".")[0].split("[")[0])
-        return f"{self.where}:{line}" if line else self.where
+        self.r = Result(recipe.path, self.cfg)
 
     def error(self, key: str, msg: str) -> None:
-        self.r.errors.append(f"error: {self._at(key)}: {key}: {msg}")
+        self.r.errors.append(f"error: {self.recipe.where(key)}: {key}: {msg}")
 
     def warn(self, key: str, msg: str) -> None:
-        self.r.warnings.append(f"warning: {self._at(key)}: {key}: {msg}")
+        self.r.warnings.append(f"warning: {self.recipe.where(key)}: {key}: {msg}")
 
     def note(self, msg: str) -> None:
         self.r.notes.append(f"note: {msg}")
 
     # -- keys and Axolotl's validation
     def keys(self) -> bool:
-        from finlora import axolotl_config as rm
+        from finlora import axolotl_config
 
-        allowed, _ = rm.schema_keys()
-        bad = rm.unknown_keys(self.cfg)
+        allowed, _ = axolotl_config.schema_keys()
+        bad = axolotl_config.unknown_keys(self.cfg)
         for k in bad:
             top = k.split(" ")[0]
             if "(deprecated in Axolotl" in k:
@@ -269,35 +201,29 @@ class Checker:
         return not bad
 
     def axolotl_validation(self) -> None:
-        from finlora import axolotl_config as rm
+        from finlora import axolotl_config
 
-        base = str(self.cfg.get("base_model", ""))
-        if not rm.model_config_dir_for(base):
-            self.note(f"base_model {base}: no local config.json, Axolotl's own validation skipped")
+        if self.recipe.config_dir is None:
+            self.note(f"base_model {self.recipe.base_model}: no local config.json, Axolotl's own validation skipped")
             return
-        # Overrides (ARGS) are part of what Axolotl will see: validate the merged config.
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".yml", prefix="finlora-check-") as tmp:
-            yaml.safe_dump(self.cfg, tmp, sort_keys=False)
-            tmp.flush()
-            logging.disable(logging.WARNING)
-            try:
-                rm.validate_recipe(tmp.name)
-            except rm.RecipeInvalid as e:
-                cause = e.__cause__
-                errs = getattr(cause, "errors", None)
-                if callable(errs):
-                    for d in errs()[:10]:
-                        loc = ".".join(str(x) for x in d.get("loc", ()) if x is not None) or "config"
-                        self.error(loc, f"Axolotl rejects it: {d.get('msg')}")
-                else:
-                    msg = str(cause or e).replace(tmp.name, self.where).splitlines()
-                    self.error("config", "Axolotl rejects it: " + " ".join(s.strip() for s in msg)[:300])
-            except Exception as e:  # noqa: BLE001 - a plugin or schema failure is one line too
-                self.error("config", f"Axolotl's validation failed: {type(e).__name__}: {str(e)[:200]}")
-            finally:
-                logging.disable(logging.NOTSET)
+        # The overrides (ARGS) are part of what Axolotl will see: the recipe's config holds them.
+        logging.disable(logging.WARNING)
+        try:
+            axolotl_config.validate(self.recipe)
+        except RecipeError as e:
+            cause = e.__cause__
+            errs = getattr(cause, "errors", None)
+            if callable(errs):
+                for d in errs()[:10]:
+                    loc = ".".join(str(x) for x in d.get("loc", ()) if x is not None) or "config"
+                    self.error(loc, f"Axolotl rejects it: {d.get('msg')}")
+            else:
+                msg = str(cause or e).splitlines()
+                self.error("config", "Axolotl rejects it: " + " ".join(x.strip() for x in msg)[:300])
+        except Exception as e:  # noqa: BLE001 - a plugin or schema failure is one line too
+            self.error("config", f"Axolotl's validation failed: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            logging.disable(logging.NOTSET)
 
     # -- safety
     def safety(self) -> None:
@@ -311,49 +237,49 @@ class Checker:
     def paths(self) -> None:
         from finlora.base_model import DEFAULT_OUT
 
-        base = str(self.cfg.get("base_model") or "")
-        if not base:
+        base = self.recipe.local(self.recipe.base_model)
+        if not self.recipe.base_model:
             self.error("base_model", "missing")
-        elif is_local(base) and not recipes.resolve_path(base).exists():
-            if self.pending and recipes.resolve_path(base).resolve() == DEFAULT_OUT.resolve():
-                self.note(f"base_model {base} is missing; `make train` builds it (or `make base-model`)")
+        elif base is not None and not base.exists():
+            if self.pending and base.resolve() == DEFAULT_OUT.resolve():
+                self.note(f"base_model {self.recipe.base_model} is missing; `make train` builds it (or `make base-model`)")
             else:
-                self.error("base_model", f"folder {base} does not exist")
+                self.error("base_model", f"folder {self.recipe.base_model} does not exist")
         for key in ("tokenizer_config", "base_model_config"):
-            v = self.cfg.get(key)
-            if v and is_local(str(v)) and not recipes.resolve_path(str(v)).exists():
-                self.error(key, f"{v} does not exist")
+            v = self.recipe.local(self.cfg.get(key))
+            if v is not None and not v.exists():
+                self.error(key, f"{self.cfg[key]} does not exist")
         for i, ds in enumerate(self.cfg.get("datasets") or []):
             path = str((ds or {}).get("path", ""))
+            local = self.recipe.local(path)
             if not path:
                 self.error(f"datasets[{i}].path", "missing")
-            elif is_local(path) and not recipes.resolve_path(path).exists():
-                if self.pending and self._default_data(path):
+            elif local is not None and not local.exists():
+                if self.pending and self._default_data(local):
                     self.note(f"datasets[{i}].path {path} is missing; `make train` prepares it (or `make data`)")
                 else:
                     self.error(f"datasets[{i}].path", f"{path} does not exist (run `make data`)")
         ds = self.cfg.get("deepspeed")
         if ds and isinstance(ds, str):
-            from finlora.axolotl_config import RecipeInvalid, check_deepspeed_json
+            from finlora.axolotl_config import check_deepspeed_json
 
             try:
                 check_deepspeed_json(ds)
-            except RecipeInvalid as e:
+            except RecipeError as e:
                 self.error("deepspeed", str(e).removeprefix("deepspeed: "))
 
     @staticmethod
-    def _default_data(path: str) -> bool:
+    def _default_data(local: Path) -> bool:
         from finlora.data import prepare
 
         try:
-            return Path(recipes.resolve_path(path)).absolute() in prepare.default_outputs()
+            return local.absolute() in prepare.default_outputs()
         except Exception:  # noqa: BLE001
             return False
 
     # -- tokenizer
     def _tokenizer_dir(self) -> Path | None:
-        name = str(self.cfg.get("tokenizer_config") or self.cfg.get("base_model") or "")
-        p = recipes.resolve_path(name) if name else None
+        p = self.recipe.local(self.cfg.get("tokenizer_config") or self.recipe.base_model)
         return p if p is not None and p.is_dir() else None
 
     def tokenizer(self):
@@ -387,20 +313,16 @@ class Checker:
 
     # -- data
     def data(self, tok_dir: Path | None) -> None:
-        from finlora.data.convert import RowError, _field
+        from finlora.data.convert import RowError, field_value
         from finlora.data.sources import read_jsonl
+        from finlora.data.validate import Lengths, over_length
 
-        lengths = None
-        if tok_dir is not None:
-            from finlora.data.validate import _Lengths
-
-            lengths = _Lengths.load(tok_dir)
+        lengths = Lengths.load(tok_dir) if tok_dir is not None else None
         seq = self.cfg.get("sequence_len")
         for i, ds in enumerate(self.cfg.get("datasets") or []):
             ds = ds or {}
-            path = str(ds.get("path", ""))
-            p = recipes.resolve_path(path)
-            if not (path and is_local(path) and p.is_file()):
+            p = self.recipe.local(str(ds.get("path", "")))
+            if p is None or not p.is_file():
                 continue
             if ds.get("ds_type", "json") != "json" and p.suffix not in (".json", ".jsonl"):
                 continue
@@ -419,7 +341,7 @@ class Checker:
                     problems.append(f"line {raw.line}: {raw.error}")
                     continue
                 try:
-                    vals = [_field(raw.data, f) for f in fields]
+                    vals = [field_value(raw.data, f) for f in fields]
                 except RowError as e:
                     problems.append(f"line {raw.line}: {e}")
                     continue
@@ -433,19 +355,18 @@ class Checker:
                 self.error(key, f"{rel(p)} has no rows")
             if lengths is None or not texts or not isinstance(seq, int):
                 continue
-            ns = lengths.lengths([s for _, s in texts])
-            long = [(ln, n + 1) for (ln, _), n in zip(texts, ns) if n + 1 > seq]  # + the EOS appended
-            for ln, n in long[:5]:
-                self.error("sequence_len", f"{seq} is shorter than {rel(p)} line {ln} ({n} tokens)")
+            long = over_length(lengths, [s for _, s in texts], seq)
+            for j, n in long[:5]:
+                self.error("sequence_len", f"{seq} is shorter than {rel(p)} line {texts[j][0]} ({n} tokens)")
             if len(long) > 5:
                 self.error("sequence_len", f"... and {len(long) - 5} more rows of {rel(p)} are longer than {seq}")
             if not long:
-                self.note(f"{rel(p)}: {len(texts)} rows, longest {max(ns) + 1} tokens <= sequence_len {seq}")
+                longest = max(lengths.lengths([s for _, s in texts])) + 1  # + the EOS Axolotl appends
+                self.note(f"{rel(p)}: {len(texts)} rows, longest {longest} tokens <= sequence_len {seq}")
 
     # -- output folder
     def output(self) -> None:
-        out = recipes.resolve_path(str(self.cfg.get("output_dir") or f"./outputs/{self.recipe.stem}"))
-        self.r.output_dir = out
+        out = self.r.output_dir = self.recipe.output_dir
         explicit = self.cfg.get("resume_from_checkpoint")
         ckpts = list_checkpoints(out)
         if explicit:
@@ -512,10 +433,7 @@ class Checker:
             self.note(f"disk: about {mb(need)} needed ({kept} checkpoint(s) x {mb(ckpt)}), {mb(free)} free")
 
     def _trainable_params(self) -> int | None:
-        from finlora import axolotl_config as rm
-
-        base = str(self.cfg.get("base_model", ""))
-        cdir = rm.model_config_dir_for(base) if base else None
+        cdir = self.recipe.config_dir
         if cdir is None:
             return None
         try:
@@ -532,24 +450,19 @@ class Checker:
             return None
 
 
-def run(recipe: str | Path, *, resume: bool = False, extra_args: Sequence[str] = (),
+def run(recipe: Recipe | str | Path, *, resume: bool = False, extra_args: Sequence[str] = (),
         pending: bool = True) -> Result:
-    """All checks for one recipe. `pending`: the default base model and data may still
-    be built by `make train` (missing ones are notes, not errors)."""
-    try:
-        path = recipes.resolve(str(recipe))
-    except recipes.RecipeError as e:
-        return Result(Path(str(recipe)), errors=[str(e)])
-    try:
-        cfg = recipes.load(path)
-    except recipes.RecipeError as e:
-        return Result(path, errors=[str(e).replace(str(path), rel(path))])
-    lines, dups = key_lines(path.read_text(encoding="utf-8"))
-    overrides = parse_overrides(extra_args)
-    cfg = {**cfg, **overrides}
-    c = Checker(path, cfg, lines, resume or bool(cfg.get("auto_resume_from_checkpoints")), pending)
-    for k, ln in dups:
-        c.r.errors.append(f"error: {c.where}:{ln}: {k}: key appears twice (the last one wins silently)")
+    """All checks for one recipe (a Recipe as `make train` holds it, or a name or path,
+    read here with `extra_args` as its overrides). `pending`: the default base model and
+    data may still be built by `make train` (missing ones are notes, not errors)."""
+    if not isinstance(recipe, Recipe):
+        try:
+            recipe = Recipe.open(recipe, extra_args)
+        except RecipeError as e:
+            return Result(Path(str(recipe)), errors=[f"error: {e}"])
+    c = Checker(recipe, resume or bool(recipe.get("auto_resume_from_checkpoints")), pending)
+    for k, ln in recipe.duplicates:
+        c.r.errors.append(f"error: {rel(recipe.path)}:{ln}: {k}: key appears twice (the last one wins silently)")
     keys_ok = c.keys()
     c.safety()
     c.paths()
@@ -579,7 +492,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"check: {rel(r.recipe)} OK" + (f" ({len(r.warnings)} warning(s))" if r.warnings else ""))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

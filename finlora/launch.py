@@ -1,17 +1,24 @@
-"""How `make train` launches Axolotl: the command line for RECIPE/GPUS/NODES, the
-global batch kept across process counts, and the environment of the child."""
+"""How `make train` launches Axolotl's trainer: the command line for RECIPE/GPUS/NODES,
+the global batch kept across process counts, the child's environment, and its output
+(redacted on the way through).
+
+Axolotl's stdout/stderr pass through `finlora.redact` (byte chunks, so progress bars
+stream): values of secret-named environment variables never reach the terminal or a
+captured log.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from finlora import ROOT
 from finlora.errors import LaunchError
-
-
-# --------------------------------------------------------------------------- launch
+from finlora.recipes import Recipe
 
 
 def launch_command(
@@ -67,3 +74,117 @@ def launch_command(
         "accelerate", "launch", "--config_file", f"recipes/accelerate/{config}",
         "--num_processes", str(gpus), "-m", "axolotl.cli.train", recipe_s, *extra,
     ]
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def first_visible_gpu(env: dict) -> str:
+    """The first GPU of CUDA_VISIBLE_DEVICES (all GPUs when it is unset: "0")."""
+    visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[0] if visible else "0"
+
+
+def accumulation_for(accum: int, processes: int) -> int:
+    """The gradient accumulation that keeps a recipe's one-process global batch on
+    `processes` processes (the nearest one when they do not divide it)."""
+    if accum % processes == 0:
+        return accum // processes
+    return max(1, round(accum / processes))
+
+
+def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
+                devices: int) -> tuple[int | None, Recipe, list[str]]:
+    """What `make train` launches: (GPUs per node, the recipe with the overrides that
+    Axolotl gets, lines to print).
+
+    - GPUS unset: one process. On a machine with CUDA GPUs that is the first GPU of
+      CUDA_VISIBLE_DEVICES through single_gpu.yaml (a bare `axolotl train` would start
+      one process per visible GPU); on a CPU, `axolotl train` (one process).
+    - One process on one node sees only that GPU (`train.main` narrows
+      CUDA_VISIBLE_DEVICES): with several visible, the Trainer would wrap the model in
+      DataParallel, or a `device_map: auto` load would spread it over all of them.
+    - The global batch: a recipe's micro_batch_size x gradient_accumulation_steps is its
+      global batch on one process (for the generated recipes, FinLoRA's reference batch).
+      With P processes the accumulation is divided by P; when P does not divide it, the
+      nearest accumulation is used and the changed global batch is printed. An explicit
+      --gradient-accumulation-steps in ARGS is kept as given.
+    """
+    lines: list[str] = []
+    if gpus is None and nodes is None and devices >= 1:
+        gpus = 1
+        more = f"; {devices} GPUs visible: GPUS={devices} trains on all of them" if devices > 1 else ""
+        lines.append(f"train: one process on GPU {first_visible_gpu(os.environ)} (GPUS unset{more})")
+    processes = (gpus or 1) * (nodes or 1)
+    micro = int(recipe.get("micro_batch_size") or 1)
+    accum = int(recipe.file.get("gradient_accumulation_steps") or 1)
+    recipe_global = micro * accum
+    given = recipe.overrides.get("gradient_accumulation_steps")
+    if given is not None:
+        if not isinstance(given, int) or isinstance(given, bool) or given < 1:
+            raise LaunchError(f"--gradient-accumulation-steps {given}: not a positive integer")
+        new = given
+    else:
+        new = accumulation_for(accum, processes)
+        if new != accum:
+            recipe = recipe.with_args([*recipe.args, "--gradient-accumulation-steps", str(new)])
+    total = micro * new * processes
+    how = f"micro batch {micro} x accumulation {new}" + (f" x {processes} processes" if processes > 1 else "")
+    if total == recipe_global:
+        lines.append(f"train: global batch {total} = {how}"
+                     + (f" (the recipe's {micro} x {accum} on one process)" if processes > 1 else ""))
+    else:
+        why = ("--gradient-accumulation-steps is given" if given is not None
+               else f"{processes} processes do not divide accumulation {accum}")
+        lines.append(f"train: global batch CHANGES to {total} = {how}, from the recipe's {recipe_global} "
+                     f"({micro} x {accum} on one process): {why}")
+    return gpus, recipe, lines
+
+
+def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
+    env = dict(os.environ)
+    env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    env.setdefault("WANDB_MODE", "disabled")
+    # A local base model needs nothing from the hub; say so, so that no library
+    # tries (and waits on) the network on an offline machine.
+    base = recipe.local(recipe.base_model)
+    if base is not None and base.is_dir():
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # `axolotl train` execs `accelerate`
+    import torch
+
+    if not torch.cuda.is_available():
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
+        # one-process CPU run would train on one core: share the usable cores out.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
+        if processes > 1:
+            # Without it, Accelerate's shared state (made before the Trainer asks for the
+            # CPU) finds no GPU and falls back to "not distributed": every process then
+            # trains alone on the whole data set. With it: gloo, DDP, sharded batches.
+            env.setdefault("ACCELERATE_USE_CPU", "1")
+    return env
+
+
+def run_axolotl(cmd: list[str], env: dict) -> int:
+    """Run Axolotl with its stdout/stderr redacted on the way through."""
+    from finlora.redact import pump, secret_values
+
+    secrets = secret_values(env)
+    env = dict(env, PYTHONUNBUFFERED="1")  # stream as it happens, although piped
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    threads = [pump(proc.stdout, sys.stdout, secrets), pump(proc.stderr, sys.stderr, secrets)]
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the child got the same SIGINT; let it stop cleanly
+        try:
+            rc = proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.send_signal(signal.SIGKILL)
+            rc = proc.wait()
+    for t in threads:
+        t.join(timeout=10)
+    return rc

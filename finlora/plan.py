@@ -55,12 +55,12 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finlora.params import ParamCount, RecipeSpec, count, layer_linears, load_spec
-from finlora.recipes import load_matrix, recipe_name
+from finlora.errors import LaunchError, RecipeError
+from finlora.recipes import DEFAULT_RECIPE, RECIPE_DIR, load_matrix, recipe_name
 
 GiB = 2 ** 30
 CARDS_GB = (24, 40, 80, 141)
@@ -130,9 +130,9 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
     each row (default `sequence_len`, the longest a batch can be; a measurement made on
     shorter rows is compared at its own length)."""
     if gpus < 1:
-        raise ValueError("GPUS must be >= 1")
+        raise LaunchError(f"GPUS must be >= 1, got {gpus}")
     if spec.config_dir is None:
-        raise SystemExit(f"error: {spec.name}: no local config.json for base_model {spec.base_model!r}")
+        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}")
     pc = pc or count(spec.config_dir, spec.r, spec.targets, spec.dora)
     block_linears, L, _, _, config = layer_linears(spec.config_dir)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -365,9 +365,7 @@ def recipe_table(gpus: int = 1, include_default: bool = True) -> str:
         return (f"| `{name}` | {task} | {label} | {spec.r} | {bits} | {spec.variant} | "
                 f"{pc.trainable:,} | {p.peak_gib:.1f} | {card} |")
 
-    from finlora.recipes import RECIPE_DIR
-
-    default = RECIPE_DIR / "smollm2_sentiment_r8.yml"
+    default = RECIPE_DIR / f"{DEFAULT_RECIPE}.yml"
     if include_default and default.is_file():
         spec = load_spec(str(default))
         if spec.config_dir is not None:
@@ -393,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a scripts/bench_gpu.py result to print beside the plan (default: outputs/bench_gpu.json "
                         "when present; recipes/measured.json always)")
     a = p.parse_args(argv)
-    from finlora import recipes
-
-    name = a.recipe_opt or a.recipe or recipes.DEFAULT_RECIPE
+    name = a.recipe_opt or a.recipe or DEFAULT_RECIPE
     spec = load_spec(name)
     if a.no_gradient_checkpointing:
         spec.gradient_checkpointing = False
@@ -403,11 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measured = load_measurements(a.measured)
     except (OSError, ValueError, KeyError) as e:
-        print(f"error: measurements: {e}", file=sys.stderr)
-        return 2
+        raise RecipeError(f"measurements: {e}") from None
     print(report(plan, spec, measured))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

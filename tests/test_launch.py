@@ -1,6 +1,6 @@
 """How `make train` launches on GPU nodes: process count, GPU choice, global batch, SLURM.
 
-No GPU here: the device count is faked (finlora.train.cuda_device_count) and the
+No GPU here: the device count is faked (finlora.launch.cuda_device_count) and the
 launch itself is recorded instead of run; what is checked is the command and the
 environment finlora/train.py hands to Axolotl. The accelerate config is run through
 accelerate's own launcher code; scripts/slurm_train.sh runs under bash with fake SLURM
@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from finlora import ROOT
+from finlora import launch as fl
 from finlora import train as ft
 
 
@@ -45,8 +46,8 @@ def launch(monkeypatch, capsys, recipe: Path, args: list[str], devices: int, env
 
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(ft, "cuda_device_count", lambda: devices)
-    monkeypatch.setattr(ft, "run_axolotl", record)
+    monkeypatch.setattr(fl, "cuda_device_count", lambda: devices)
+    monkeypatch.setattr(fl, "run_axolotl", record)
     assert ft.main(["--no-check", *args, str(recipe)]) == 1
     return seen["cmd"], seen["env"], capsys.readouterr().out
 
@@ -100,8 +101,8 @@ def test_nodes_count_in_the_global_batch(monkeypatch, capsys, gpu_recipe):
 
 def test_explicit_accumulation_override_is_kept_and_reported(monkeypatch, capsys, gpu_recipe):
     seen = {}
-    monkeypatch.setattr(ft, "cuda_device_count", lambda: 4)
-    monkeypatch.setattr(ft, "run_axolotl", lambda cmd, env: seen.setdefault("cmd", cmd) and 1)
+    monkeypatch.setattr(fl, "cuda_device_count", lambda: 4)
+    monkeypatch.setattr(fl, "run_axolotl", lambda cmd, env: seen.setdefault("cmd", cmd) and 1)
     assert ft.main(["--no-check", "--gpus", "4", str(gpu_recipe), "--gradient-accumulation-steps", "4"]) == 1
     out = capsys.readouterr().out
     assert seen["cmd"].count("--gradient-accumulation-steps") == 1 and _value(seen["cmd"], "--gradient-accumulation-steps") == "4"

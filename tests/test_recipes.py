@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from finlora import ROOT
+from finlora.errors import RecipeError
+from finlora.recipes import recipe_names
 from finlora import axolotl_config as rm
 
-GENERATED = rm.recipe_names()
+GENERATED = recipe_names()
 DEFAULT = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
 SMOLLM2_CONFIG = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct" / "config.json"
 
@@ -104,9 +106,16 @@ def test_recipe_values_follow_the_brief():
         assert cfg["excess_length_strategy"] == "drop"  # explicit; the plugin lists what it drops
 
 
+def validate(path):
+    from finlora.axolotl_config import validate
+    from finlora.recipes import Recipe
+
+    return validate(Recipe.open(path))
+
+
 @pytest.mark.parametrize("name", GENERATED)
 def test_generated_recipe_passes_axolotl_validation(name):
-    cfg = rm.validate_recipe(ROOT / "recipes" / f"{name}.yml")
+    cfg = validate(ROOT / "recipes" / f"{name}.yml")
     assert cfg.model_config_type == "llama"
     assert cfg.adapter in ("lora", "qlora")
     assert cfg.bf16 is True  # validated as on a bf16-capable GPU
@@ -115,7 +124,7 @@ def test_generated_recipe_passes_axolotl_validation(name):
 def test_default_recipe_passes_axolotl_validation():
     if not SMOLLM2_CONFIG.is_file():
         pytest.skip(f"{SMOLLM2_CONFIG.relative_to(ROOT)} absent (run `make base-model`)")
-    cfg = rm.validate_recipe(DEFAULT)
+    cfg = validate(DEFAULT)
     assert cfg.model_config_type == "llama" and cfg.lora_r == 8
 
 
@@ -132,23 +141,23 @@ def _planted(tmp_path, **changes) -> Path:
 
 
 def test_unknown_key_is_refused_with_its_name(tmp_path):
-    with pytest.raises(rm.RecipeInvalid, match="lora_rnak"):
-        rm.validate_recipe(_planted(tmp_path, lora_rnak=8))
+    with pytest.raises(RecipeError, match="lora_rnak"):
+        validate(_planted(tmp_path, lora_rnak=8))
 
 
 def test_deprecated_and_nested_unknown_keys_are_refused(tmp_path):
-    with pytest.raises(rm.RecipeInvalid, match=r"rope_scaling \(deprecated"):
-        rm.validate_recipe(_planted(tmp_path, rope_scaling={"type": "linear", "factor": 2.0}))
+    with pytest.raises(RecipeError, match=r"rope_scaling \(deprecated"):
+        validate(_planted(tmp_path, rope_scaling={"type": "linear", "factor": 2.0}))
     # deprecated through pydantic's Field(deprecated=...) in AxolotlInputConfig, with the hint
     for key, value, hint in (("flash_attention", True, "attn_implementation: flash_attention_2"),
                              ("sdp_attention", False, "attn_implementation: sdpa"),
                              ("gc_steps", 10, "torch_empty_cache_steps"),
                              ("flash_attn_d512", True, "large_head_attention"),  # by its description
                              ("sequence_parallel_degree", 1, "context_parallel_size")):
-        with pytest.raises(rm.RecipeInvalid, match=rf"{key} \(deprecated in Axolotl: .*{hint}"):
-            rm.validate_recipe(_planted(tmp_path, **{key: value}))
-    with pytest.raises(rm.RecipeInvalid, match=r"datasets\[0\]\.fiel_output"):
-        rm.validate_recipe(_planted(tmp_path, dataset_key="fiel_output"))
+        with pytest.raises(RecipeError, match=rf"{key} \(deprecated in Axolotl: .*{hint}"):
+            validate(_planted(tmp_path, **{key: value}))
+    with pytest.raises(RecipeError, match=r"datasets\[0\]\.fiel_output"):
+        validate(_planted(tmp_path, dataset_key="fiel_output"))
 
 
 def test_every_deprecation_axolotls_schema_marks_is_flagged():
@@ -170,8 +179,8 @@ def test_deprecation_a_validator_logs_is_refused(tmp_path):
     cfg["datasets"] = [{"path": "./data/train/sentiment_train.jsonl", "type": "chat_template",
                         "message_field_role": "from"}]
     p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    with pytest.raises(rm.RecipeInvalid, match="deprecated in Axolotl: message_field_role is deprecated"):
-        rm.validate_recipe(p)
+    with pytest.raises(RecipeError, match="deprecated in Axolotl: message_field_role is deprecated"):
+        validate(p)
 
 
 def test_sdpa_recipes_never_probe_the_hub_for_a_flash_attention_kernel(monkeypatch, tmp_path):
@@ -193,26 +202,28 @@ def test_sdpa_recipes_never_probe_the_hub_for_a_flash_attention_kernel(monkeypat
 
     monkeypatch.setattr(axcfg, "validate_config", validate_as_on_cuda)
     monkeypatch.setattr(hub, "is_fa2_hub_kernel_available", lambda: calls.append(1) or False)
-    rm.validate_recipe(ROOT / "recipes" / "sentiment_r8.yml")
+    validate(ROOT / "recipes" / "sentiment_r8.yml")
     assert calls == []
-    with pytest.raises(rm.RecipeInvalid, match="no flash-attn build is available"):
-        rm.validate_recipe(_planted(tmp_path, attn_implementation="flash_attention_2"))
+    with pytest.raises(RecipeError, match="no flash-attn build is available"):
+        validate(_planted(tmp_path, attn_implementation="flash_attention_2"))
     assert calls == [1]  # the old recipes' `flash_attention: true` meant exactly this
 
 
 def test_axolotl_own_validation_still_runs(tmp_path):
     # a known key with an invalid value: Axolotl's pydantic schema rejects it
-    with pytest.raises(rm.RecipeInvalid, match="micro_batch_size"):
-        rm.validate_recipe(_planted(tmp_path, micro_batch_size="eight"))
+    with pytest.raises(RecipeError, match="micro_batch_size"):
+        validate(_planted(tmp_path, micro_batch_size="eight"))
 
 
 def test_deepspeed_configs():
+    from finlora.params import load_spec
+
     for stage in (1, 2, 3):
         d = rm.check_deepspeed_json(f"recipes/deepspeed/zero{stage}.json")
         assert d["zero_optimization"]["stage"] == stage
     # the planner and the 70B recipes read the stage from the JSON
-    assert rm.load_spec("finer_70b_r4").zero_stage == 3
-    assert rm.load_spec("finer_r8").zero_stage == 0
+    assert load_spec("finer_70b_r4").zero_stage == 3
+    assert load_spec("finer_r8").zero_stage == 0
 
 
 def test_accelerate_configs_parse():
@@ -229,31 +240,34 @@ def test_slurm_script_is_valid_bash():
 
 
 def test_launch_command(monkeypatch):
+    from finlora.errors import LaunchError
+    from finlora.launch import launch_command
+
     r = "recipes/sentiment_r8.yml"
-    assert rm.launch_command(r, None, None) == ["axolotl", "train", r]
-    assert rm.launch_command(ROOT / r, None, None, extra_args=["--max-steps", "3"]) == \
+    assert launch_command(r, None, None) == ["axolotl", "train", r]
+    assert launch_command(ROOT / r, None, None, extra_args=["--max-steps", "3"]) == \
         ["axolotl", "train", r, "--max-steps", "3"]
-    assert rm.launch_command(r, 1, None) == [
+    assert launch_command(r, 1, None) == [
         "accelerate", "launch", "--config_file", "recipes/accelerate/single_gpu.yaml",
         "--num_processes", "1", "-m", "axolotl.cli.train", r]
-    assert rm.launch_command(r, 8, None) == [
+    assert launch_command(r, 8, None) == [
         "accelerate", "launch", "--config_file", "recipes/accelerate/multi_gpu.yaml",
         "--num_processes", "8", "-m", "axolotl.cli.train", r]
-    assert rm.launch_command(r, 8, 1) == rm.launch_command(r, 8, None)
+    assert launch_command(r, 8, 1) == launch_command(r, 8, None)
     monkeypatch.setenv("MASTER_ADDR", "node001")
     monkeypatch.setenv("MACHINE_RANK", "1")
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    assert rm.launch_command(r, 8, 2) == [
+    assert launch_command(r, 8, 2) == [
         "accelerate", "launch", "--config_file", "recipes/accelerate/multi_node.yaml",
         "--num_machines", "2", "--num_processes", "16", "--machine_rank", "1",
         "--main_process_ip", "node001", "--main_process_port", "29500", "-m", "axolotl.cli.train", r]
-    with pytest.raises(ValueError, match="GPUS"):
-        rm.launch_command(r, None, 2)
-    with pytest.raises(ValueError):
-        rm.launch_command(r, 0, None)
+    with pytest.raises(LaunchError, match="GPUS"):
+        launch_command(r, None, 2)
+    with pytest.raises(LaunchError):
+        launch_command(r, 0, None)
     monkeypatch.delenv("MASTER_ADDR")
-    with pytest.raises(ValueError, match="MASTER_ADDR"):
-        rm.launch_command(r, 8, 2)
+    with pytest.raises(LaunchError, match="MASTER_ADDR"):
+        launch_command(r, 8, 2)
 
 
 def test_recipe_table_lists_every_recipe():
