@@ -7,14 +7,17 @@ the training path imports it.
 
 from __future__ import annotations
 
-import json
-import re
+import io
 from pathlib import Path
-from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.representer import RoundTripRepresenter
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from finlora import ROOT
 from finlora.errors import RecipeError
-from finlora.recipes import RECIPE_DIR, load_matrix, recipe_name, recipe_names  # noqa: F401
+from finlora.recipes import RECIPE_DIR, load_matrix, recipe_name, rel
 
 HEADER = "# generated from recipes/matrix.yml by `make recipes`; edit the matrix, not this file"
 HAND_WRITTEN = {"smollm2_sentiment_r8"}
@@ -23,69 +26,49 @@ HAND_WRITTEN = {"smollm2_sentiment_r8"}
 # --------------------------------------------------------------------------- rendering
 
 # A recipe is built as a list of items: ("#", text) is a comment line ("" = blank
-# line), (key, value, why) a key with its value and an inline comment.
+# line) above the next key, (key, value, why) a key with its value and the comment
+# beside it.
 Item = tuple
 
-
-def _scalar(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        s = f"{v:.10f}".rstrip("0")
-        return s + "0" if s.endswith(".") else s
-    s = str(v)
-    plain = re.fullmatch(r"[A-Za-z_./][A-Za-z0-9_./\-]*", s)
-    if plain and s.lower() not in {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}:
-        return s
-    return json.dumps(s)
+# Comments beside values start at this column (0-based), as in the hand-written recipe.
+COMMENT_COLUMN = 34
+# Special tokens and format templates in double quotes, as in the hand-written recipe
+# (ruamel would write `<|eot_id|>` plain and `'{instruction}'` in single quotes).
+dq = DoubleQuotedScalarString
 
 
-def _with_comment(line: str, why: str | None) -> str:
-    if not why:
-        return line
-    return f"{line:<34}# {why}" if len(line) < 34 else f"{line}  # {why}"
-
-
-def _render_value(key: str, value: Any, why: str | None, indent: str = "") -> list[str]:
-    if isinstance(value, dict):
-        out = [_with_comment(f"{indent}{key}:", why)]
-        for k, v in value.items():
-            out += _render_value(k, v, None, indent + "  ")
-        return out
-    if isinstance(value, list):
-        out = [_with_comment(f"{indent}{key}:", why)]
-        for v in value:
-            if isinstance(v, dict):
-                first = True
-                for k, vv in v.items():
-                    lines = _render_value(k, vv, None, indent + "    ")
-                    if first:
-                        lines[0] = f"{indent}  - " + lines[0][len(indent) + 4:]
-                        first = False
-                    out += lines
-            else:
-                out.append(f"{indent}  - {_scalar(v)}")
-        return out
-    return [_with_comment(f"{indent}{key}: {_scalar(value)}", why)]
-
-
-def render(items: list[Item]) -> str:
-    lines: list[str] = []
+def document(items: list[Item]) -> CommentedMap:
+    """The recipe as a ruamel.yaml mapping, with every comment line and `why` attached."""
+    doc, above = CommentedMap(), []
     for it in items:
         if it[0] == "#":
-            lines.append(f"# {it[1]}".rstrip() if it[1] else "")
-        else:
-            key, value, why = it
-            lines += _render_value(key, value, why)
-    return "\n".join(lines) + "\n"
+            above.append(it[1])
+            continue
+        key, value, why = it
+        doc[key] = value
+        if above:
+            doc.yaml_set_comment_before_after_key(key, before="\n".join(above))
+            above = []
+        if why:
+            doc.yaml_add_eol_comment(why, key, column=COMMENT_COLUMN)
+    return doc
 
 
-def items_to_dict(items: list[Item]) -> dict:
-    return {it[0]: it[1] for it in items if it[0] != "#"}
+class _Representer(RoundTripRepresenter):
+    """Writes `deepspeed: null`, not round-trip mode's bare `deepspeed:`."""
+
+
+_Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+
+
+def render(doc: CommentedMap) -> str:
+    y = YAML()  # round-trip mode: keeps the comments
+    y.Representer = _Representer
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.width = 4096  # a long value stays on its line
+    out = io.StringIO()
+    y.dump(doc, out)
+    return out.getvalue()
 
 
 def _section(title: str) -> list[Item]:
@@ -131,7 +114,7 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         ("load_in_8bit", bits == 8, "LLM.int8 frozen base: half the memory of bf16" if bits == 8 else None),
         ("load_in_4bit", bits == 4,
          "NF4 + double quantization (Axolotl's qlora defaults), bf16 compute" if bits == 4 else None),
-        ("special_tokens", {"eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"},
+        ("special_tokens", {"eos_token": dq("<|eot_id|>"), "pad_token": dq("<|finetune_right_pad_id|>")},
          "Instruct turns end in <|eot_id|>; 128004 is Llama 3.1's reserved pad"),
     ]
     it += _section("LoRA")
@@ -169,8 +152,8 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
             "type": {
                 "field_instruction": "context",
                 "field_output": "target",
-                "format": "{instruction}",
-                "no_input_format": "{instruction}",
+                "format": dq("{instruction}"),
+                "no_input_format": dq("{instruction}"),
             },
         }], None),
         ("dataset_prepared_path", f"./outputs/{name}/prepared", None),
@@ -255,7 +238,7 @@ def generate(matrix: dict | None = None) -> dict[str, str]:
             name = recipe_name(task, variant)
             if name in HAND_WRITTEN:
                 raise RecipeError(f"matrix would overwrite hand-written recipe {name}")
-            out[name] = render(build_items(task, variant, m))
+            out[name] = render(document(build_items(task, variant, m)))
     return out
 
 
@@ -300,13 +283,12 @@ def drift(matrix: dict | None = None, recipe_dir: Path = RECIPE_DIR) -> list[str
     for name, text in expected.items():
         p = recipe_dir / f"{name}.yml"
         if not p.is_file():
-            problems.append(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}: missing")
+            problems.append(f"{rel(p)}: missing")
         elif p.read_text(encoding="utf-8") != text:
-            problems.append(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}: differs from the matrix")
+            problems.append(f"{rel(p)}: differs from the matrix")
     for p in sorted(recipe_dir.glob("*.yml")):
         if p.stem not in expected and p.read_text(encoding="utf-8").startswith(HEADER):
-            problems.append(f"{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}: "
-                            "generated but no longer in the matrix (delete it)")
+            problems.append(f"{rel(p)}: generated but no longer in the matrix (delete it)")
     if recipe_dir == RECIPE_DIR and README.is_file():
         text = README.read_text(encoding="utf-8")
         if readme_with_table(text) != text:

@@ -8,7 +8,10 @@
 import argparse
 import sys
 
-from finlora import generate as recipe_matrix
+from finlora import generate
+from finlora.cli import run
+from finlora.errors import RecipeError
+from finlora.recipes import recipe_names, rel
 
 
 def main(argv=None) -> int:
@@ -19,25 +22,23 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="GPUs for the table's memory column (default 1)")
     a = p.parse_args(argv)
     if a.check:
-        problems = recipe_matrix.drift()
+        problems = generate.drift()
         if problems:
-            print("recipes drift from recipes/matrix.yml (run `make recipes`):", file=sys.stderr)
-            for line in problems:
-                print(f"  {line}", file=sys.stderr)
-            return 1
-        print(f"recipes: {len(recipe_matrix.recipe_names())} generated recipes match recipes/matrix.yml")
+            raise RecipeError("recipes drift from recipes/matrix.yml (run `make recipes`):\n"
+                              + "\n".join(f"  {line}" for line in problems))
+        print(f"recipes: {len(recipe_names())} generated recipes match recipes/matrix.yml")
         return 0
     if a.table:
         from finlora.plan import recipe_table
 
         print(recipe_table(gpus=a.gpus))
         return 0
-    written = recipe_matrix.write_all()
+    written = generate.write_all()
     for path in written:
-        print(f"recipes: wrote {path.relative_to(recipe_matrix.ROOT)}")
-    print(f"recipes: {len(recipe_matrix.recipe_names())} recipes, {len(written)} changed")
+        print(f"recipes: wrote {rel(path)}")
+    print(f"recipes: {len(recipe_names())} recipes, {len(written)} changed")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
