@@ -17,7 +17,7 @@ from finlora.data import sources, synthetic
 from finlora.data.convert import Mapping
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build, say
 from finlora.data.sources import RawRow
-from finlora.data.tasks import FIXES, TASKS, fold_nwgi
+from finlora.data.tasks import TASKS, fold_nwgi
 from finlora.errors import DataError
 from finlora.recipes import rel
 
@@ -81,12 +81,10 @@ def units_from_dir(src: Path) -> list[Unit]:
         if not p.is_file():
             say(f"note: {rel(p)} not found: data/test/{name}_test.jsonl not written")
             continue
-        m = Mapping(finlora=True, swap=FIXES[fix] if fix else None)
-        units.append(Unit(TASKS[name], m, sources.read("finlora", p), rel(p) + (f" (--fix {fix})" if fix else ""),
-                          test_name=f"{name}_test.jsonl"))
+        units.append(Unit.from_finlora(TASKS[name], p, fix, test_name=f"{name}_test.jsonl"))
     nwgi = src / "finlora" / "test" / "nwgi_test.jsonl"
     if nwgi.is_file():
-        units.append(Unit(TASKS["nwgi"], Mapping(finlora=True), sources.read("finlora", nwgi), rel(nwgi), **_nwgi_split()))
+        units.append(Unit.from_finlora(TASKS["nwgi"], nwgi, **_nwgi_split()))
     else:
         say(f"note: {rel(nwgi)} not found: the train file is FPB alone, data/test/nwgi_test.jsonl not written")
     return units

@@ -22,7 +22,7 @@ from finlora.data import sources, stats
 from finlora.data.convert import Example, Mapping, Problem, input_text
 from finlora.data.sources import RawRow
 from finlora.data.split import dedupe, overlaps, oversample, stratified_split
-from finlora.data.tasks import Task
+from finlora.data.tasks import FIXES, Task
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
 from finlora.errors import DataError
 from finlora.recipes import rel
@@ -58,6 +58,12 @@ class Unit:
     def from_hub(cls, task: Task, split: str, **kw) -> "Unit":
         """One split of the task's registry source (`task.hub`), read through `datasets`."""
         return cls(task, Mapping.of_hub(task), sources.hub_rows(task.hub, split), f"hf:{task.hub.where}[{split}]", **kw)
+
+    @classmethod
+    def from_finlora(cls, task: Task, path: Path, fix: str | None = None, **kw) -> "Unit":
+        """A FinLoRA `{"context", "target"}` JSONL file, a known labelling error repaired (tasks.FIXES)."""
+        return cls(task, Mapping(finlora=True, swap=FIXES[fix] if fix else None), sources.read("finlora", path),
+                   rel(path) + (f" (--fix {fix})" if fix else ""), **kw)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,7 +32,7 @@ from finlora.data.convert import Mapping
 from finlora.data.defaults import ENV_SRC, default_outputs
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Part, Unit, build, say
 from finlora.data.sources import RawRow
-from finlora.data.tasks import FIXES, RECIPE_TASKS, TASKS, Task
+from finlora.data.tasks import RECIPE_TASKS, TASKS, Task
 from finlora.errors import DataError, RecipeError
 
 # FinLoRA's FPB test split (data/process_sentiment_train.py): datasets' train_test_split of
@@ -52,25 +53,18 @@ class Need:
     out_name: str                   # file name under data/<split>/
     task: Task                      # registry task that validates its rows
     local: tuple[str, ...]          # candidate paths inside the source folder (FinLoRA JSONL)
-    hub: Callable[[], tuple[list[RawRow], Mapping, str]] | None  # rows, mapping, source name
+    hub: Callable[..., Unit] | None  # the Unit (given its file names) from the public copy
     hub_name: str = ""              # the public set, for messages
     fix: str | None = None          # a known labelling error of the local file to repair
     keep_repeats: bool = False      # repeats are the source's own oversampling (FinLoRA's mix)
 
 
-def _hub_split(task: Task, split: str) -> Callable[[], tuple[list[RawRow], Mapping, str]]:
-    def load():
-        h = task.hub
-        return sources.hub_rows(h, split), Mapping.of_hub(task), f"hf:{h.where}[{split}]"
-    return load
-
-
-def _fpb_finlora_test() -> tuple[list[RawRow], Mapping, str]:
+def _fpb_finlora_test(**kw) -> Unit:
     fpb = TASKS["fpb"]
     ds = sources.hub_dataset(fpb.hub, "train")
     test = ds.train_test_split(test_size=FPB_TEST_SIZE, seed=FINLORA_SEED)["test"]
     where = f"hf:{fpb.hub.where}[FinLoRA test split]"
-    return list(sources.hf_rows(test, where)), Mapping.of_hub(fpb), where
+    return Unit(fpb, Mapping.of_hub(fpb), list(sources.hf_rows(test, where)), where, **kw)
 
 
 def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLORA_SEED) -> list[dict]:
@@ -113,8 +107,8 @@ def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLOR
     return out
 
 
-def _finer_hub(split: str) -> Callable[[], tuple[list[RawRow], Mapping, str]]:
-    def load():
+def _finer_hub(split: str) -> Callable[..., Unit]:
+    def load(**kw) -> Unit:
         finer = TASKS["finer"]
         ds = sources.hub_dataset(finer.hub, split)
         feature = ds.features.get("ner_tags")
@@ -124,7 +118,8 @@ def _finer_hub(split: str) -> Callable[[], tuple[list[RawRow], Mapping, str]]:
                             "(expected a sequence of ClassLabel, as the set publishes it)")
         where = f"hf:{finer.hub.where}[{split}] (FinLoRA batching)"
         batched = finer_batched(ds.shuffle(seed=FINLORA_SEED), names)
-        return [RawRow(where, i, r) for i, r in enumerate(batched, start=1)], Mapping(finlora=True), where
+        return Unit(finer, Mapping(finlora=True), [RawRow(where, i, r) for i, r in enumerate(batched, start=1)], where,
+                    **kw)
     return load
 
 
@@ -142,7 +137,7 @@ def needs(task_name: str) -> list[Need]:
         train_local += ("finlora/train/finer_train_batched.jsonl",)
         hub = _finer_hub("train")
     else:
-        hub = _hub_split(reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
+        hub = partial(Unit.from_hub, reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
     out.append(Need("train", f"{task_name}_train.jsonl", reg, train_local, hub, reg.hub.where if reg.hub else "",
                     keep_repeats=task_name == "sentiment"))
     for name in test_sets:
@@ -150,7 +145,7 @@ def needs(task_name: str) -> list[Need]:
         if name == "fpb":
             hub = _fpb_finlora_test
         elif t.hub and t.hub.test_split:
-            hub = _hub_split(t, t.hub.test_split)
+            hub = partial(Unit.from_hub, t, t.hub.test_split)
         else:
             hub = None
         out.append(Need("test", f"{name}_test.jsonl", t, (f"finlora/test/{name}_test.jsonl",), hub,
@@ -208,14 +203,8 @@ def units(task_name: str, src: Path | None, use_hub: bool) -> list[Unit]:
         raise DataError("\n".join(lines))
     out = []
     for n, local in chosen:
-        if local is not None:
-            m = Mapping(finlora=True, swap=FIXES[n.fix] if n.fix else None)
-            rows: Iterable[RawRow] = sources.read("finlora", local)
-            source = recipes.rel(local) + (f" (--fix {n.fix})" if n.fix else "")
-        else:
-            rows, m, source = n.hub()
-        names = {"train_name": n.out_name} if n.split == "train" else {"test_name": n.out_name}
-        out.append(Unit(n.task, m, rows, source, keep_repeats=n.keep_repeats, **names))
+        kw = {"keep_repeats": n.keep_repeats, f"{n.split}_name": n.out_name}
+        out.append(Unit.from_finlora(n.task, local, n.fix, **kw) if local is not None else n.hub(**kw))
     return out
 
 
