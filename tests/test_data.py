@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from finlora import ROOT
-from finlora.data import prepare
+from finlora import ROOT, cli
+from finlora.data import defaults, pipeline, prepare
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
 from finlora.data.sources import read_hf
@@ -37,7 +37,7 @@ needs_tokenizer = pytest.mark.usefixtures("base_model_dir")
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(prepare.ENV_SRC, raising=False)
+    monkeypatch.delenv(defaults.ENV_SRC, raising=False)
 
 
 def news(text: str) -> str:
@@ -51,7 +51,8 @@ def read_out(path: Path) -> list[dict]:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
+    """`make data ARGS=...`: main through the command-line layer, as scripts/prepare_data.py runs it."""
+    rc = cli.run(main, [str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -232,6 +233,36 @@ def test_too_long_in_tokens(tmp_path, capsys):
     assert rc == 0 and len(read_out(tmp_path / "d/test/l_test.jsonl")) == 2
 
 
+@needs_tokenizer
+def test_over_length_counts_the_eos_axolotl_appends():
+    """The one length rule of `make data` (too_long, n_tokens) and `make check`: a row's
+    tokens plus the EOS token Axolotl appends, longer than sequence_len."""
+    from finlora.data.validate import LengthCheck, Lengths, count_tokens, over_length, too_long
+
+    lengths = Lengths.load(TOKENIZER)
+    texts = [news("Sales rose .") + "positive", news("profit " * 40) + "negative"]
+    n = lengths.lengths(texts)
+    assert over_length(lengths, texts, n[1]) == [(1, n[1] + 1)]  # exactly sequence_len without the EOS: too long
+    assert over_length(lengths, texts, n[1] + 1) == []
+    assert over_length(lengths, texts, n[0]) == [(0, n[0] + 1), (1, n[1] + 1)]
+    rows = [Example(t[:-8], t[-8:], t, "mem", i + 1) for i, t in enumerate(texts)]
+    count_tokens(LengthCheck(n[1], lengths, TOKENIZER), rows)
+    assert [e.n_tokens for e in rows] == [n[0] + 1, n[1] + 1]
+    assert [str(p) for p in too_long(LengthCheck(n[1], lengths, TOKENIZER), rows)] == \
+        [f"mem:2: too long: {n[1] + 1} tokens > sequence_len {n[1]}"]
+
+
+def test_unknown_names_are_errors_not_exits():
+    from finlora.data import recipe_data
+    from finlora.data.tasks import get_task
+    from finlora.errors import DataError
+
+    with pytest.raises(DataError, match="unknown task 'nope'; tasks are: sentiment, fpb"):
+        get_task("nope")
+    with pytest.raises(DataError, match="unknown recipe task 'nope'"):
+        recipe_data.needs("nope")
+
+
 # --- labels at the source -----------------------------------------------------------------
 
 def test_tfns_ids_mapped_at_the_source(tmp_path, capsys):
@@ -344,7 +375,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
             yield Example(news(f"row {i}"), "neutral", f"row {i}", "mem", i + 1)
 
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_examples(path, rows())
+        pipeline.write_examples(path, rows())
     assert path.read_text() == '{"context": "old", "target": "neutral"}\n'
     assert [p.name for p in path.parent.iterdir()] == ["x.jsonl"]
 
@@ -377,7 +408,7 @@ def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
 def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data"
     prepare.prepare_default(None, out_dir=out, synthetic=True)  # synthetic first: the real run must replace the link
-    monkeypatch.setenv(prepare.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
+    monkeypatch.setenv(defaults.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
     prepare.prepare_default(None, out_dir=out)
     printed = capsys.readouterr().out
     train = out / "train/sentiment_cpu_train.jsonl"
@@ -387,7 +418,7 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     rows, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
     tr = [r for r in rows if input_text(r["context"]) not in nwgi_src]
     nw = [r for r in rows if input_text(r["context"]) in nwgi_src]
-    assert len(nw) == prepare.NWGI_TRAIN_ROWS and rows[-len(nw):] == nw
+    assert len(nw) == defaults.NWGI_TRAIN_ROWS and rows[-len(nw):] == nw
     assert all(r["context"] == news(input_text(r["context"])) for r in nw)
     assert all(r["target"] == fold_nwgi(nwgi_src[input_text(r["context"])]) for r in nw)
     nwgi_test = read_out(out / "test/nwgi_test.jsonl")  # our held-out NWGI rows, in FinLoRA's seven-level form
@@ -440,7 +471,7 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
     nwgi = [(f"{text}, report {i}", label) for i in range(10) for text, label in NWGI7_ROWS]
     (src / "finlora/test/nwgi_test.jsonl").write_text("".join(
         json.dumps({"context": TASKS["nwgi"].render({"text": text}), "target": label}) + "\n" for text, label in nwgi))
-    monkeypatch.setattr(prepare, "NWGI_TRAIN_ROWS", 20)
+    monkeypatch.setattr(defaults, "NWGI_TRAIN_ROWS", 20)
     out = tmp_path / "data"
     prepare.prepare_default(src, out_dir=out, hub=False)
     rows = read_out(out / "train/sentiment_cpu_train.jsonl")
@@ -463,15 +494,13 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
 
 @needs_tokenizer
 def test_sampled_rows_longer_than_sequence_len_are_left_out(capsys):
-    from dataclasses import replace
-
     from finlora.data.validate import load_length_check
 
     nwgi = TASKS["nwgi"]
     rows = [Example(nwgi.render({"text": text}), "mildly positive", text, "nwgi.jsonl", line)
             for line, text in [(1, "Shares rose"), (2, "profit " * 300)]]
-    unit = replace(prepare._nwgi_unit(nwgi, Mapping(finlora=True), [], "nwgi.jsonl"), train_rows=5)
-    out = prepare._train_rows(unit, rows, load_length_check(None, True), 42)
+    unit = pipeline.Unit(nwgi, Mapping(finlora=True), [], "nwgi.jsonl", **defaults._nwgi_split() | {"train_rows": 5})
+    out = pipeline._train_rows(unit, rows, load_length_check(None, True), 42)
     assert [(e.line, e.target, e.context) for e in out] == [(1, "positive", news("Shares rose"))]
     assert "nwgi.jsonl: 1 sampled row(s) left out, longer than sequence_len 256: line 2" in capsys.readouterr().out
 

@@ -2,7 +2,7 @@
 
 The hub path is exercised offline: the registry's sources are pointed at small parquet and
 JSON files the tests write, and read through the same `datasets.load_dataset` call
-(`prepare._hub_dataset`) that reads the hub. ../shared/data is used where present.
+(`sources.hub_dataset`) that reads the hub. ../shared/data is used where present.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from finlora import ROOT
-from finlora.data import prepare, recipe_data
+from finlora import ROOT, cli
+from finlora.data import defaults, prepare, recipe_data
 from finlora.data.convert import input_text
 from finlora.data.prepare import main
 from finlora.data.tasks import RECIPE_TASKS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS
+from finlora.errors import DataError
 
 SHARED = (ROOT.parent / "shared" / "data").resolve()
 needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(), reason=f"real data not found at {SHARED}")
@@ -30,11 +31,12 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yml") if p.stem != "
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(prepare.ENV_SRC, raising=False)
+    monkeypatch.delenv(defaults.ENV_SRC, raising=False)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
+    """`make data ARGS=...`: main through the command-line layer, as scripts/prepare_data.py runs it."""
+    rc = cli.run(main, [str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -61,8 +63,8 @@ DEFAULT_FILES = ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test
 
 def test_shipped_files_are_documented_small_and_tracked():
     readme = (ROOT / "data/README.md").read_text()
-    for rel in prepare.SHIPPED_FILES:
-        p = prepare.SHIPPED / rel
+    for rel in defaults.SHIPPED_FILES:
+        p = defaults.SHIPPED / rel
         assert p.is_file() and p.stat().st_size < 2 << 20, rel
         assert Path(rel).name in readme, f"{rel} not in data/README.md"
     assert "CC BY-NC-SA 3.0" in readme
@@ -87,8 +89,8 @@ def test_offline_default_trains_on_the_shipped_real_data(tmp_path, capsys):
 def test_offline_default_is_byte_identical_to_src_shared(tmp_path, capsys):
     """The README's figures were made with `make data SRC=../shared/data`: the shipped files are
     the same bytes, so the offline default writes the same train and test files."""
-    for rel in prepare.SHIPPED_FILES:
-        assert sha(prepare.SHIPPED / rel) == sha(SHARED / rel), rel
+    for rel in defaults.SHIPPED_FILES:
+        assert sha(defaults.SHIPPED / rel) == sha(SHARED / rel), rel
     prepare.prepare_default(None, out_dir=tmp_path / "shipped")
     prepare.prepare_default(SHARED, out_dir=tmp_path / "src")
     capsys.readouterr()
@@ -106,8 +108,8 @@ def test_synthetic_only_when_asked(tmp_path, capsys):
 
 
 def test_missing_shipped_files_are_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "SHIPPED", tmp_path / "nowhere")
-    with pytest.raises(prepare.DataError, match="data shipped with the repository is missing"):
+    monkeypatch.setattr(defaults, "SHIPPED", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="data shipped with the repository is missing"):
         prepare.prepare_default(None, out_dir=tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
@@ -265,7 +267,7 @@ def test_default_from_the_hub_code_path_on_local_files(tmp_path, monkeypatch, ca
     nwgi = [{"news": f"Chip maker report {i}", "label": lab} for i, lab in
             enumerate(["mildly positive", "strong negative", "neutral", "moderately positive", "mildly negative"] * 4)]
     _point(monkeypatch, "nwgi", "json", {"test": str(jsonl(tmp_path / "nwgi.jsonl", nwgi))})
-    monkeypatch.setattr(prepare, "NWGI_TRAIN_ROWS", 5)
+    monkeypatch.setattr(defaults, "NWGI_TRAIN_ROWS", 5)
     rc, out, err = run(capsys, "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 0, err
     assert "source Hugging Face hub" in out
@@ -367,11 +369,11 @@ def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
     out = tmp_path / "d"
     prepare.prepare_default(None, out_dir=out)
     src = _src_for(tmp_path, "sentiment")
-    (src / "finlora/test/nwgi_test.jsonl").write_bytes((prepare.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
+    (src / "finlora/test/nwgi_test.jsonl").write_bytes((defaults.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
     capsys.readouterr()
     rc, out_text, err = run(capsys, "--task", "sentiment", "--src", src, "--out-dir", out, "--no-token-check")
     assert rc == 0, err
-    assert f"warning: {prepare.NWGI_TRAIN_ROWS} row(s) of the existing" in out_text
+    assert f"warning: {defaults.NWGI_TRAIN_ROWS} row(s) of the existing" in out_text
     assert "sentiment_cpu_train.jsonl are in the test file(s) written now" in out_text
 
 

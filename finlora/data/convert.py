@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from finlora.data.sources import RawRow
-from finlora.data.tasks import Task, fiqa_label
+from finlora.data.tasks import LABEL_MAPS, Task, fiqa_label
 
 _INPUT_RE = re.compile(r"\nInput: (.*)\nAnswer: ?$", re.DOTALL)
 
@@ -31,6 +31,28 @@ class Mapping:
     label_map: dict[str, str] | None = None  # raw label/id -> task label
     swap: tuple[str, str] | None = None    # repair: swap these two labels
     finlora: bool = False                  # rows already are {"context", "target"}
+
+    @classmethod
+    def of_format(cls, fmt: str) -> "Mapping":
+        """The columns of a file format's rows (sources.FORMATS)."""
+        if fmt == "all-data-csv":
+            return cls(text_col="content", label_col="label")
+        if fmt == "fpb-txt":
+            return cls(text_col="sentence", label_col="label")
+        if fmt == "fiqa-json":
+            return cls(text_col="sentence", label_col=None, score_col="sentiment_score", kind_col="type")
+        if fmt == "finlora":
+            return cls(finlora=True)
+        return cls()
+
+    @classmethod
+    def of_hub(cls, task: Task) -> "Mapping":
+        """The columns of the task's registry source (`task.hub`)."""
+        h = task.hub
+        if h.finlora_rows:
+            return cls(finlora=True)
+        return cls(text_col=h.text_col, label_col=h.label_col, score_col=h.score_col, kind_col=h.kind_col,
+                   fields=dict(h.fields), label_map=LABEL_MAPS.get(h.label_map) if h.label_map else None)
 
 
 @dataclass
@@ -75,25 +97,26 @@ def input_text(context: str) -> str:
     return m.group(1) if m else context
 
 
-def _field(data: dict, col: str, *, allow=(str,)) -> object:
-    if col not in data:
-        raise RowError(f"missing field {col!r}")
-    v = data[col]
+def field_value(row: dict, name: str, *, allow=(str,)) -> object:
+    """`row[name]`: present, not null or blank, of an `allow`ed type (RowError says which not)."""
+    if name not in row:
+        raise RowError(f"missing field {name!r}")
+    v = row[name]
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        raise RowError(f"empty field {col!r} (null)")
+        raise RowError(f"empty field {name!r} (null)")
     if isinstance(v, bool) or not isinstance(v, allow):
         want = " or ".join(t.__name__ for t in allow)
-        raise RowError(f"wrong type for field {col!r}: {type(v).__name__}, expected {want}")
+        raise RowError(f"wrong type for field {name!r}: {type(v).__name__}, expected {want}")
     if isinstance(v, str) and not v.strip():
-        raise RowError(f"empty field {col!r}")
+        raise RowError(f"empty field {name!r}")
     return v
 
 
 def _target(task: Task, m: Mapping, data: dict) -> str:
     if m.finlora:
-        raw = _field(data, "target")
+        raw = field_value(data, "target")
     elif m.score_col:
-        v = _field(data, m.score_col, allow=(str, int, float))
+        v = field_value(data, m.score_col, allow=(str, int, float))
         try:
             score = float(v)
         except ValueError:
@@ -101,7 +124,7 @@ def _target(task: Task, m: Mapping, data: dict) -> str:
         raw = fiqa_label(score)
     elif m.label_col:
         allow = (str, int) if m.label_map is not None else ((str, int, float) if task.answer_type == "number" else (str,))
-        v = _field(data, m.label_col, allow=allow)
+        v = field_value(data, m.label_col, allow=allow)
         if m.label_map is not None:
             key = str(v).strip()
             if key in m.label_map:
@@ -141,16 +164,16 @@ def convert_row(task: Task, m: Mapping, raw: RawRow) -> Example | Problem:
     data = raw.data
     try:
         if m.finlora:
-            context = _field(data, "context")
+            context = field_value(data, "context")
             text = input_text(context)
         else:
-            text = _field(data, m.text_col).strip()
+            text = field_value(data, m.text_col).strip()
             values = {"text": text}
             for name in task.fields:
                 if name == "text":
                     continue
                 if name in m.fields:
-                    values[name] = str(_field(data, m.fields[name])).strip()
+                    values[name] = str(field_value(data, m.fields[name])).strip()
                 elif name in task.defaults:
                     values[name] = task.defaults[name]
                 else:

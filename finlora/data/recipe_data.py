@@ -13,7 +13,7 @@ in this order:
 3. otherwise nothing is written, and the error names every missing file, the place to put
    it and the public set it comes from.
 
-All rows then go through `prepare.build`: the same row-by-row validation (file:line),
+All rows then go through `pipeline.build`: the same row-by-row validation (file:line),
 duplicate removal, train/test leakage check, stats and atomic writes as the default.
 """
 
@@ -22,14 +22,18 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
 from finlora import recipes
 from finlora.data import sources
 from finlora.data.convert import Mapping
+from finlora.data.defaults import ENV_SRC, default_outputs
+from finlora.data.pipeline import DATA_DIR, SEED, Options, Part, Unit, build, say
 from finlora.data.sources import RawRow
-from finlora.data.tasks import FIXES, RECIPE_TASKS, TASKS, Task
+from finlora.data.tasks import RECIPE_TASKS, TASKS, Task
+from finlora.errors import DataError, RecipeError
 
 # FinLoRA's FPB test split (data/process_sentiment_train.py): datasets' train_test_split of
 # sentences_50agree with test_size 0.25 and seed 42.
@@ -49,29 +53,18 @@ class Need:
     out_name: str                   # file name under data/<split>/
     task: Task                      # registry task that validates its rows
     local: tuple[str, ...]          # candidate paths inside the source folder (FinLoRA JSONL)
-    hub: Callable[[], tuple[list[RawRow], Mapping, str]] | None  # rows, mapping, source name
+    hub: Callable[..., Unit] | None  # the Unit (given its file names) from the public copy
     hub_name: str = ""              # the public set, for messages
     fix: str | None = None          # a known labelling error of the local file to repair
     keep_repeats: bool = False      # repeats are the source's own oversampling (FinLoRA's mix)
 
 
-def _hub_split(task: Task, split: str) -> Callable[[], tuple[list[RawRow], Mapping, str]]:
-    from finlora.data import prepare
-
-    def load():
-        h = task.hub
-        return prepare._hub_rows(h, split), prepare._hub_mapping(task), f"hf:{h.where}[{split}]"
-    return load
-
-
-def _fpb_finlora_test() -> tuple[list[RawRow], Mapping, str]:
-    from finlora.data import prepare
-
+def _fpb_finlora_test(**kw) -> Unit:
     fpb = TASKS["fpb"]
-    ds = prepare._hub_dataset(fpb.hub, "train")
+    ds = sources.hub_dataset(fpb.hub, "train")
     test = ds.train_test_split(test_size=FPB_TEST_SIZE, seed=FINLORA_SEED)["test"]
     where = f"hf:{fpb.hub.where}[FinLoRA test split]"
-    return list(sources.hf_rows(test, where)), prepare._hub_mapping(fpb), where
+    return Unit(fpb, Mapping.of_hub(fpb), list(sources.hf_rows(test, where)), where, **kw)
 
 
 def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLORA_SEED) -> list[dict]:
@@ -114,27 +107,26 @@ def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLOR
     return out
 
 
-def _finer_hub(split: str) -> Callable[[], tuple[list[RawRow], Mapping, str]]:
-    def load():
-        from finlora.data import prepare
-
+def _finer_hub(split: str) -> Callable[..., Unit]:
+    def load(**kw) -> Unit:
         finer = TASKS["finer"]
-        ds = prepare._hub_dataset(finer.hub, split)
+        ds = sources.hub_dataset(finer.hub, split)
         feature = ds.features.get("ner_tags")
         names = getattr(getattr(feature, "feature", None), "names", None)
         if not names:
-            raise prepare.DataError(f"error: hf:{finer.hub.where}[{split}]: ner_tags carries no tag names "
-                                    "(expected a sequence of ClassLabel, as the set publishes it)")
+            raise DataError(f"hf:{finer.hub.where}[{split}]: ner_tags carries no tag names "
+                            "(expected a sequence of ClassLabel, as the set publishes it)")
         where = f"hf:{finer.hub.where}[{split}] (FinLoRA batching)"
         batched = finer_batched(ds.shuffle(seed=FINLORA_SEED), names)
-        return [RawRow(where, i, r) for i, r in enumerate(batched, start=1)], Mapping(finlora=True), where
+        return Unit(finer, Mapping(finlora=True), [RawRow(where, i, r) for i, r in enumerate(batched, start=1)], where,
+                    **kw)
     return load
 
 
 def needs(task_name: str) -> list[Need]:
     """The files of one recipe task: its train file, then its `make eval` test sets."""
     if task_name not in RECIPE_TASKS:
-        raise SystemExit(f"error: unknown recipe task {task_name!r}; tasks are: {', '.join(RECIPE_TASKS)}")
+        raise DataError(f"unknown recipe task {task_name!r}; tasks are: {', '.join(RECIPE_TASKS)}")
     reg_name, test_sets = RECIPE_TASKS[task_name]
     reg = TASKS[reg_name]
     out: list[Need] = []
@@ -145,7 +137,7 @@ def needs(task_name: str) -> list[Need]:
         train_local += ("finlora/train/finer_train_batched.jsonl",)
         hub = _finer_hub("train")
     else:
-        hub = _hub_split(reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
+        hub = partial(Unit.from_hub, reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
     out.append(Need("train", f"{task_name}_train.jsonl", reg, train_local, hub, reg.hub.where if reg.hub else "",
                     keep_repeats=task_name == "sentiment"))
     for name in test_sets:
@@ -153,7 +145,7 @@ def needs(task_name: str) -> list[Need]:
         if name == "fpb":
             hub = _fpb_finlora_test
         elif t.hub and t.hub.test_split:
-            hub = _hub_split(t, t.hub.test_split)
+            hub = partial(Unit.from_hub, t, t.hub.test_split)
         else:
             hub = None
         out.append(Need("test", f"{name}_test.jsonl", t, (f"finlora/test/{name}_test.jsonl",), hub,
@@ -163,31 +155,26 @@ def needs(task_name: str) -> list[Need]:
 
 def task_of_recipe(recipe: str) -> str | None:
     """The recipe task whose files `recipe` reads; None when it reads the CPU default's file."""
-    from finlora.data import prepare
-
-    path = recipes.resolve(recipe)
-    cfg = recipes.load(path)
+    r = recipes.Recipe.open(recipe)
     found = set()
-    for d in cfg.get("datasets") or []:
+    for d in r.get("datasets") or []:
         p = recipes.resolve_path(str(d.get("path", "")))
-        if Path(os.path.abspath(p)) in prepare.default_outputs():
+        if Path(os.path.abspath(p)) in default_outputs():
             return None
         stem = Path(p).name.removesuffix("_train.jsonl")
         if p.parent.name != "train" or stem not in RECIPE_TASKS:
-            raise recipes.RecipeError(f"error: {path}: datasets path {d.get('path')} is not a file `make data` builds "
-                                      f"(data/train/<task>_train.jsonl, tasks: {', '.join(RECIPE_TASKS)})")
+            raise RecipeError(f"{r.path}: datasets path {d.get('path')} is not a file `make data` builds "
+                              f"(data/train/<task>_train.jsonl, tasks: {', '.join(RECIPE_TASKS)})")
         found.add(stem)
     if len(found) != 1:
-        raise recipes.RecipeError(f"error: {path}: expected one data/train/<task>_train.jsonl dataset, found "
-                                  f"{sorted(found) or 'none'}")
+        raise RecipeError(f"{r.path}: expected one data/train/<task>_train.jsonl dataset, found "
+                          f"{sorted(found) or 'none'}")
     return found.pop()
 
 
-def units(task_name: str, src: Path | None, use_hub: bool):
-    """The prepare.Unit of every file of `task_name`, from `src` first, then the hub when
-    `use_hub`. Raises DataError naming every file that has neither."""
-    from finlora.data import prepare
-
+def units(task_name: str, src: Path | None, use_hub: bool) -> list[Unit]:
+    """The Unit of every file of `task_name`, from `src` first, then the hub when `use_hub`.
+    Raises DataError naming every file that has neither."""
     plan = needs(task_name)
     chosen, missing = [], []
     for n in plan:
@@ -200,7 +187,7 @@ def units(task_name: str, src: Path | None, use_hub: bool):
             missing.append(n)
     if missing:
         where = src if src else "SRC"
-        lines = [f"error: make data TASK={task_name}: no source for {len(missing)} file(s); nothing was written:"]
+        lines = [f"make data TASK={task_name}: no source for {len(missing)} file(s); nothing was written:"]
         for n in missing:
             remote = (f"public copy: {n.hub_name}" if n.hub is not None
                       else "no public copy known to the registry")
@@ -213,15 +200,23 @@ def units(task_name: str, src: Path | None, use_hub: bool):
             hint = "or run where the hub is reachable (files with a public copy)"
         lines.append(f"a folder laid out as ../shared/data (finlora/train, finlora/test): make data TASK={task_name} "
                      f"SRC=dir; {hint}")
-        raise prepare.DataError("\n".join(lines))
+        raise DataError("\n".join(lines))
     out = []
     for n, local in chosen:
-        if local is not None:
-            m = Mapping(finlora=True, swap=FIXES[n.fix] if n.fix else None)
-            rows: Iterable[RawRow] = sources.read("finlora", local)
-            source = prepare._rel(local) + (f" (--fix {n.fix})" if n.fix else "")
-        else:
-            rows, m, source = n.hub()
-        names = {"train_name": n.out_name} if n.split == "train" else {"test_name": n.out_name}
-        out.append(prepare.Unit(n.task, m, rows, source, keep_repeats=n.keep_repeats, **names))
+        kw = {"keep_repeats": n.keep_repeats, f"{n.split}_name": n.out_name}
+        out.append(Unit.from_finlora(n.task, local, n.fix, **kw) if local is not None else n.hub(**kw))
     return out
+
+
+def prepare_task(task: str, src: str | Path | None, *, hub: bool = False, out_dir: Path = DATA_DIR,
+                 recipe: str | None = None, seed: int = SEED, skip_bad: bool = False, allow_overlap: bool = False,
+                 token_check: bool = True, against: list[Path] | None = None) -> list[Part]:
+    """The files recipe task `task` trains on and `make eval` scores it on."""
+    src = src or os.environ.get(ENV_SRC) or None
+    use_hub = hub or (src is None and sources.hub_reachable())
+    said = [f"source {src} (local directory)" if src else "", "the hub" if use_hub else ""]
+    say(f"data: task {task}: " + (", then ".join(filter(None, said))
+                                   or "no local folder (SRC), and the hub is not reachable (or HF_HUB_OFFLINE is set)"))
+    opts = Options(out_dir=out_dir, recipe=recipe or f"{task}_r8", seed=seed, skip_bad=skip_bad,
+                   allow_overlap=allow_overlap, token_check=token_check, against=against or [], drop_overlap=True)
+    return build(units(task, Path(src) if src else None, use_hub), opts)

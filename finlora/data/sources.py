@@ -17,9 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
+
 from finlora.errors import SourceError
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora", "hf")
@@ -42,7 +46,7 @@ class SourceInfo:
 def guess_format(path: str | Path) -> str:
     fmt = _BY_SUFFIX.get(Path(path).suffix.lower())
     if fmt is None:
-        raise SourceError(f"error: {path}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
+        raise SourceError(f"{path}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
     return fmt
 
 
@@ -69,7 +73,7 @@ def _read_text(path: Path, info: SourceInfo) -> str:
     try:
         return decode_robust(path.read_bytes(), info)
     except OSError as e:
-        raise SourceError(f"error: {path}: cannot read: {e.strerror}") from None
+        raise SourceError(f"{path}: cannot read: {e.strerror}") from None
 
 
 # --- delimited text -----------------------------------------------------------------
@@ -239,7 +243,7 @@ def read_parquet(path: Path) -> Iterator[RawRow]:
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as e:
-        raise SourceError(f"error: {path}: not a readable parquet file: {e}") from None
+        raise SourceError(f"{path}: not a readable parquet file: {e}") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield RawRow(str(path), i, row)
 
@@ -271,11 +275,40 @@ def read_hf(name: str, config: str | None = None, split: str = "train", data_fil
     return hf_rows(ds, (where or f"hf:{name}" + (f"/{config}" if config else "")) + f"[{split}]")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_dataset(hub, split: str):
+    """One split of a registry source (`tasks.HubSource`) as a `datasets.Dataset`; SourceError
+    when it cannot be loaded (offline, missing, renamed)."""
+    files = dict(hub.data_files)
+    if hub.data_files and split not in files:
+        raise SourceError(f"hf:{hub.where}: the registry names no file for split {split!r}")
+    try:
+        return load_hf(hub.name, hub.config, split, data_files={split: files[split]} if files else None,
+                       revision=hub.revision)
+    except Exception as e:  # noqa: BLE001 - one clear message, whatever datasets raised
+        raise SourceError(f"cannot load hf:{hub.where}[{split}]: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def hub_rows(hub, split: str) -> list[RawRow]:
+    """All rows of one split of a registry source."""
+    return list(hf_rows(hub_dataset(hub, split), f"hf:{hub.where}[{split}]"))
+
+
 def read(fmt: str, path: str | Path, info: SourceInfo | None = None) -> Iterator[RawRow]:
     """Rows of a local file in one of FORMATS (all but `hf`)."""
     path = Path(path)
     if not path.is_file():
-        raise SourceError(f"error: {path}: no such file")
+        raise SourceError(f"{path}: no such file")
     info = info if info is not None else SourceInfo()
     if fmt == "csv":
         return read_delimited(path, ",", info=info)
@@ -293,4 +326,4 @@ def read(fmt: str, path: str | Path, info: SourceInfo | None = None) -> Iterator
         return read_all_data_csv(path, info)
     if fmt == "fiqa-json":
         return read_fiqa_json(path, info)
-    raise SourceError(f"error: unknown format {fmt!r}; formats are: {', '.join(FORMATS)}")
+    raise SourceError(f"unknown format {fmt!r}; formats are: {', '.join(FORMATS)}")

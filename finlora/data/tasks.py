@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finlora.errors import DataError
+
 SENTIMENT3 = ("negative", "neutral", "positive")
 NWGI7 = (
     "strong negative", "moderately negative", "mildly negative", "neutral",
@@ -237,4 +239,4 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise SystemExit(f"error: unknown task {name!r}; tasks are: {', '.join(TASKS)}") from None
+        raise DataError(f"unknown task {name!r}; tasks are: {', '.join(TASKS)}") from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from finlora import ROOT, recipes
+from finlora import recipes
 from finlora.data.convert import Example, Mapping, Problem, convert_row
 from finlora.data.sources import RawRow
 from finlora.data.tasks import Task
@@ -43,7 +43,7 @@ class LengthCheck:
     """The recipe's tokenizer and sequence_len; `tokenizer` is None when unavailable."""
 
     sequence_len: int | None
-    tokenizer: object | None
+    tokenizer: Lengths | None
     tokenizer_path: Path | None
     note: str = ""
 
@@ -53,34 +53,32 @@ class LengthCheck:
 
 
 def load_length_check(recipe: str | Path | None, enabled: bool = True) -> LengthCheck:
-    path = recipes.resolve(str(recipe or recipes.DEFAULT_RECIPE))
-    cfg = recipes.load(path)
-    seq = cfg.get("sequence_len")
-    tok_name = cfg.get("tokenizer_config") or cfg.get("base_model")
-    tok_path = recipes.resolve_path(str(tok_name)) if tok_name else None
+    r = recipes.Recipe.open(recipe or recipes.DEFAULT_RECIPE)
+    seq = r.get("sequence_len")
+    tok_name = r.get("tokenizer_config") or r.get("base_model")
     if not enabled:
-        return LengthCheck(seq, None, tok_path, "token-length check disabled (--no-token-check)")
-    if tok_path is None:
-        return LengthCheck(seq, None, None, f"{path.name} names no base_model: token-length check skipped")
-    if not tok_path.is_dir() and (str(tok_name).startswith((".", "/")) or (ROOT / str(tok_name)).exists()):
-        return LengthCheck(seq, None, tok_path, f"tokenizer {tok_name} not found (run `make base-model`): "
-                                                "token-length check and token stats skipped")
+        return LengthCheck(seq, None, None, "token-length check disabled (--no-token-check)")
+    if not tok_name:
+        return LengthCheck(seq, None, None, f"{r.path.name} names no base_model: token-length check skipped")
+    local = r.local(str(tok_name))
+    if local is not None and not local.is_dir():
+        return LengthCheck(seq, None, local, f"tokenizer {tok_name} not found (run `make base-model`): "
+                                             "token-length check and token stats skipped")
     try:
-        if tok_path.is_dir():
-            tok = _Lengths.load(tok_path)
+        if local is not None:
+            tok, tok_path = Lengths.load(local), local
         else:  # a hub id: only a cached copy, never a download from here
             from transformers import AutoTokenizer
 
-            tok = _Lengths(AutoTokenizer.from_pretrained(str(tok_name), local_files_only=True))
+            tok = Lengths(AutoTokenizer.from_pretrained(str(tok_name), local_files_only=True))
             tok_path = Path(str(tok_name))
     except (OSError, ValueError) as e:
-        hint = "not cached locally" if not tok_path.is_dir() else f"unreadable: {type(e).__name__}"
-        return LengthCheck(seq, None, tok_path,
-                           f"tokenizer {tok_name} {hint}: token-length check and token stats skipped")
+        hint = "not cached locally" if local is None else f"unreadable: {type(e).__name__}"
+        return LengthCheck(seq, None, local, f"tokenizer {tok_name} {hint}: token-length check and token stats skipped")
     return LengthCheck(seq, tok, tok_path)
 
 
-class _Lengths:
+class Lengths:
     """Token counts with the recipe's tokenizer. A saved fast tokenizer's tokenizer.json
     is read with the `tokenizers` library directly (same ids as AutoTokenizer, special
     tokens included, in a fraction of the start-up time); anything else via AutoTokenizer."""
@@ -89,7 +87,7 @@ class _Lengths:
         self.hf, self.fast = hf_tokenizer, fast
 
     @classmethod
-    def load(cls, path: Path) -> "_Lengths":
+    def load(cls, path: Path) -> "Lengths":
         if (path / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
@@ -104,22 +102,35 @@ class _Lengths:
         return [len(ids) for ids in self.hf(texts)["input_ids"]]
 
 
-def count_tokens(check: LengthCheck, examples: list[Example], batch: int = 512) -> None:
-    """Set `n_tokens` on each example: context + target with the tokenizer's special
-    tokens, plus one for the EOS token the trainer appends."""
+def _trained_lengths(lengths: Lengths, texts: list[str], batch: int = 512) -> list[int]:
+    # Axolotl appends the EOS token to every training row: it counts against sequence_len.
+    return [n + 1 for i in range(0, len(texts), batch) for n in lengths.lengths(texts[i:i + batch])]
+
+
+def over_length(lengths: Lengths, texts: list[str], seq_len: int) -> list[tuple[int, int]]:
+    """(index into `texts`, tokens with the appended EOS) of every text longer than `seq_len`
+    as trained: the one rule `make data` and `make check` apply to training rows."""
+    return [(i, n) for i, n in enumerate(_trained_lengths(lengths, texts)) if n > seq_len]
+
+
+def _text(e: Example) -> str:
+    return e.context + e.target
+
+
+def count_tokens(check: LengthCheck, examples: list[Example]) -> None:
+    """Set `n_tokens` on each example: context + target as trained (see over_length)."""
     if check.tokenizer is None:
         return
-    for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        for e, n in zip(chunk, check.tokenizer.lengths([e.context + e.target for e in chunk])):
-            e.n_tokens = n + 1
+    for e, n in zip(examples, _trained_lengths(check.tokenizer, [_text(e) for e in examples])):
+        e.n_tokens = n
 
 
 def too_long(check: LengthCheck, examples: list[Example]) -> list[Problem]:
     if not check.active:
         return []
-    return [Problem(e.file, e.line, f"too long: {e.n_tokens} tokens > sequence_len {check.sequence_len}")
-            for e in examples if e.n_tokens is not None and e.n_tokens > check.sequence_len]
+    long = over_length(check.tokenizer, [_text(e) for e in examples], check.sequence_len)
+    return [Problem(examples[i].file, examples[i].line, f"too long: {n} tokens > sequence_len {check.sequence_len}")
+            for i, n in long]
 
 
 def sort_problems(problems: list[Problem]) -> list[Problem]:

@@ -1,0 +1,324 @@
+"""The pipeline of `make data`: sources in, validated FinLoRA JSONL out, in one order.
+
+`build` converts and validates every row of every `Unit` (a source bound for a train
+file, a test file, or both), splits, removes duplicates, checks train/test leakage,
+balances classes where asked, prints the stats, and only then writes: each file to a
+temporary name renamed into place, tests first, so a failed or interrupted run leaves
+the previous files as they were. Which sources feed it: finlora.data.defaults (the CPU
+default), finlora.data.recipe_data (a recipe's task), finlora.data.prepare (one source).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from finlora import ROOT
+from finlora.atomic import write_json, write_jsonl
+from finlora.data import sources, stats
+from finlora.data.convert import Example, Mapping, Problem, input_text
+from finlora.data.sources import RawRow
+from finlora.data.split import dedupe, overlaps, oversample, stratified_split
+from finlora.data.tasks import FIXES, Task
+from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
+from finlora.errors import DataError
+from finlora.recipes import rel
+
+DATA_DIR = ROOT / "data"
+SEED = 42
+BALANCE_POWER = 0.5  # class c of n_c rows -> n_max * (n_c / n_max) ** 0.5 rows (split.oversample)
+MAX_LISTED = 50  # overlap pairs listed in full; every bad row is always listed
+
+
+@dataclass
+class Unit:
+    """One source converted for one task, going to a train file, a test file, or both."""
+
+    task: Task
+    mapping: Mapping
+    rows: Iterable[RawRow]
+    source: str
+    train_name: str | None = None
+    test_name: str | None = None
+    test_fraction: float = 0.0
+    synthetic: bool = False
+    latin1: sources.SourceInfo | None = None
+    balance: bool = False  # oversample the train split by class (after dedupe and leakage checks)
+    # The train split's rows re-rendered as this task, their labels through `train_labels`
+    # (NWGI trains as 3-class news sentiment: FPB's wording, levels folded as FinLoRA scores them).
+    train_as: Task | None = None
+    train_labels: Callable[[str], str] | None = None
+    train_rows: int | None = None  # a seeded sample of this many train rows (the rest is not used)
+    keep_repeats: bool = False  # repeated rows are the source's own oversampling: counted, not removed
+
+    @classmethod
+    def from_hub(cls, task: Task, split: str, **kw) -> "Unit":
+        """One split of the task's registry source (`task.hub`), read through `datasets`."""
+        return cls(task, Mapping.of_hub(task), sources.hub_rows(task.hub, split), f"hf:{task.hub.where}[{split}]", **kw)
+
+    @classmethod
+    def from_finlora(cls, task: Task, path: Path, fix: str | None = None, **kw) -> "Unit":
+        """A FinLoRA `{"context", "target"}` JSONL file, a known labelling error repaired (tasks.FIXES)."""
+        return cls(task, Mapping(finlora=True, swap=FIXES[fix] if fix else None), sources.read("finlora", path),
+                   rel(path) + (f" (--fix {fix})" if fix else ""), **kw)
+
+
+@dataclass
+class Part:
+    name: str
+    split: str
+    unit: Unit
+    examples: list[Example]
+    duplicates: list = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    before_balance: dict[str, int] | None = None  # class counts of the distinct rows, when balanced
+    merged: list[dict] = field(default_factory=list)  # when several units' parts share this file: each one's summary
+    left_out: list[str] = field(default_factory=list)  # train rows left out for sharing a test input (drop_overlap)
+
+    @property
+    def task(self) -> Task:
+        return self.unit.train_as if self.split == "train" and self.unit.train_as else self.unit.task
+
+
+@dataclass
+class Options:
+    out_dir: Path = DATA_DIR
+    recipe: str | None = None
+    seed: int = SEED
+    skip_bad: bool = False
+    allow_overlap: bool = False
+    token_check: bool = True
+    against: list[Path] = field(default_factory=list)  # extra test files to check leakage against
+    # Leave train rows whose input is in a test file out (listed) instead of failing: for
+    # published train/test pairs (FinLoRA's xbrl_term shares 2 of 5,856 terms with its test).
+    drop_overlap: bool = False
+
+
+def say(msg: str = "") -> None:
+    """Progress on stdout, flushed: it interleaves with the errors on stderr in order."""
+    print(msg, flush=True)
+
+
+def write_examples(path: Path, examples: Iterable[Example]) -> int:
+    """UTF-8, LF, one `{"context", "target"}` per line; temp file then rename."""
+    return write_jsonl(path, (e.row() for e in examples))
+
+
+def atomic_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` (relative): a temporary link renamed over it."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_against(paths: list[Path]) -> list[Example]:
+    out = []
+    for p in paths:
+        for raw in sources.read_jsonl(Path(p)):
+            if raw.data and isinstance(raw.data.get("context"), str):
+                out.append(Example(raw.data["context"], str(raw.data.get("target")), input_text(raw.data["context"]),
+                                   raw.file, raw.line))
+    return out
+
+
+def _without(examples: list[Example], problems: list[Problem]) -> list[Example]:
+    at = {(p.file, p.line) for p in problems}
+    return [e for e in examples if (e.file, e.line) not in at]
+
+
+def _train_rows(u: Unit, examples: list[Example], check: LengthCheck, seed: int) -> list[Example]:
+    """The unit's train split as it will be trained on: sampled, then re-rendered. A sampled
+    row longer than sequence_len is left out (and listed) rather than failing the run: a
+    sample is not data the user asked for row by row."""
+    if u.train_rows is not None and u.train_rows < len(examples):
+        keep = set(random.Random(seed).sample(range(len(examples)), u.train_rows))
+        examples = [e for i, e in enumerate(examples) if i in keep]  # source order kept
+    if u.train_as is not None:
+        fold = u.train_labels or (lambda s: s)
+        examples = [replace(e, context=u.train_as.render({"text": e.text}), target=fold(e.target), n_tokens=None)
+                    for e in examples]
+        count_tokens(check, examples)
+    if u.train_rows is not None:
+        long = too_long(check, examples)
+        if long:
+            say(f"{u.source}: {len(long)} sampled row(s) left out, longer than sequence_len {check.sequence_len}: "
+                + ", ".join(f"line {p.line}" for p in long))
+            examples = _without(examples, long)
+    return examples
+
+
+def _merge_same_file(parts: list[Part]) -> list[Part]:
+    """Parts of several units bound for one file (FPB and NWGI -> the CPU train file) become
+    one part: the first unit's, with the others listed in `merged`."""
+    def summary(p: Part) -> dict:
+        task = p.unit.task.name + (f" as {p.task.name}" if p.task is not p.unit.task else "")
+        return {"source": p.unit.source, "task": task, "rows": len(p.examples), "duplicates_removed": len(p.duplicates),
+                "labels": {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels or ()}}
+
+    out: dict[tuple[str, str], Part] = {}
+    for p in parts:
+        first = out.setdefault((p.split, p.name), p)
+        if first is not p:
+            if first.task.labels != p.task.labels:
+                raise DataError(f"{p.split}/{p.name}: {first.unit.source} and {p.unit.source} have different "
+                                f"label sets ({first.task.labels} vs {p.task.labels}); they cannot share a file")
+            first.merged = (first.merged or [summary(first)]) + [summary(p)]
+            first.examples = first.examples + p.examples
+            first.duplicates = first.duplicates + p.duplicates
+            first.skipped = first.skipped + p.skipped
+    return list(out.values())
+
+
+def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None) -> list[Part]:
+    """Convert, validate, split, dedupe, check leakage, report, then write.
+
+    `link` = (link name, target name) in train/: a symlink made after the files."""
+    check: LengthCheck = load_length_check(opts.recipe, opts.token_check)
+    if check.note:
+        say(f"warning: {check.note}")
+
+    # 1. convert and validate every row of every source, in one pass
+    converted, per_unit, problems = [], [], []
+    for u in units:
+        examples, probs = convert_all(u.task, u.mapping, u.rows)
+        count_tokens(check, examples)
+        converted.append(examples)
+        per_unit.append(probs)
+        problems += probs
+        if u.latin1 is not None and u.latin1.latin1_lines:
+            lines = u.latin1.latin1_lines
+            say(f"note: {u.source}: {len(lines)} line(s) not UTF-8, read as Latin-1 (lines {', '.join(map(str, lines[:10]))}"
+                f"{' ...' if len(lines) > 10 else ''})")
+    bad_at = {(p.file, p.line) for p in problems}
+
+    # 2. split, dedupe; the rows that go to training are checked against sequence_len (the
+    # trainer's limit: evaluation has none), after any re-rendering, which changes their length
+    parts: list[Part] = []
+    for u, examples, skipped in zip(units, converted, per_unit):
+        examples = [e for e in examples if (e.file, e.line) not in bad_at]
+        if u.train_name and u.test_name:
+            train, test = stratified_split(examples, u.test_fraction, opts.seed)
+            splits = [(u.train_name, "train", train), (u.test_name, "test", test)]
+        elif u.test_name:
+            splits = [(u.test_name, "test", examples)]
+        else:
+            splits = [(u.train_name, "train", examples)]
+        for i, (name, split, ex) in enumerate(splits):
+            if split == "train":
+                ex = _train_rows(u, ex, check, opts.seed)
+                long = too_long(check, ex)
+                problems += long
+                skipped = sort_problems(skipped + long)
+                ex = _without(ex, long)
+            kept, dups = dedupe(ex)
+            if u.keep_repeats:
+                if dups:
+                    say(f"{name}: {len(dups)} repeated row(s) kept: the source repeats them on purpose")
+                kept, dups = ex, []
+            parts.append(Part(name, split, u, kept, dups, skipped if i == 0 else []))
+            if dups:
+                first = dups[0]
+                say(f"{name}: removed {len(dups)} duplicate row(s) (e.g. {first[0].where} repeats {first[1].where})")
+    problems = sort_problems(problems)
+    if problems and not opts.skip_bad:
+        raise DataError("\n".join(
+            [f"{len(problems)} bad row(s); nothing was written:"]
+            + [f"  {p}" for p in problems]
+            + ["fix them, or pass --skip-bad to leave these rows out (they will be listed)"]))
+    if problems:
+        say(f"skipping {len(problems)} bad row(s) (--skip-bad):")
+        for p in problems:
+            say(f"  {p}")
+
+    # 3. leakage: no input text of a train file may appear in a test file
+    tests = [e for p in parts if p.split == "test" for e in p.examples] + _load_against(opts.against)
+    leaks = [pair for p in parts if p.split == "train" for pair in overlaps(p.examples, tests)]
+    if leaks:
+        lines = [f"  {a.where} (train) = {b.where} (test): {a.text[:70]!r}" for a, b in leaks[:MAX_LISTED]]
+        if len(leaks) > MAX_LISTED:
+            lines.append(f"  ... and {len(leaks) - MAX_LISTED} more")
+        if opts.drop_overlap and not opts.allow_overlap:
+            say(f"{len(leaks)} train row(s) left out, their input is in a test file:")
+            for line in lines:
+                say(line)
+            leaked = {id(a) for a, _ in leaks}
+            for p in parts:
+                if p.split == "train":
+                    p.left_out = [e.where for e in p.examples if id(e) in leaked]
+                    p.examples = [e for e in p.examples if id(e) not in leaked]
+        elif not opts.allow_overlap:
+            raise DataError("\n".join(
+                [f"{len(leaks)} train example(s) also in a test split (same text after folding case and "
+                 "white space); nothing was written:"] + lines + ["pass --allow-overlap to write them anyway"]))
+        else:
+            say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
+            for line in lines:
+                say(line)
+    # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl): say when a
+    # new one holds rows that a train file already there, and not rewritten now, trains on.
+    written = {p.name for p in parts if p.split == "train"}
+    if tests:
+        for old in sorted((opts.out_dir / "train").glob("*.jsonl")):
+            if old.name in written or not old.is_file():
+                continue
+            shared = overlaps(_load_against([old]), [e for p in parts if p.split == "test" for e in p.examples])
+            if shared:
+                say(f"warning: {len(shared)} row(s) of the existing {rel(old)} are in the test file(s) written now "
+                    f"(e.g. {shared[0][1].where}); scores of an adapter trained on {old.name} on them are not held out")
+
+    # 4. class balance: a small model trained for a few dozen steps on FPB's natural mix
+    # (59% neutral) learns to answer "neutral" (measured: 112 of 205 held-out positives
+    # and 59 of 92 negatives, 73.1%), and on equal counts it over-answers the small classes
+    # (126 of 429 neutrals called positive, 71.9%). Square-root balancing sits between.
+    for p in parts:
+        if p.split == "train" and p.unit.balance and p.task.labels:
+            p.before_balance = {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels}
+            p.examples = oversample(p.examples, opts.seed, power=BALANCE_POWER)
+            after = {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels}
+            say(f"{p.name}: square-root class balance by oversampling: "
+                + ", ".join(f"{k} {p.before_balance[k]} -> {after[k]}" for k in after))
+
+    parts = _merge_same_file(parts)
+
+    # 5. stats, printed before anything is written
+    for p in parts:
+        p.stats = stats.compute(p.examples, p.task.labels) | {
+            "file": rel(opts.out_dir / p.split / p.name),
+            "split": p.split,
+            "task": " + ".join(m["task"] for m in p.merged) if p.merged else p.unit.task.name,
+            "source": " + ".join(m["source"] for m in p.merged) if p.merged else p.unit.source,
+            "synthetic": p.unit.synthetic,
+            "seed": opts.seed,
+            "duplicates_removed": len(p.duplicates),
+            "bad_rows_skipped": [str(x) for x in p.skipped],
+            "train_test_overlap": len([1 for a, _ in leaks if any(a is e for e in p.examples)]) if p.split == "train" else None,
+            "train_test_overlap_left_out": p.left_out or None,
+            "tokenizer": str(check.tokenizer_path) if check.active else None,
+            "sequence_len": check.sequence_len,
+            "balanced_from": p.before_balance,
+            "sources": p.merged or None,
+        }
+    say(stats.table([(f"{p.split}/{p.name}" + ("  [SYNTHETIC]" if p.unit.synthetic else ""), p.stats) for p in parts]))
+
+    # 6. write: tests first, then train, then the link, then the stats
+    for p in sorted(parts, key=lambda p: p.split != "test"):
+        write_examples(opts.out_dir / p.split / p.name, p.examples)
+    if link is not None:
+        atomic_symlink(opts.out_dir / "train" / link[0], link[1])
+        say(f"train/{link[0]} -> {link[1]}")
+    for p in parts:
+        write_json(opts.out_dir / "stats" / f"{Path(p.name).stem}.json", p.stats)
+        if link is not None and p.name == link[1]:
+            write_json(opts.out_dir / "stats" / f"{Path(link[0]).stem}.json", p.stats | {"symlink_to": link[1]})
+    say(f"wrote {len(parts)} file(s) under {rel(opts.out_dir)}/ (stats in {rel(opts.out_dir / 'stats')}/)")
+    return parts
