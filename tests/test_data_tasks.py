@@ -378,10 +378,10 @@ def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
 
 
 def test_train_names_the_make_data_command_for_a_recipe_without_data(tmp_path):
-    from finlora import recipes
+    from finlora.errors import RecipeError
+    from finlora.recipes import Recipe
     from finlora.train import ensure_inputs
 
-    cfg = {"base_model": "meta-llama/Llama-3.1-8B-Instruct",
-           "datasets": [{"path": str(tmp_path / "data/train/ner_train.jsonl")}]}
-    with pytest.raises(recipes.RecipeError, match=r"run `make data RECIPE=ner_r8`"):
-        ensure_inputs(ROOT / "recipes/ner_r8.yml", cfg)
+    recipe = Recipe.open("ner_r8", ["--datasets", '[{"path": "%s"}]' % (tmp_path / "data/train/ner_train.jsonl")])
+    with pytest.raises(RecipeError, match=r"run `make data RECIPE=ner_r8`"):
+        ensure_inputs(recipe)

@@ -257,7 +257,9 @@ def test_data_preparation_killed_keeps_previous_files(tmp_path, monkeypatch):
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
     assert any(p.parent.name == "train" for p in files)
 
-    real = prepare.write_examples
+    from finlora.data import pipeline
+
+    real = pipeline.write_examples
     calls = {"n": 0}
 
     def dying(path, examples):
@@ -271,7 +273,7 @@ def test_data_preparation_killed_keeps_previous_files(tmp_path, monkeypatch):
             return real(path, gen())
         return real(path, examples)
 
-    monkeypatch.setattr(prepare, "write_examples", dying)
+    monkeypatch.setattr(pipeline, "write_examples", dying)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_default(out_dir=out, hub=False, seed=7)  # a different split: different bytes
     assert calls["n"] >= 1
