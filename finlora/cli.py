@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 from finlora.errors import FinLoRAError
@@ -39,15 +40,31 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="Skipping publisher trust check", category=UserWarning)
 
 
+def report(e: FinLoRAError) -> int:
+    """Print `e` as the command line shows it; return its exit code."""
+    sys.stdout.flush()
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run one command's `main`; map FinLoRAError to `error: ...` and its exit code."""
     quiet_known_noise()
     try:
         return main(argv) or 0
     except FinLoRAError as e:
-        sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def exit_on_error():
+    """The same layer for our code inside another program's process (the Axolotl plugin's
+    hooks, run by `axolotl train`): a FinLoRAError ends that process with `error: ...` and
+    its exit code, as `run` would, not with a traceback through the host's frames."""
+    try:
+        yield
+    except FinLoRAError as e:
+        raise SystemExit(report(e)) from None

@@ -45,3 +45,7 @@ class SmokeError(FinLoRAError):
 
 class LaunchError(FinLoRAError):
     """`make train` cannot start the launch it was asked for (GPUS, NODES, DeepSpeed)."""
+
+
+class SetupError(FinLoRAError):
+    """`make setup GPU=1` would not install as pinned (its pip lines, pip's resolver)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ def parse_datasets(spec: str | None) -> list[str]:
     names = [s.strip() for s in (spec or "fpb,fiqa").split(",") if s.strip()]
     unknown = [n for n in names if n not in EVAL_SETS]
     if unknown:
-        raise EvalError(f"error: unknown data set(s) {', '.join(unknown)}; known: {', '.join(EVAL_SETS)}")
+        raise EvalError(f"unknown data set(s) {', '.join(unknown)}; known: {', '.join(EVAL_SETS)}")
     return names
 
 
@@ -56,13 +55,13 @@ def load_examples(path: Path, task: Task, limit: int | None = None) -> list[Exam
     from finlora.data.validate import convert_all, sort_problems
 
     if not path.is_file():
-        raise EvalError(f"error: {path}: test file not found (run `make data` or pass --data-dir)")
+        raise EvalError(f"{path}: test file not found (run `make data` or pass --data-dir)")
     examples, problems = convert_all(task, Mapping(finlora=True), sources.read("finlora", path))
     if problems:
         problems = sort_problems(problems)
         shown = "\n".join(str(x) for x in problems[:50])
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise EvalError(f"error: {len(problems)} bad row(s) in {path}:\n{shown}{more}")
+        raise EvalError(f"{len(problems)} bad row(s) in {path}:\n{shown}{more}")
     rows = [Example(i, e.context, e.target) for i, e in enumerate(examples)]
     return rows[:limit] if limit else rows
 
@@ -125,28 +124,19 @@ def score(task: Task, preds: list[str | None], targets: list[str]) -> dict:
     return {"n": n, metric: sum(values) / n, "metric": metric}
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def rouge_l_f1(pred: str, ref: str) -> float:
-    """ROUGE-L F1: longest common subsequence of lower-cased alphanumeric tokens
-    (rouge-score's tokenisation without stemming). Written out here because the
-    rouge-score package imports absl, whose logging handler captures sys.stderr."""
-    a, b = _tokens(pred), _tokens(ref)
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
+    """ROUGE-L F1 by rouge-score (tokens: lower-cased alphanumeric runs, no stemming).
+
+    Its tokenizer is passed in although it is the default one: built without it,
+    RougeScorer logs one INFO line through absl, and absl's log() calls
+    logging.basicConfig() when the root logger has no handler. That adds a root handler
+    bound to the sys.stderr of that moment, through which every library's warnings print
+    from then on (measured with rouge-score 0.1.2, absl-py 2.5.1: root handlers [] ->
+    [StreamHandler <stderr>]). Given a tokenizer, nothing in the ROUGE-L path logs."""
+    from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return RougeScorer(["rougeL"], tokenizer=DefaultTokenizer()).score(ref, pred)["rougeL"].fmeasure
 
 
 def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]]:
@@ -338,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.merged and not a.adapter:
             a.adapter = str(recipes.resolve_path(cfg.get("output_dir", "")))
     if not a.base:
-        raise EvalError("error: give --recipe or --base")
+        raise EvalError("give --recipe or --base")
     names = parse_datasets(a.datasets)
     sets = {n: load_examples(test_file(a.data_dir, n), TASKS[n], a.limit) for n in names}
     tuned = a.adapter or a.merged
@@ -381,6 +371,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"eval: wrote {out}/report.md, metrics.json, scores.png, predictions_*.jsonl")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

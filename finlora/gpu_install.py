@@ -34,14 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finlora import ROOT
+from finlora.cli import run
+from finlora.errors import SetupError
 
 REQUIREMENTS_GPU = ROOT / "requirements-gpu.txt"
 CONSTRAINTS_GPU = ROOT / "constraints-gpu.txt"
 CONSTRAINTS_CPU = ROOT / "constraints.txt"
-
-
-class ResolveError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -64,7 +62,7 @@ def make_gpu_commands(root: Path = ROOT) -> list[list[str]]:
     proc = subprocess.run(["make", "-n", "-B", "setup", "GPU=1"], cwd=root, capture_output=True,
                           text=True, timeout=60)
     if proc.returncode != 0:
-        raise ResolveError(f"make -n setup GPU=1 failed: {proc.stderr.strip()[:300]}")
+        raise SetupError(f"make -n setup GPU=1 failed: {proc.stderr.strip()[:300]}")
     cmds = []
     for line in proc.stdout.splitlines():
         if "/pip install" not in line:
@@ -74,7 +72,7 @@ def make_gpu_commands(root: Path = ROOT) -> list[list[str]]:
                 "requirements-gpu.txt" in argv:
             cmds.append(argv)
     if not cmds:
-        raise ResolveError("make -n setup GPU=1 prints no `pip install ... requirements-gpu.txt` line")
+        raise SetupError("make -n setup GPU=1 prints no `pip install ... requirements-gpu.txt` line")
     return cmds
 
 
@@ -113,7 +111,7 @@ def dry_run(commands: list[list[str]] | None = None, python: str = sys.executabl
     args = commands[-1][2:]
     missing = [a for argv in commands[:-1] for a in argv[2:] if a not in args]
     if missing:
-        raise ResolveError(f"the last GPU pip line lacks {missing} of the earlier ones")
+        raise SetupError(f"the last GPU pip line lacks {missing} of the earlier ones")
     with tempfile.TemporaryDirectory(prefix="finlora-pip-") as tmp:
         report = Path(tmp) / "report.json"
         env = {k: v for k, v in os.environ.items()
@@ -123,7 +121,7 @@ def dry_run(commands: list[list[str]] | None = None, python: str = sys.executabl
                "--quiet", "--report", str(report), *args]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise ResolveError(f"pip's resolver refused the GPU install ({' '.join(args)}):\n"
+            raise SetupError(f"pip's resolver refused the GPU install ({' '.join(args)}):\n"
                                + proc.stderr.strip()[-2000:])
         data = json.loads(report.read_text(encoding="utf-8"))
     return [Resolved(canonical(i["metadata"]["name"]), i["metadata"]["version"], i["download_info"]["url"])
@@ -142,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Resolve `make setup GPU=1` with pip --dry-run")
     p.add_argument("--write-lock", action="store_true", help=f"rewrite {CONSTRAINTS_GPU.name} from the result")
     a = p.parse_args(argv)
-    try:
-        items = dry_run()
-    except ResolveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    items = dry_run()
     src = [i for i in items if not i.is_wheel]
     print(f"gpu_install: {len(items)} packages, {len(items) - len(src)} wheels, {len(src)} source builds")
     for i in src:
@@ -163,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

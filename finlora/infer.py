@@ -97,7 +97,7 @@ def read_requests(path: Path, adapters: dict[str, str]) -> list[Request]:
             continue
         out.append(Request(prompt.replace("\\n", "\n"), tag, where))
     if problems:
-        raise InferError("error: bad prompt file:\n" + "\n".join(problems))
+        raise InferError("bad prompt file:\n" + "\n".join(problems))
     return out
 
 
@@ -109,7 +109,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
         if not eq:
             name, path = "default", spec
         if name in out:
-            raise InferError(f"error: adapter name {name!r} given twice")
+            raise InferError(f"adapter name {name!r} given twice")
         out[name] = path
     return out
 
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             adapters = {"default": str(recipes.resolve_path(cfg.get("output_dir", "")))}
         template = template_from_recipe(cfg, a.task)
     if not a.base:
-        raise InferError("error: give --recipe or --base")
+        raise InferError("give --recipe or --base")
     if a.merged and adapters:
-        raise InferError("error: --merged already contains its adapter; do not also pass --adapter")
+        raise InferError("--merged already contains its adapter; do not also pass --adapter")
     if a.raw:
         template = Template()
     quant = "8bit" if a.load_in_8bit else "4bit" if a.load_in_4bit else None
@@ -225,6 +225,3 @@ def main(argv: list[str] | None = None) -> int:
             print(answer, flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,7 +45,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from finlora.errors import MergeError
 from finlora import ROOT
 from finlora.atomic import atomic_dir, write_json
-from finlora.merge_io import SafetensorsError, ShardWriter, TensorInfo, read_tensor, tensor_infos
+from finlora.merge_io import ShardWriter, TensorInfo, read_tensor, tensor_infos
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -111,26 +111,23 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     base_dir = Path(base_dir)
     index = base_dir / "model.safetensors.index.json"
     single = base_dir / "model.safetensors"
-    try:
-        if index.is_file():
-            wmap = _read_json(index).get("weight_map") or {}
-            files = list(dict.fromkeys(wmap.values()))
-            out: dict[str, TensorInfo] = {}
-            for name in files:
-                path = base_dir / name
-                if not path.is_file():
-                    raise MergeError(f"{index} names shard {name}, which is missing")
-                for k, info in tensor_infos(path).items():
-                    if wmap.get(k) == name:
-                        out[k] = info
-            missing = sorted(set(wmap) - set(out))
-            if missing:
-                raise MergeError(f"{index} maps {missing[0]} (and {len(missing) - 1} more) to a shard that lacks it")
-            return out
-        if single.is_file():
-            return tensor_infos(single)
-    except SafetensorsError as e:
-        raise MergeError(str(e)) from None
+    if index.is_file():
+        wmap = _read_json(index).get("weight_map") or {}
+        files = list(dict.fromkeys(wmap.values()))
+        out: dict[str, TensorInfo] = {}
+        for name in files:
+            path = base_dir / name
+            if not path.is_file():
+                raise MergeError(f"{index} names shard {name}, which is missing")
+            for k, info in tensor_infos(path).items():
+                if wmap.get(k) == name:
+                    out[k] = info
+        missing = sorted(set(wmap) - set(out))
+        if missing:
+            raise MergeError(f"{index} maps {missing[0]} (and {len(missing) - 1} more) to a shard that lacks it")
+        return out
+    if single.is_file():
+        return tensor_infos(single)
     if list(base_dir.glob("*.bin")) or list(base_dir.glob("*.pt")):
         raise MergeError(f"{base_dir}: the base model is stored as pickled .bin files; only safetensors "
                          f"bases are merged (convert it once with save_pretrained(safe_serialization=True))")
@@ -636,32 +633,28 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     recipe_cfg = None
-    try:
-        if args.recipe:
-            if args.base or args.adapter:
-                raise MergeError("give either --recipe or --base and --adapter, not both")
-            from finlora import recipes
+    if args.recipe:
+        if args.base or args.adapter:
+            raise MergeError("give either --recipe or --base and --adapter, not both")
+        from finlora import recipes
 
-            path = recipes.resolve(args.recipe)
-            recipe_cfg = recipes.load(path)
-            if not recipe_cfg.get("adapter"):
-                raise MergeError(f"{path}: no `adapter:` key; a full fine-tune has nothing to merge")
-            for k in ("base_model", "output_dir"):
-                if not recipe_cfg.get(k):
-                    raise MergeError(f"{path}: no {k}")
-            base = recipes.resolve_path(recipe_cfg["base_model"])
-            adapter = recipes.resolve_path(recipe_cfg["output_dir"])
-            if not (adapter / "adapter_config.json").is_file():
-                raise MergeError(f"no trained adapter in {adapter} (from {path.name} output_dir); "
-                                 f"run `make train RECIPE={args.recipe}` first")
-            out = args.out or adapter / "merged"
-        else:
-            if not (args.base and args.adapter and args.out):
-                raise MergeError("give --recipe NAME, or all of --base DIR --adapter DIR --out DIR")
-            base, adapter, out = args.base, args.adapter, args.out
-        merge(base, adapter, out, force=args.force, max_shard_size=args.max_shard_size, do_verify=args.verify,
-              allow_pickle=args.allow_pickle, recipe_cfg=recipe_cfg, progress=not args.no_progress)
-    except (MergeError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        path = recipes.resolve(args.recipe)
+        recipe_cfg = recipes.load(path)
+        if not recipe_cfg.get("adapter"):
+            raise MergeError(f"{path}: no `adapter:` key; a full fine-tune has nothing to merge")
+        for k in ("base_model", "output_dir"):
+            if not recipe_cfg.get(k):
+                raise MergeError(f"{path}: no {k}")
+        base = recipes.resolve_path(recipe_cfg["base_model"])
+        adapter = recipes.resolve_path(recipe_cfg["output_dir"])
+        if not (adapter / "adapter_config.json").is_file():
+            raise MergeError(f"no trained adapter in {adapter} (from {path.name} output_dir); "
+                             f"run `make train RECIPE={args.recipe}` first")
+        out = args.out or adapter / "merged"
+    else:
+        if not (args.base and args.adapter and args.out):
+            raise MergeError("give --recipe NAME, or all of --base DIR --adapter DIR --out DIR")
+        base, adapter, out = args.base, args.adapter, args.out
+    merge(base, adapter, out, force=args.force, max_shard_size=args.max_shard_size, do_verify=args.verify,
+          allow_pickle=args.allow_pickle, recipe_cfg=recipe_cfg, progress=not args.no_progress)
     return 0

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from finlora.errors import MergeError
+
 # The names the safetensors format gives torch dtypes (its spec; safetensors.torch keeps
 # this table private).
 DTYPE_NAMES = {
@@ -32,10 +34,6 @@ DTYPE_NAMES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file that cannot be read; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,11 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
                 sl = f.get_slice(name)
                 dtype = sl.get_dtype()
                 if dtype not in DTYPES:
-                    raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+                    raise MergeError(f"{path}: tensor {name} has unsupported dtype {dtype}")
                 out[name] = TensorInfo(name, path, dtype, tuple(sl.get_shape()))
             return out
     except SafetensorError as e:
-        raise SafetensorsError(f"{path}: not a readable safetensors file (truncated download?): {e}") from None
+        raise MergeError(f"{path}: not a readable safetensors file (truncated download?): {e}") from None
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -80,7 +78,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(info.name)
     except SafetensorError as e:
-        raise SafetensorsError(f"{info.file}: tensor {info.name}: {e}") from None
+        raise MergeError(f"{info.file}: tensor {info.name}: {e}") from None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -24,13 +24,13 @@ def check_adapter(adapter_dir: str | Path, base: str, allow_mismatch: bool = Fal
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
-        raise ModelError(f"error: {adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
+        raise ModelError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
     cfg = json.loads(cfg_path.read_text())
     if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ModelError(f"error: {adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
+        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
     recorded = cfg.get("base_model_name_or_path") or ""
     if recorded and not allow_mismatch and _normalise(recorded) != _normalise(base):
-        raise ModelError(f"error: adapter {adapter_dir} was trained on {recorded!r}, not on base {base!r} "
+        raise ModelError(f"adapter {adapter_dir} was trained on {recorded!r}, not on base {base!r} "
                          "(pass --allow-base-mismatch if they are the same weights)")
     return cfg
 
@@ -55,7 +55,7 @@ def load_base(path: str, dtype: str = "float32", quant: str | None = None, for_g
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
         else:
-            raise ModelError(f"error: unknown quantisation {quant!r} (use 8bit or 4bit)")
+            raise ModelError(f"unknown quantisation {quant!r} (use 8bit or 4bit)")
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

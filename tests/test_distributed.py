@@ -91,12 +91,13 @@ def test_cpu_launch_without_accelerate_use_cpu_is_refused():
     import torch
 
     from finlora.axolotl_plugin import check_cpu_launch
+    from finlora.errors import LaunchError
 
     if torch.cuda.is_available():
         pytest.skip("the check applies only where there is no CUDA device")
-    with pytest.raises(SystemExit, match="ACCELERATE_USE_CPU is not set"):
+    with pytest.raises(LaunchError, match="ACCELERATE_USE_CPU is not set"):
         check_cpu_launch({"WORLD_SIZE": "2"})
-    with pytest.raises(SystemExit, match="make train GPUS=n"):
+    with pytest.raises(LaunchError, match="make train GPUS=n"):
         check_cpu_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # `accelerate launch` without --cpu
     for ok in ({}, {"WORLD_SIZE": "1"}, {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1"},
                {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True"}):

@@ -65,6 +65,20 @@ def test_rouge_l_matches_the_lcs_definition():
     assert rouge_l_f1("", "x") == 0.0 and rouge_l_f1("a b", "c d") == 0.0
 
 
+def test_rouge_l_leaves_the_root_logger_alone():
+    """rouge-score logs through absl, whose first log call would add a root handler bound
+    to the sys.stderr of that moment. In a fresh process (pytest gives the root logger its
+    own handlers, which hides that), scoring leaves the root logger without handlers."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom finlora.evaluate import rouge_l_f1\n"
+            "rouge_l_f1('the cat sat', 'the cat was sat')\nprint(logging.root.handlers)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]" and proc.stderr == ""
+
+
 def test_unknown_dataset_lists_known():
     with pytest.raises(EvalError, match="known: fpb, fiqa"):
         parse_datasets("fpb,nosuch")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
+from finlora.cli import run
 from finlora.merge import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -97,7 +98,8 @@ def assert_same_as_peft(out: Path, ref: dict[str, torch.Tensor], atol: float = 1
 
 
 def run_merge(base, adapter, out, *extra) -> int:
-    return main(["--base", str(base), "--adapter", str(adapter), "--out", str(out), "--no-progress", *map(str, extra)])
+    """scripts/merge.py as a user runs it: `error: ...` on stderr and exit code 1 on refusal."""
+    return run(main, ["--base", str(base), "--adapter", str(adapter), "--out", str(out), "--no-progress", *map(str, extra)])
 
 
 # ------------------------------------------------------------------ the real model

@@ -122,19 +122,30 @@ def test_smoke_trains_merges_and_scores(variant):
         assert shards == [f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)]
 
 
-def test_cpu_deepspeed_launch_is_refused_where_accelerate_would_drop_deepspeed():
-    """Accelerate runs plain DDP, without a word, when told to use the CPU with DeepSpeed set."""
+def test_cpu_deepspeed_launch_is_refused_where_accelerate_would_drop_deepspeed(monkeypatch, capsys):
+    """Accelerate runs plain DDP, without a word, when told to use the CPU with DeepSpeed set.
+    Inside `axolotl train` the plugin's hook ends the process with one `error:` line, not a
+    traceback through Axolotl's frames."""
     import torch
 
-    from finlora.axolotl_plugin import check_cpu_launch
+    from finlora.axolotl_plugin import FinLoRAPlugin, check_cpu_launch
+    from finlora.errors import LaunchError
 
     if torch.cuda.is_available():
         pytest.skip("the CPU launch rules apply only without CUDA")
-    with pytest.raises(SystemExit, match="drop DeepSpeed silently"):
+    with pytest.raises(LaunchError, match="drop DeepSpeed silently"):
         check_cpu_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1", "DS_ACCELERATOR": "cpu"}, deepspeed=True)
-    with pytest.raises(SystemExit, match="DS_ACCELERATOR=cpu"):
+    with pytest.raises(LaunchError, match="DS_ACCELERATOR=cpu"):
         check_cpu_launch({"WORLD_SIZE": "2"}, deepspeed=True)
     check_cpu_launch({"WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"}, deepspeed=True)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with pytest.raises(SystemExit) as e:
+        FinLoRAPlugin().register({"deepspeed": "recipes/deepspeed/zero3.json"})
+    assert e.value.code == 1
+    err = capsys.readouterr().err  # importing the plugin may log torch's import noise before it
+    assert err.splitlines()[-1] == "error: DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu"
 
 
 @pytest.mark.slow
