@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from finlora.errors import FinLoRAError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -27,13 +29,13 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-class DiskFullError(OSError):
+class DiskFullError(FinLoRAError, OSError):
     """No space left while writing `path`; the previous `path` (if any) is untouched."""
 
     def __init__(self, path: Path, cause: OSError | None = None):
         path = Path(path)
         kept = f"previous {path.name} kept" if path.exists() else "nothing was written"
-        super().__init__(errno.ENOSPC, f"error: no space left on device writing {path}; {kept}")
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}; {kept}")
         self.path = path
         self.__cause__ = cause
 

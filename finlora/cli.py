@@ -4,8 +4,9 @@ It turns a `FinLoRAError` into one `error: ...` line on stderr and the error's e
 code, and it keeps the console for what matters: a few known-harmless lines that
 libraries print on import (torchao's optional CUDA extensions that a CPU wheel cannot
 load, torch's deprecation of a registration torchao still makes, bitsandbytes' optional
-hub kernel for AVX512-BF16 CPUs) are silenced here,
-once, before anything imports them. Every other warning is left alone."""
+hub kernel for AVX512-BF16 CPUs) are silenced here. Scripts import this module first,
+so the filters are in place before their command's module imports torch. Every other
+warning is left alone."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="Skipping publisher trust check", category=UserWarning)
 
 
+quiet_known_noise()  # on import: a script's next import (its command's module) loads torch
+
+
 def report(e: FinLoRAError) -> int:
     """Print `e` as the command line shows it; return its exit code."""
     sys.stdout.flush()
@@ -49,7 +53,6 @@ def report(e: FinLoRAError) -> int:
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run one command's `main`; map FinLoRAError to `error: ...` and its exit code."""
-    quiet_known_noise()
     try:
         return main(argv) or 0
     except FinLoRAError as e:

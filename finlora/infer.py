@@ -194,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     template = Template(task=a.task)
     adapters = parse_adapters(a.adapter)
     if a.recipe:
-        cfg = recipes.load(recipes.resolve(a.recipe))
-        a.base = a.base or str(recipes.resolve_path(cfg["base_model"]) if cfg["base_model"].startswith(("./", "outputs/"))
-                               else cfg["base_model"])
+        recipe = recipes.Recipe.open(a.recipe)
+        a.base = a.base or str(recipe.local(recipe.base_model) or recipe.base_model)
         if not adapters and not a.merged and not a.no_adapter:
-            adapters = {"default": str(recipes.resolve_path(cfg.get("output_dir", "")))}
-        template = template_from_recipe(cfg, a.task)
+            adapters = {"default": str(recipe.output_dir)}
+        template = template_from_recipe(recipe.config, a.task)
     if not a.base:
         raise InferError("give --recipe or --base")
     if a.merged and adapters:

@@ -410,7 +410,7 @@ def run(name: str) -> dict:
     the scores. Raises a FinLoRAError (SmokeError, or the failing stage's own) when any stage fails."""
     import torch
 
-    from finlora import recipes, train
+    from finlora import launch, recipes, train
     from finlora.atomic import write_json, write_jsonl
     from finlora.recipes import model_config_dir as model_config_dir_for
 
@@ -443,7 +443,7 @@ def run(name: str) -> dict:
          f"special tokens added as new tokens: {', '.join(meta['added_tokens']) or 'none needed'}")
 
     # make train divides the accumulation over the processes, keeping the global batch
-    accum = train.accumulation_for(int(cfg["gradient_accumulation_steps"]), processes)
+    accum = launch.accumulation_for(int(cfg["gradient_accumulation_steps"]), processes)
     rows_needed = int(cfg["micro_batch_size"]) * accum * processes * STEPS
     train_rows, test_rows, where = task_rows(task, rows_needed, EVAL_ROWS)
     train_file = work / "data" / f"{task}_train.jsonl"

@@ -364,7 +364,7 @@ def test_full_disk_clear_error_and_previous_kept(writer, how, small_disk, tmp_pa
     with pytest.raises(DiskFullError) as e:
         (write_jsonl if writer == "jsonl" else write_json)(target, big)
     msg = str(e.value)
-    assert msg == f"error: no space left on device writing {target}; previous {target.name} kept"
+    assert msg == f"no space left on device writing {target}; previous {target.name} kept"
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
     assert target.read_bytes() == before
     assert no_temp_files(folder) == []
