@@ -236,11 +236,12 @@ def make_callback(rec: StepRecorder, extra_fn=None):
     training begins (model loading, quantisation, PEFT), then the peaks are reset so the
     training peak is read with the model and the optimizer in place; reset again after
     step 1 (when 8-bit optimizers allocate their state) for the steady-state peak."""
-    base = _callback_base()
+    from transformers import TrainerCallback
+
     probe = rec.probe = MemoryProbe()
     mem = rec.memory
 
-    class _BenchCallback(base):
+    class _BenchCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             mem["load_peak"] = probe.peaks()
             probe.reset()

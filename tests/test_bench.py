@@ -113,6 +113,32 @@ def test_memory_probe_keeps_the_runs_rss_peak_across_resets():
     assert rec.result()["peak_rss_mb"] > with_block - 16 and rec.result()["rss_reset_ok"] is True
 
 
+def test_bench_callback_records_steps_losses_and_memory(tmp_path):
+    """The one callback (both benchmarks' Trainers, and Axolotl's through BenchPlugin),
+    driven through transformers' callback interface: a step record per optimizer step,
+    the logged losses, the three memory peaks, the caller's extra fields, written atomically."""
+    from transformers import TrainerControl, TrainerState
+
+    from benchmarks.measure import make_callback
+
+    rec = StepRecorder(tmp_path / "rec.json", label="axolotl")
+    cb = make_callback(rec, lambda: {"precision": "fp32"})
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    for step in (1, 2):
+        rec.count({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4),
+                   "labels": torch.tensor([[-100, -100, 5, 2]])})
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        cb.on_log(None, state, control, logs={"loss": 3.0 - step})
+    cb.on_train_end(None, state, control)
+    out = json.loads((tmp_path / "rec.json").read_text())
+    assert [(s["step"], s["tokens"], s["answer_tokens"], s["loss"]) for s in out["steps"]] == [(1, 4, 2, 2.0),
+                                                                                                 (2, 8, 4, 1.0)]
+    assert out["precision"] == "fp32" and out["label"] == "axolotl" and out["peak_rss_mb"] > 0
+    assert set(out["memory"]) == {"load_peak", "step1_peak", "steady_peak"} and all(out["memory"].values())
+
+
 def test_throughput_excludes_warmup():
     rec = StepRecorder()
     steps = [{"step": 1, "t": 10.0, "tokens": 100, "answer_tokens": 4, "examples": 2},
