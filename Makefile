@@ -112,7 +112,7 @@ plan: $(STAMP)
 	$(BIN)/python scripts/plan.py $(RECIPE) --gpus $$(( $(or $(GPUS),1) * $(or $(NODES),1) ))
 
 bench-train: $(STAMP)
-	$(BIN)/python scripts/bench_train.py $(ARGS)
+	$(BIN)/python -m benchmarks.train $(ARGS)
 
 # RECIPE=all smokes all generated recipes, RECIPE=all:r8_dora one variant over all tasks;
 # without RECIPE, the reference recipe sentiment_r8 (the CPU default is not a GPU recipe).
@@ -123,4 +123,4 @@ smoke-all: $(STAMP)
 	$(BIN)/python scripts/smoke.py all $(ARGS)
 
 bench-gpu: $(STAMP)
-	$(BIN)/python scripts/bench_gpu.py $(ARGS)
+	$(BIN)/python -m benchmarks.gpu $(ARGS)

@@ -50,17 +50,42 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # --------------------------------------------------------------------------- tiny model
 
+def shrunk_config(config_dir: str | Path, *, layers: int, hidden: int, heads: int,
+                  kv_heads: int | None = None, intermediate: int | None = None):
+    """The transformers config of `config_dir/config.json` with its sizes replaced: `layers`
+    decoder layers, width `hidden`, `heads` attention heads of hidden // heads each. Unless
+    given, the key/value heads keep the real attention-to-key/value head ratio and the MLP
+    keeps its width ratio to the hidden size. Everything else is the real config's (model
+    type, vocabulary, rope, norm eps, activation, biases, tied embeddings). Shared by
+    `tiny_model` and benchmarks.gpu's `random_model`."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    if kv_heads is None:
+        ratio = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        if heads % ratio:
+            raise SmokeError(f"{config_dir}/config.json: {heads} heads cannot keep the heads/kv-heads ratio {ratio}")
+        kv_heads = heads // ratio
+    if intermediate is None:
+        intermediate = int(round(hidden * cfg.intermediate_size / cfg.hidden_size))
+    cfg.num_hidden_layers = layers
+    cfg.hidden_size = hidden
+    cfg.num_attention_heads = heads
+    cfg.num_key_value_heads = kv_heads
+    cfg.head_dim = hidden // heads
+    cfg.intermediate_size = intermediate
+    return cfg
+
+
 def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path = SMOLLM2,
                special_tokens: dict | None = None, layers: int = 2, hidden: int = 64, heads: int = 8,
                dtype: str = "float32", seed: int = 0) -> Path:
-    """A random model of the architecture in `config_dir/config.json`, shrunk, saved as
-    safetensors with a tokenizer in `out_dir` (reused when already built with the same
-    settings). Kept from the real config: model type, rope type/theta/scaling, norm eps,
-    activation, biases, tied embeddings, and the attention-to-key/value head ratio; the
-    MLP keeps its width ratio to the hidden size. The vocabulary is the tokenizer's,
-    after `special_tokens` (e.g. a recipe's eos/pad names) are added to it."""
+    """A random model of the architecture in `config_dir/config.json`, shrunk
+    (`shrunk_config`), saved as safetensors with a tokenizer in `out_dir` (reused when
+    already built with the same settings). The vocabulary is the tokenizer's, after
+    `special_tokens` (e.g. a recipe's eos/pad names) are added to it."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finlora.atomic import atomic_dir, write_json
 
@@ -71,20 +96,11 @@ def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: st
     stamp = out_dir / "finlora_tiny_model.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("built_from") == wanted:
         return out_dir
-    ratio = real["num_attention_heads"] // real.get("num_key_value_heads", real["num_attention_heads"])
-    if heads % ratio:
-        raise SmokeError(f"{config_dir}/config.json: {heads} heads cannot keep the heads/kv-heads ratio {ratio}")
+    cfg = shrunk_config(config_dir, layers=layers, hidden=hidden, heads=heads)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     added = [v for v in (special_tokens or {}).values() if v not in tok.get_vocab()]
     if added:
         tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
-    cfg = AutoConfig.from_pretrained(config_dir)
-    cfg.num_hidden_layers = layers
-    cfg.hidden_size = hidden
-    cfg.num_attention_heads = heads
-    cfg.num_key_value_heads = heads // ratio
-    cfg.head_dim = hidden // heads
-    cfg.intermediate_size = int(round(hidden * real["intermediate_size"] / real["hidden_size"]))
     cfg.vocab_size = len(tok)
     cfg.max_position_embeddings = min(real.get("max_position_embeddings", 8192), 16384)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

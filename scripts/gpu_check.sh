@@ -6,7 +6,7 @@
 #
 # 1. `make smoke RECIPE=x` for ner_r8, ner_r4, ner_r8_bf16 on the real CUDA stack (tiny random
 #    model of the recipe's architecture, Axolotl's trainer, merge and eval).
-# 2. scripts/bench_gpu.py on the full-size Llama 3.1 8B architecture (random weights), the same
+# 2. benchmarks/gpu.py on the full-size Llama 3.1 8B architecture (random weights), the same
 #    three recipes: tokens/s, MFU, load and training peak memory beside `make plan`.
 # 3. `make plan` for each recipe with the benchmark's JSON: planned beside measured.
 # Everything it reports is written under $OUT (flat: log files and bench_gpu.json).
@@ -76,7 +76,7 @@ if [ $left -lt 120 ]; then
   echo "gpu_check: only $left s left: benchmark skipped" | tee -a "$OUT/summary.txt"
   exit 1
 fi
-timeout $left "$PY" scripts/bench_gpu.py --task ner --steps 8 --warmup 2 --timeout-s $(( left / 3 )) \
+timeout $left "$PY" -m benchmarks.gpu --task ner --steps 8 --warmup 2 --timeout-s $(( left / 3 )) \
   --workdir /tmp/bench_gpu_work --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.log" 2>&1
 rc=$?
 echo "gpu_check: bench_gpu -> status $rc" | tee -a "$OUT/summary.txt"

@@ -1,4 +1,4 @@
-"""The benchmark scripts' code paths: the GPU benchmark's CPU dry run, and the shared
+"""The benchmarks' code paths: the GPU benchmark's CPU dry run, and the shared
 measuring helpers (token counts, Axolotl-equivalent tokenisation, answer-token loss)."""
 
 from __future__ import annotations
@@ -12,22 +12,22 @@ import pytest
 import yaml
 import torch
 
+from benchmarks.measure import (IGNORE_INDEX, MemoryProbe, StepRecorder, answer_losses, batch_counts,
+                                mean_loss, paired_difference, peak_rss_mb, throughput, tokenize_example)
 from finlora import ROOT
-from finlora.bench import (IGNORE_INDEX, StepRecorder, answer_losses, batch_counts, mean_loss,
-                           paired_difference, throughput, tokenize_example)
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", WANDB_MODE="disabled")
 
 
 @pytest.mark.slow
 def test_bench_gpu_cpu_mode_times_axolotl(tmp_path):
-    """scripts/bench_gpu.py --cpu: the real path (random model of Llama 3.1 8B's architecture,
+    """python -m benchmarks.gpu --cpu: the real path (random model of Llama 3.1 8B's architecture,
     shrunk; the recipes as generated through scripts/train.py and Axolotl's Trainer; the
     plugin's timing and RSS peaks) for the two quantised recipes, 2 steps each."""
     out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--cpu", "--variants", "r8,r4",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu", "--variants", "r8,r4",
                            "--peak-tflops", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)],
-                          cwd=ROOT, env=dict(ENV, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [r["recipe"] for r in res] == ["ner_r8", "ner_r4"]
@@ -53,7 +53,7 @@ def test_bench_gpu_without_cuda_says_so():
     """The full run needs a CUDA device; without one (this machine) it says so and exits 2."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py")], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--cpu" in proc.stderr
@@ -63,9 +63,9 @@ def test_bench_gpu_without_cuda_says_so():
 @pytest.mark.slow
 def test_bench_gpu_full_size_on_gpu(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--variants", "r4", "--steps", "4",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--variants", "r4", "--steps", "4",
                            "--workdir", str(tmp_path / "work"), "--json", str(out)],
-                          cwd=ROOT, env=dict(ENV, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())[0]
     assert r["architecture"] == "full" and r["row_tokens"] == r["seq_len"] == 512
@@ -91,6 +91,52 @@ def test_batch_counts_padded_and_packed():
             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2]]),
             "labels": torch.tensor([[-100, -100, 4, -100, 5, -100, 6, 2, -100, -100, -100]])}
     assert batch_counts(flat) == (8, 4, 3)
+
+
+def test_memory_probe_keeps_the_runs_rss_peak_across_resets():
+    """The probe resets the RSS high-water mark at the load and after step 1; the record's
+    `peak_rss_mb` (benchmarks.train's figure) is still the whole run's peak."""
+    probe = MemoryProbe()
+    if probe.cuda:
+        pytest.skip("a CUDA device is present: the probe reads PyTorch's allocator there")
+    block = bytearray(400 * 2 ** 20)  # written through (zero-filled): 400 MiB resident
+    with_block = peak_rss_mb()
+    del block
+    probe.reset()
+    if not probe.rss_reset_ok:
+        pytest.skip("this kernel cannot reset VmHWM (/proc/self/clear_refs)")
+    assert probe.peaks()["rss_peak_gib"] * 1024 < with_block - 300  # the peak since the reset
+    # the kernel updates VmHWM lazily (at unmap): within a few MiB of the figure read before
+    assert probe.lifetime_rss_peak_mb() > with_block - 16
+    rec = StepRecorder()
+    rec.probe = probe
+    assert rec.result()["peak_rss_mb"] > with_block - 16 and rec.result()["rss_reset_ok"] is True
+
+
+def test_bench_callback_records_steps_losses_and_memory(tmp_path):
+    """The one callback (both benchmarks' Trainers, and Axolotl's through BenchPlugin),
+    driven through transformers' callback interface: a step record per optimizer step,
+    the logged losses, the three memory peaks, the caller's extra fields, written atomically."""
+    from transformers import TrainerControl, TrainerState
+
+    from benchmarks.measure import make_callback
+
+    rec = StepRecorder(tmp_path / "rec.json", label="axolotl")
+    cb = make_callback(rec, lambda: {"precision": "fp32"})
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    for step in (1, 2):
+        rec.count({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4),
+                   "labels": torch.tensor([[-100, -100, 5, 2]])})
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        cb.on_log(None, state, control, logs={"loss": 3.0 - step})
+    cb.on_train_end(None, state, control)
+    out = json.loads((tmp_path / "rec.json").read_text())
+    assert [(s["step"], s["tokens"], s["answer_tokens"], s["loss"]) for s in out["steps"]] == [(1, 4, 2, 2.0),
+                                                                                                 (2, 8, 4, 1.0)]
+    assert out["precision"] == "fp32" and out["label"] == "axolotl" and out["peak_rss_mb"] > 0
+    assert set(out["memory"]) == {"load_peak", "step1_peak", "steady_peak"} and all(out["memory"].values())
 
 
 def test_throughput_excludes_warmup():
@@ -154,11 +200,8 @@ def test_bench_gpu_summary_of_a_cuda_record(tmp_path):
     against the H200's peak) on a record shaped as the plugin writes it on CUDA: the figures
     that reach the JSON and the table follow from the record, and `make plan` can read them."""
     import argparse
-    import importlib.util
 
-    spec_mod = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
-    bench_gpu = importlib.util.module_from_spec(spec_mod)
-    spec_mod.loader.exec_module(bench_gpu)
+    from benchmarks import gpu as bench_gpu
     from finlora import plan as planner
     from finlora.params import load_spec
 

@@ -179,7 +179,7 @@ def test_shared_prefix_batches_generate_what_one_prompt_at_a_time_does(base_mode
 
 @pytest.mark.slow
 def test_bench_eval_prints_ratios_and_identical_counts(tiny_run, tmp_path):
-    """scripts/bench_eval.py end to end on 6 prompts: three rows, each with its ratio, and
+    """python -m benchmarks.eval end to end on 6 prompts: three rows, each with its ratio, and
     every batched text identical to the one-at-a-time baseline's."""
     import subprocess
     import sys
@@ -189,9 +189,9 @@ def test_bench_eval_prints_ratios_and_identical_counts(tiny_run, tmp_path):
     data = tmp_path / "fpb_test.jsonl"
     data.write_text("".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n"
                             for t, y in TINY_ROWS[:6]))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--base", str(tiny_run["base"]),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--base", str(tiny_run["base"]),
                            "--adapter", str(tiny_run["out"]), "--data", str(data), "--n", "6", "--batch-size", "3",
-                           "--repeat", "1"], capture_output=True, text=True, timeout=600)
+                           "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith("6/6 / 6/6")]
     assert [r.split()[0] for r in rows] == ["one", "batched", "+"]

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Benchmark `finlora.merge` side by side with `axolotl merge-lora` and PEFT's merge_and_unload.
 
-    python scripts/bench_merge.py            # 953M-parameter Llama, bf16, 4 shards (~4 min on 2 cores, ~8 GB disk)
-    python scripts/bench_merge.py --small    # tiny model: a quick dry run
+    python -m benchmarks.merge            # 953M-parameter Llama, bf16, 4 shards (~4 min on 2 cores, ~8 GB disk)
+    python -m benchmarks.merge --small    # tiny model: a quick dry run
 
 1. Speed and memory: a Llama-architecture model with random weights, built tensor by tensor
    as 4 safetensors shards, and a random r=8 q/k/v adapter with non-zero B, merged three
@@ -32,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import ROOT, child_env
+from finlora.cli import run
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
 AXOLOTL = str(Path(sys.executable).parent / "axolotl")
 
 # The measuring parent imports neither torch nor the model: building and comparing run
@@ -309,15 +309,16 @@ def main(argv=None) -> int:
             print(json.dumps(variants(Path(paths[0]))))
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench_merge.", dir=args.workdir))
-    me = [sys.executable, str(Path(__file__).resolve())] + (["--small"] if args.small else [])
+    me = [sys.executable, "-m", "benchmarks.merge"] + (["--small"] if args.small else [])
 
     def child(*a) -> dict:
-        out = subprocess.run(me + ["--child", *map(str, a)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(me + ["--child", *map(str, a)], env=child_env(), check=True, capture_output=True,
+                             text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     try:
         t0 = time.perf_counter()
-        subprocess.run(me + ["--child", "build", str(work)], check=True)
+        subprocess.run(me + ["--child", "build", str(work)], env=child_env(), check=True)
         base, adapter = work / "base", work / "adapter"
         n_params = sum(numel(s) for _, s in llama_shapes(c))
         print(f"bench: built {n_params / 1e6:,.1f}M-parameter Llama (bf16, 4 shards) and r=8 q/k/v adapter "
@@ -364,4 +365,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -1,16 +1,15 @@
-#!/usr/bin/env python
 """Benchmark: the CPU default recipe through Axolotl vs a hand-written Trainer + PEFT baseline.
 
-    python scripts/bench_train.py                       # 10 steps each (~15 min on 2 busy cores)
-    python scripts/bench_train.py --steps 3 --rows 32   # a quick smoke run
-    python scripts/bench_train.py --set sample_packing=true --set micro_batch_size=4 ...
+    python -m benchmarks.train                       # 10 steps each (~15 min on 2 busy cores)
+    python -m benchmarks.train --steps 3 --rows 32   # a quick smoke run
+    python -m benchmarks.train --set sample_packing=true --set micro_batch_size=4 ...
                                                         # what-if: recipe keys changed for this run only
 
 Not a test: the figures depend on the machine. One run, one process tree:
 
 1. recipe: `recipes/smollm2_sentiment_r8.yml` exactly as committed (read from the YAML),
    but for `max_steps`, `output_dir`, `dataset_prepared_path` and one extra plugin
-   (`finlora.bench.BenchPlugin`, which only measures), written to a temporary copy and
+   (`benchmarks.measure.BenchPlugin`, which only measures), written to a temporary copy and
    trained through the project's own entry point (`scripts/train.py`, i.e. `make train`:
    check, then `axolotl train`). `--set KEY=VALUE` changes recipe keys for a what-if run
    and is printed in the header.
@@ -23,7 +22,7 @@ Not a test: the figures depend on the machine. One run, one process tree:
    prepared dataset and printed).
 3. held-out loss: both final adapters (and the base model) scored on the same
    `--eval-rows` rows of data/test/fpb_test.jsonl with one function
-   (`finlora.bench.answer_losses`): mean cross-entropy over the answer tokens
+   (`benchmarks.measure.answer_losses`): mean cross-entropy over the answer tokens
    (target + EOS), teacher-forced.
 
 Each training run is its own child process; their RSS high-water marks are their own.
@@ -46,22 +45,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import yaml  # light: the parent imports no torch before its children have run
+
+from benchmarks import ROOT, child_env
+from finlora.cli import run
+from finlora.errors import FinLoRAError, RecipeError
+from finlora.recipes import rel
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("AXOLOTL_DO_NOT_TRACK", "1"), ("WANDB_MODE", "disabled"),
                ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
 
-import yaml  # noqa: E402  (light; the parent imports no torch before its children have run)
-
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
 TEST_DATA = ROOT / "data" / "test" / "fpb_test.jsonl"
-
-
-def rel(p: Path) -> str:
-    p = Path(p)
-    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
@@ -81,7 +77,7 @@ def parse_set(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
-            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -111,7 +107,7 @@ def baseline_child(spec_path: str) -> int:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments, set_seed)
 
-    from finlora.bench import StepRecorder, instrument, tokenize_example
+    from benchmarks.measure import StepRecorder, instrument, tokenize_example
 
     cfg = spec["cfg"]
     seq_len = int(cfg["sequence_len"])
@@ -162,7 +158,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, what: str) -> float:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = log.read_text(errors="replace")[-4000:]
-        raise SystemExit(f"error: {what} exited with status {rc}; log {rel(log)}:\n{tail}")
+        raise FinLoRAError(f"{what} exited with status {rc}; log {rel(log)}:\n{tail}")
     return time.perf_counter() - t
 
 
@@ -171,7 +167,7 @@ def check_tokenization(prepared: Path, data: Path, base_model: str, cfg: dict) -
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from finlora.bench import tokenize_example
+    from benchmarks.measure import tokenize_example
 
     dirs = sorted({p.parent for p in prepared.rglob("dataset_info.json")})
     if not dirs:
@@ -233,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         data = subset
     mb, ga = (int(x) for x in a.baseline_batch.lower().split("x"))
 
-    env = dict(os.environ)
+    env = child_env()
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -252,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         rcfg["datasets"] = [dict(cfg["datasets"][0], path=str(data))]
         rcfg.update(max_steps=a.steps, output_dir=str(work / "recipe"),
                     dataset_prepared_path=str(work / "prepared"))
-        rcfg["plugins"] = list(cfg.get("plugins") or []) + ["finlora.bench.BenchPlugin"]
+        rcfg["plugins"] = list(cfg.get("plugins") or []) + ["benchmarks.measure.BenchPlugin"]
         tmp_recipe = work / "recipe.yml"
         tmp_recipe.write_text(yaml.safe_dump(rcfg, sort_keys=False))
         renv = dict(env, FINLORA_BENCH_OUT=str(work / "recipe.json"))
@@ -269,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         (work / "baseline_spec.json").write_text(json.dumps(spec))
         print(f"bench_train: [2/3] baseline: Trainer + PEFT, micro batch {mb} x {ga}, padded, no packing ...",
               flush=True)
-        wall["baseline"] = run_logged([sys.executable, __file__, "--child-baseline", str(work / "baseline_spec.json")],
+        wall["baseline"] = run_logged([sys.executable, "-m", "benchmarks.train", "--child-baseline",
+                                       str(work / "baseline_spec.json")],
                                       work / "baseline.log", env, "the baseline run")
         records["baseline"] = json.loads((work / "baseline.json").read_text())
 
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finlora.bench import answer_losses, last_losses, mean_loss, paired_difference, throughput
+    from benchmarks.measure import answer_losses, last_losses, mean_loss, paired_difference, throughput
 
     tok = AutoTokenizer.from_pretrained(base_model)
     seq_len = int(cfg["sequence_len"])
@@ -350,4 +347,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -1,11 +1,10 @@
-"""Shared measuring helpers for scripts/bench_train.py and scripts/bench_gpu.py.
-
-One definition of each measured quantity, used by every side of a comparison:
+"""What every benchmark measures, and how: one definition of each quantity, used by every
+side of a comparison (benchmarks.train, benchmarks.gpu).
 
 - `tokenize_example`: Axolotl 0.19's tokenisation of a `{context, target}` row under the
   recipes' user-defined `format: "{instruction}"` type (prompt tokens, then the target's
   tokens + EOS; labels -100 on the prompt), so that a hand-written baseline trains on
-  exactly the sequences Axolotl trains on (bench_train.py checks this against Axolotl's
+  exactly the sequences Axolotl trains on (benchmarks.train checks this against Axolotl's
   prepared dataset, row for row).
 - `batch_counts`: per micro batch, the **non-padding input tokens** (positions whose
   attention mask is non-zero: Axolotl's packed batches number the samples of a row
@@ -20,17 +19,22 @@ One definition of each measured quantity, used by every side of a comparison:
   `time.perf_counter()` stamp, the running totals and the logged loss. Throughput is
   then (totals at step N - totals at step w) / (time at step N - time at step w): the
   first w steps (warm-up: allocator, first-call overheads) are left out.
-- `BenchPlugin`: an Axolotl plugin (appended to a copy of a recipe's `plugins:`) that
-  instruments Axolotl's own Trainer and writes the record to `$FINLORA_BENCH_OUT`.
+- `MemoryProbe`: peak memory, on CUDA from PyTorch's allocator (`max_memory_allocated`,
+  reset with `reset_peak_memory_stats`), on a CPU the process's RSS high-water mark
+  (VmHWM: per address space, reset by exec, so a launcher that held torch does not
+  inflate its child's figure; reset by writing 5 to /proc/self/clear_refs). The
+  recorder reads it at the load, after step 1 and at the end (see `make_callback`);
+  `peak_rss_mb` stays the whole run's peak.
+- `BenchPlugin` (`benchmarks.measure.BenchPlugin`): the one Axolotl plugin, appended to a
+  copy of a recipe's `plugins:`; it instruments the Trainer Axolotl builds
+  (`add_callbacks_post_trainer`), never a training loop of its own, and writes the record
+  atomically to `$FINLORA_BENCH_OUT` when training ends.
 - `answer_losses`: mean cross-entropy over the answer tokens, per row, of a model on
   held-out rows; the one loss both trained adapters are compared on.
-- `peak_rss_mb`: the process's own RSS high-water mark (VmHWM: per address space, reset
-  by exec, so a launcher that held torch does not inflate its child's figure).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -39,6 +43,7 @@ from typing import Iterable, Sequence
 
 IGNORE_INDEX = -100
 OUT_ENV = "FINLORA_BENCH_OUT"
+GiB = 2 ** 30
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -98,14 +103,78 @@ def batch_counts(batch) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------- steps
 
-def _callback_base():
-    from transformers import TrainerCallback
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
-    return TrainerCallback
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark in MiB (VmHWM; ru_maxrss where /proc is absent)."""
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class MemoryProbe:
+    """Peak memory of this process: CUDA allocator figures on a GPU, RSS on a CPU."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.rss_reset_ok = None
+        self.rss_peak_before_reset_mb = 0.0
+
+    def peaks(self) -> dict:
+        import torch
+
+        if self.cuda:
+            stats = torch.cuda.memory_stats()
+            return {"allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                    "reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+                    "active_gib": stats.get("active_bytes.all.peak", 0) / GiB,
+                    "current_gib": torch.cuda.memory_allocated() / GiB}
+        hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
+        return {"rss_peak_gib": hwm / 2 ** 20 if hwm is not None else None,
+                "rss_gib": rss / 2 ** 20 if rss is not None else None}
+
+    def reset(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        # the whole run's peak survives the reset: the largest of the peaks between resets
+        self.rss_peak_before_reset_mb = max(self.rss_peak_before_reset_mb, peak_rss_mb())
+        try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+            self.rss_reset_ok = True
+        except OSError:
+            self.rss_reset_ok = False
+
+    def lifetime_rss_peak_mb(self) -> float:
+        return max(self.rss_peak_before_reset_mb, peak_rss_mb())
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class StepRecorder:
-    """Per optimizer step: end time, running token/answer/example totals, logged loss."""
+    """Per optimizer step: end time, running token/answer/example totals, logged loss; the
+    memory peaks (load, step 1, after step 1) when a `MemoryProbe` is attached."""
 
     def __init__(self, out: str | Path | None = None, label: str = ""):
         self.out = Path(out) if out else None
@@ -116,6 +185,8 @@ class StepRecorder:
         self.losses: dict[int, float] = {}
         self.t0: float | None = None
         self.keys: list[str] = []
+        self.probe: MemoryProbe | None = None
+        self.memory: dict = {}
 
     def count(self, inputs) -> None:
         if not self.keys:
@@ -144,32 +215,52 @@ class StepRecorder:
         for s in self.steps:
             if s["step"] in self.losses:
                 s["loss"] = self.losses[s["step"]]
-        return {"label": self.label, "steps": self.steps, "batch_keys": self.keys,
-                "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads(),
-                **(extra or {})}
+        res = {"label": self.label, "steps": self.steps, "batch_keys": self.keys,
+               "peak_rss_mb": self.probe.lifetime_rss_peak_mb() if self.probe else peak_rss_mb(),
+               "torch_threads": torch.get_num_threads(), **(extra or {})}
+        if self.probe is not None:
+            res.update(memory=self.memory, rss_reset_ok=self.probe.rss_reset_ok)
+        return res
 
     def write(self, extra: dict | None = None) -> None:
         if self.out is not None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.result(extra), indent=1))
-            os.replace(tmp, self.out)
+            from finlora.atomic import write_json
+
+            write_json(self.out, self.result(extra), indent=1)
 
 
 def make_callback(rec: StepRecorder, extra_fn=None):
-    base = _callback_base()
+    """The Trainer callback that drives `rec`. Time is read at each optimizer step's end
+    after `torch.cuda.synchronize()` on a GPU (the Trainer queues kernels asynchronously,
+    so an unsynchronised clock would run ahead). Memory (`rec.probe`): the load peak when
+    training begins (model loading, quantisation, PEFT), then the peaks are reset so the
+    training peak is read with the model and the optimizer in place; reset again after
+    step 1 (when 8-bit optimizers allocate their state) for the steady-state peak."""
+    from transformers import TrainerCallback
 
-    class _BenchCallback(base):
+    probe = rec.probe = MemoryProbe()
+    mem = rec.memory
+
+    class _BenchCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            mem["load_peak"] = probe.peaks()
+            probe.reset()
+            _sync()
             rec.begin()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             rec.step_end(state.global_step)
+            if state.global_step == 1:
+                mem["step1_peak"] = probe.peaks()  # includes the 8-bit optimizers' lazy state
+                probe.reset()
 
         def on_log(self, args, state, control, logs=None, **kw):
             rec.log(state.global_step, logs)
 
         def on_train_end(self, args, state, control, **kw):
+            _sync()
+            mem["steady_peak"] = probe.peaks() if state.global_step > 1 else None
             if state.is_world_process_zero:
                 rec.write(extra_fn() if extra_fn else None)
 
@@ -187,19 +278,6 @@ def instrument(trainer, rec: StepRecorder, extra_fn=None):
 
     trainer.training_step = training_step
     return make_callback(rec, extra_fn)
-
-
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark in MiB (VmHWM; ru_maxrss where /proc is absent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def throughput(steps: Sequence[dict], warmup: int) -> dict:
@@ -288,6 +366,20 @@ def paired_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, i
 
 # ---------------------------------------------------------------------------- Axolotl plugin
 
+def _describe_optimizer(opt) -> str | None:
+    """bitsandbytes' 8-bit and paged AdamW share the class name AdamW: say which it is."""
+    if opt is None:
+        return None
+    name = f"{type(opt).__module__.split('.')[0]}.{type(opt).__name__}"
+    bits = getattr(opt, "args", None)
+    extra = []
+    if bits is not None and getattr(bits, "optim_bits", None):
+        extra.append(f"{bits.optim_bits}-bit")
+    if getattr(opt, "is_paged", False):
+        extra.append("paged")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
 def _make_plugin_class():
     from axolotl.integrations.base import BasePlugin
 
@@ -298,15 +390,28 @@ def _make_plugin_class():
             out = os.environ.get(OUT_ENV)
             if not out:
                 return []
-            rec = StepRecorder(out, label="axolotl")
+            import torch
+
+            t_built = time.perf_counter()
 
             def extra():
-                return {"precision": "bf16" if cfg.get("bf16") is True else "fp32",
-                        "sample_packing": bool(cfg.get("sample_packing")),
-                        "micro_batch_size": cfg.get("micro_batch_size"),
-                        "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps")}
+                model = trainer.model
+                opt = trainer.optimizer
+                return {
+                    "precision": "bf16" if cfg.get("bf16") is True else "fp32",
+                    "bf16": bool(cfg.get("bf16") is True), "fp16": bool(cfg.get("fp16") is True),
+                    "sample_packing": bool(cfg.get("sample_packing")),
+                    "micro_batch_size": cfg.get("micro_batch_size"),
+                    "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps"),
+                    "sequence_len": cfg.get("sequence_len"),
+                    "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "optimizer_class": _describe_optimizer(getattr(opt, "optimizer", opt)),
+                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                    "trainer_built_s": t_built,
+                }
 
-            return [instrument(trainer, rec, extra)]
+            return [instrument(trainer, StepRecorder(out, label="axolotl"), extra)]
 
     return BenchPlugin
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: `make eval`'s generation against one prompt at a time.
 
 Same adapter, same prompts, same process. The baseline is what a user writes first:
@@ -9,7 +8,7 @@ texts and parsed labels are identical to the baseline's. Each configuration runs
 `--repeat` times, interleaved, and the fastest run counts: on a shared 2-core VM the
 same run varies by 10-20% from one minute to the next.
 
-    python scripts/bench_eval.py [--n 128] [--batch-size 32] [--repeat 2] [--adapter DIR|none]
+    python -m benchmarks.eval [--n 128] [--batch-size 32] [--repeat 2] [--adapter DIR|none]
 """
 import argparse
 import sys
@@ -17,12 +16,13 @@ import time
 from pathlib import Path
 
 from finlora import ROOT
+from finlora.cli import run
 from finlora.data.tasks import TASKS
 from finlora.evaluate import MAX_NEW_TOKENS, generate, load_examples, parse_prediction
 from finlora.models import load_model
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=str(ROOT / "outputs/base/SmolLM2-135M-Instruct"))
     p.add_argument("--adapter", default=str(ROOT / "outputs/smollm2_sentiment_r8"))
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     task = TASKS[a.task]
     adapter = a.adapter if (Path(a.adapter) / "adapter_config.json").is_file() else None
     peft_model, tok = load_model(a.base, adapter=adapter)
@@ -66,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

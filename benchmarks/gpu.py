@@ -1,31 +1,46 @@
-#!/usr/bin/env python
 """Time Axolotl's own trainer on the GPU recipes: tokens/s, MFU, peak memory beside `make plan`.
 
-    python scripts/bench_gpu.py                       # one GPU: ner_r8, ner_r4, ner_r8_bf16
-    python scripts/bench_gpu.py --task sentiment --steps 20
-    python scripts/bench_gpu.py --cpu                 # tiny model, 2 steps, this CPU: the test of this code
+    python -m benchmarks.gpu                       # one GPU: ner_r8, ner_r4, ner_r8_bf16
+    python -m benchmarks.gpu --task sentiment --steps 20
+    python -m benchmarks.gpu --cpu                 # tiny model, 2 steps, this CPU: the test of this code
 
 Each recipe runs as users run it (`scripts/train.py`, i.e. `make train`: `make check`, then
 `axolotl train`), from a copy of the generated YAML in which only these keys change:
 - `base_model`: a local folder with random weights of the recipe's architecture
   (`recipes/models/<model>/config.json`; built once, on the device it runs on, saved as
-  safetensors; `finlora.gpu_bench.random_model`) and a word-level tokenizer with Llama 3's
+  safetensors; `random_model`) and a word-level tokenizer with Llama 3's
   special-token ids. With `--cpu` the architecture is shrunk (2 layers, hidden 64; the
   vocabulary, and so the loss head's shape, is kept).
 - `datasets[0].path`: synthetic rows of exactly `--row-tokens` tokens (default: the recipe's
   `sequence_len`, the case `make plan` sizes for), enough for `--steps` optimizer steps at the
   recipe's micro batch and gradient accumulation; the recipe's own dataset type tokenises them.
 - `max_steps`, `output_dir`, `dataset_prepared_path` (a work folder), `save_strategy: "no"`,
-  `logging_steps: 1`, and the plugin `finlora.gpu_bench.BenchGPUPlugin` appended.
+  `logging_steps: 1`, and the plugin `benchmarks.measure.BenchPlugin` appended.
 - `flash_attention` -> `sdp_attention` when the `flash_attn` package is absent (printed).
 - `--cpu` only: `sequence_len` (`--seq-len`, default 32) and the steps (2, the first untimed).
 Everything else (quantisation, LoRA, optimizer, precision, checkpointing, micro batch) is the
-recipe's and is applied by Axolotl. See `finlora/gpu_bench.py` for what the plugin measures
-and the MFU convention.
+recipe's and is applied by Axolotl. `benchmarks/measure.py` says what the plugin measures.
 
 Output: a table, and JSON (atomic write; default outputs/bench_gpu.json on a GPU, which
 `make plan` reads as measurements; outputs/bench_gpu_cpu.json with --cpu, which it ignores).
 Exit status 2 when a GPU run finds no CUDA device.
+
+The model: `word_tokenizer` makes one whitespace-separated word `t<id>` token `<id>`, so a
+synthetic row of exactly n tokens is written as text and goes through the recipe's own dataset
+type and Axolotl's tokenisation. Llama 3's special tokens keep their ids and names
+(`<|eot_id|>` 128009, `<|finetune_right_pad_id|>` 128004), so the recipe's `special_tokens`
+add nothing and the embedding is never resized. No download: Llama 3.1's weights are gated.
+
+MFU convention (stated in the report and the JSON): model FLOPs of one training step
+    = sum over rows of [ n_i * (6 T + 4 P_mm) + 6 L d n_i^2 ]
+with T the trainable LoRA parameters (2 FLOPs per parameter and token forward, 4 backward:
+activation and weight gradient), P_mm the frozen parameters that take part in matmuls (every
+decoder nn.Linear and lm_head; the embedding is a lookup): 2 forward + 2 backward for the
+activation gradient, no weight gradient; attention scores and weighted sum, causal, per layer
+and row 2 d n^2 forward (half of the n x n square, two matmuls) and twice that backward:
+6 L d n^2 in all, d = heads x head_dim. Gradient checkpointing's recomputed forward is not
+counted (model FLOPs, not hardware FLOPs). The JSON also gives `mfu_6n`, the common
+"6 x all parameters per token" figure, for comparison with other reports.
 """
 
 from __future__ import annotations
@@ -34,7 +49,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,17 +56,131 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks import ROOT, child_env
+from benchmarks.measure import GiB, OUT_ENV, throughput
+from finlora.cli import run
+from finlora.errors import RecipeError
+
+# Llama 3 / 3.1 special tokens: ids as in Meta's tokenizer
+LLAMA3_SPECIALS = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
+                   128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>"}
+# --cpu: 2 layers, hidden 64, 4 heads of 16 (2 key/value heads), MLP 128; the vocabulary is kept
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
+
+# Dense bf16 peak TFLOP/s (no sparsity) by device name fragment.
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+               "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX A5000": 111.0}
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    for key, v in PEAK_TFLOPS.items():
+        if key in device_name:
+            return v
+    return None
+
+
+# ---------------------------------------------------------------------------- model
+
+def word_tokenizer(vocab_size: int, specials: dict[int, str] = LLAMA3_SPECIALS):
+    """A fast tokenizer whose word `t<i>` is id i, with the given special tokens at their ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    for i, name in specials.items():
+        if i < vocab_size:
+            del vocab[f"t{i}"]
+            vocab[name] = i
+    unk = specials.get(128001, "t0") if 128001 < vocab_size else "t0"
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kw = {}
+    if 128000 < vocab_size:
+        kw = dict(bos_token=specials[128000], eos_token=specials[128009], pad_token=specials[128004],
+                  unk_token=unk)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+    specials_present = [n for i, n in specials.items() if i < vocab_size]
+    if specials_present:
+        fast.add_special_tokens({"additional_special_tokens": specials_present})
+    return fast
+
+
+def random_model(config_dir: str | Path, out_dir: str | Path, *, tiny: bool = False, device: str = "cpu",
+                 dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Save a randomly initialised model of `config_dir`'s architecture (safetensors) and
+    `word_tokenizer` to `out_dir`. `tiny` keeps the vocabulary and the layer types but
+    shrinks widths and depth (`TINY`) for a CPU run."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finlora.smoke import shrunk_config
+
+    out = Path(out_dir)
+    config = (shrunk_config(config_dir, **TINY) if tiny else
+              AutoConfig.from_pretrained(str(config_dir), local_files_only=True))
+    config.use_cache = False
+    torch.manual_seed(seed)
+    dt = getattr(torch, dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):  # random init where it will run: seconds on a GPU for 8B
+            model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.dtype = dtype
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    word_tokenizer(config.vocab_size).save_pretrained(str(out))
+    return out
+
+
+def synthetic_rows(n_rows: int, row_tokens: int, answer_tokens: int, vocab_limit: int, seed: int) -> list[dict]:
+    """FinLoRA {context, target} rows of random words; with `word_tokenizer` the prompt is
+    row_tokens - answer_tokens - 1 tokens and the target answer_tokens + EOS."""
+    import random
+
+    if row_tokens < answer_tokens + 2:
+        raise ValueError(f"row_tokens {row_tokens} must be at least answer_tokens + 2 = {answer_tokens + 2}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_rows):
+        prompt = " ".join(f"t{rng.randrange(vocab_limit)}" for _ in range(row_tokens - answer_tokens - 1))
+        target = " ".join(f"t{rng.randrange(vocab_limit)}" for _ in range(answer_tokens))
+        rows.append({"context": prompt, "target": target})
+    return rows
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+def matmul_params(config) -> int:
+    """Frozen parameters used in matmuls: every decoder nn.Linear and lm_head."""
+    h, i, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * hd
+    kv = config.num_key_value_heads * hd
+    return L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * v
+
+
+def model_flops_per_token(P_mm: int, T: int) -> float:
+    return 6.0 * T + 4.0 * P_mm
+
+
+def attention_flops(n: int, L: int, d: int) -> float:
+    return 6.0 * L * d * n * n
+
+
+# ---------------------------------------------------------------------------- run
 
 VARIANTS = ("r8", "r4", "r8_bf16")
-PLUGIN = "finlora.gpu_bench.BenchGPUPlugin"
+PLUGIN = "benchmarks.measure.BenchPlugin"
 ANSWER_TOKENS = 2
 
 
 def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, flash_ok: bool) -> dict:
     from finlora.atomic import write_jsonl
-    from finlora.gpu_bench import OUT_ENV, synthetic_rows
 
     seq_len = a.seq_len or spec.seq_len
     row_tokens = min(a.row_tokens or seq_len, seq_len)
@@ -90,11 +218,7 @@ def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, fla
 
     recipe.write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
     record_path = rdir / "record.json"
-    env = dict(os.environ, **{OUT_ENV: str(record_path)})
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    env.setdefault("WANDB_MODE", "disabled")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(**{OUT_ENV: str(record_path)})
     log = rdir / "train.log"
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -111,8 +235,7 @@ def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, fla
 def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes) -> dict:
     from transformers import AutoConfig
 
-    from finlora.bench import throughput
-    from finlora.gpu_bench import GiB, attention_flops, matmul_params, model_flops_per_token, peak_tflops_for
+    from finlora.params import layer_linears
     from finlora.plan import estimate
 
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -121,8 +244,6 @@ def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed,
     L = config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d = config.num_attention_heads * hd
-    from finlora.params import layer_linears
-
     total_params = layer_linears(model_dir)[2]
     warm = min(a.warmup, len(rec["steps"]) - 1)
     rate = throughput(rec["steps"], warm)
@@ -242,7 +363,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from finlora import recipes
     from finlora.atomic import write_json
-    from finlora.gpu_bench import random_model
     from finlora.params import load_spec
 
     names = ([n.strip() for n in a.recipes.split(",") if n.strip()] if a.recipes else
@@ -262,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = recipes.load(path)
             spec = load_spec(str(path))
             if spec.config_dir is None:
-                raise SystemExit(f"error: {name}: no config.json for {spec.base_model!r} under recipes/models/")
+                raise RecipeError(f"{name}: no config.json for {spec.base_model!r} under recipes/models/")
             key = str(spec.config_dir)
             if key not in models:
                 t0 = time.perf_counter()
@@ -292,4 +412,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
