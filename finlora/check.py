@@ -37,7 +37,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from finlora import recipes
 from finlora.errors import RecipeError
@@ -151,6 +151,41 @@ def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, lis
 
 
 @dataclass
+class Missing:
+    """A local input a recipe names that does not exist yet."""
+
+    key: str                                # base_model, datasets[i].path
+    value: str
+    build: Callable[[], object] | None      # builds it when it is the project's default
+    how: str = ""                           # what `make train` does about it
+    refusal: str = ""                       # the error when it cannot be built
+
+
+def missing_inputs(recipe: Recipe) -> list[Missing]:
+    """The local base model and data files `recipe` names that do not exist. The default
+    base model and the default data come with the function that builds them: `make train`
+    runs it, `make check` says it will; any other missing path is an error for both."""
+    from finlora.base_model import DEFAULT_OUT, build
+    from finlora.data import prepare
+
+    out = []
+    base = recipe.local(recipe.base_model)
+    if base is not None and not base.exists():
+        default = base.resolve() == DEFAULT_OUT.resolve()
+        out.append(Missing("base_model", recipe.base_model, (lambda: build(DEFAULT_OUT)) if default else None,
+                           "builds it (or `make base-model`)", f"folder {recipe.base_model} does not exist"))
+    for i, ds in enumerate(recipe.get("datasets") or []):
+        path = str((ds or {}).get("path", ""))
+        local = recipe.local(path)
+        if local is not None and not local.exists():
+            default = local.absolute() in prepare.default_outputs()
+            out.append(Missing(f"datasets[{i}].path", path, prepare.prepare_default if default else None,
+                               "prepares it (or `make data`)",
+                               f"{path} does not exist (run `make data RECIPE={recipe.name}`)"))
+    return out
+
+
+@dataclass
 class Result:
     recipe: Path
     cfg: dict = field(default_factory=dict)
@@ -235,30 +270,20 @@ class Checker:
 
     # -- paths
     def paths(self) -> None:
-        from finlora.base_model import DEFAULT_OUT
-
-        base = self.recipe.local(self.recipe.base_model)
         if not self.recipe.base_model:
             self.error("base_model", "missing")
-        elif base is not None and not base.exists():
-            if self.pending and base.resolve() == DEFAULT_OUT.resolve():
-                self.note(f"base_model {self.recipe.base_model} is missing; `make train` builds it (or `make base-model`)")
+        for i, ds in enumerate(self.cfg.get("datasets") or []):
+            if not str((ds or {}).get("path", "")):
+                self.error(f"datasets[{i}].path", "missing")
+        for m in missing_inputs(self.recipe):
+            if self.pending and m.build is not None:
+                self.note(f"{m.key} {m.value} is missing; `make train` {m.how}")
             else:
-                self.error("base_model", f"folder {self.recipe.base_model} does not exist")
+                self.error(m.key, m.refusal)
         for key in ("tokenizer_config", "base_model_config"):
             v = self.recipe.local(self.cfg.get(key))
             if v is not None and not v.exists():
                 self.error(key, f"{self.cfg[key]} does not exist")
-        for i, ds in enumerate(self.cfg.get("datasets") or []):
-            path = str((ds or {}).get("path", ""))
-            local = self.recipe.local(path)
-            if not path:
-                self.error(f"datasets[{i}].path", "missing")
-            elif local is not None and not local.exists():
-                if self.pending and self._default_data(local):
-                    self.note(f"datasets[{i}].path {path} is missing; `make train` prepares it (or `make data`)")
-                else:
-                    self.error(f"datasets[{i}].path", f"{path} does not exist (run `make data`)")
         ds = self.cfg.get("deepspeed")
         if ds and isinstance(ds, str):
             from finlora.axolotl_config import check_deepspeed_json
@@ -267,15 +292,6 @@ class Checker:
                 check_deepspeed_json(ds)
             except RecipeError as e:
                 self.error("deepspeed", str(e).removeprefix("deepspeed: "))
-
-    @staticmethod
-    def _default_data(local: Path) -> bool:
-        from finlora.data import prepare
-
-        try:
-            return local.absolute() in prepare.default_outputs()
-        except Exception:  # noqa: BLE001
-            return False
 
     # -- tokenizer
     def _tokenizer_dir(self) -> Path | None:

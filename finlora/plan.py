@@ -233,7 +233,7 @@ BENCH_JSON = Path(__file__).resolve().parent.parent / "outputs" / "bench_gpu.jso
 
 
 def load_measurements(bench_files: list[str | Path] | None = None) -> list[dict]:
-    """Published figures (recipes/measured.json) and scripts/bench_gpu.py results (GPU
+    """Published figures (recipes/measured.json) and benchmarks/gpu.py results (GPU
     runs of the full-size model only), as rows: source, conditions, measured GiB."""
     rows: list[dict] = []
     doc = json.loads(MEASURED.read_text(encoding="utf-8"))
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="plan as if gradient_checkpointing were false")
     p.add_argument("--measured", action="append", metavar="JSON",
-                   help="a scripts/bench_gpu.py result to print beside the plan (default: outputs/bench_gpu.json "
+                   help="a benchmarks/gpu.py result to print beside the plan (default: outputs/bench_gpu.json "
                         "when present; recipes/measured.json always)")
     a = p.parse_args(argv)
     name = a.recipe_opt or a.recipe or DEFAULT_RECIPE

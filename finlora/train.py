@@ -26,34 +26,23 @@ import sys
 from pathlib import Path
 
 from finlora import launch, recipes
-from finlora.base_model import DEFAULT_OUT as DEFAULT_BASE
-from finlora.base_model import build as build_base_model
 from finlora.errors import RecipeError
 from finlora.recipes import Recipe, rel
 
 
 def ensure_inputs(recipe: Recipe) -> None:
     """Build the default base model and data when missing; refuse other missing paths."""
+    from finlora.check import missing_inputs
+
     if not recipe.base_model:
         raise RecipeError(f"{recipe.where('base_model')}: base_model: missing")
-    base = recipe.local(recipe.base_model)
-    if base is not None and not base.exists():
-        if base.resolve() == DEFAULT_BASE.resolve():
-            build_base_model(DEFAULT_BASE)
-        else:
-            raise RecipeError(f"{recipe.where('base_model')}: base_model: folder {recipe.base_model} does not exist")
-    for i, ds in enumerate(recipe.get("datasets") or []):
-        local = recipe.local(str((ds or {}).get("path", "")))
-        if local is not None and not local.exists():
-            from finlora.data import prepare
-
-            if local.resolve() in prepare.default_outputs():
-                prepare.prepare_default()
-            else:
-                raise RecipeError(
-                    f"{recipe.where('datasets')}: datasets[{i}].path: {ds['path']} does not exist "
-                    f"(run `make data RECIPE={recipe.name}`)"
-                )
+    built = set()
+    for m in missing_inputs(recipe):
+        if m.build is None:
+            raise RecipeError(f"{recipe.where(m.key)}: {m.key}: {m.refusal}")
+        if m.build not in built:  # one build makes every default data file
+            built.add(m.build)
+            m.build()
 
 
 def summarise(output_dir: Path) -> None:
