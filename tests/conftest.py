@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from finlora import ROOT
+from finlora.base_model import sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
@@ -35,14 +35,6 @@ TINY_ROWS = [
     ("Quarterly earnings beat analyst estimates and the dividend was raised.", "positive"),
     ("The firm announced 300 layoffs after orders dropped sharply.", "negative"),
 ]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="session")
