@@ -4,7 +4,7 @@
 `merge(base, adapter, out)` from Python.
 
 What is ours and why (measured side by side with `axolotl merge-lora` and PEFT's
-merge_and_unload by `python -m benchmarks.merge`; figures in the README):
+merge_and_unload by `python -m benchmarks.merge`; figures in docs/MERGE.md):
 - the arithmetic is not: each adapted matrix is folded by PEFT's own LoRA layer
   (`merge(safe_merge=True)`, the code merge_and_unload runs), per-module rank and alpha
   by peft's `get_pattern_key`. It runs on a float32 copy and is cast back once, so the
