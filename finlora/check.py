@@ -166,7 +166,7 @@ def missing_inputs(recipe: Recipe) -> list[Missing]:
     base model and the default data come with the function that builds them: `make train`
     runs it, `make check` says it will; any other missing path is an error for both."""
     from finlora.base_model import DEFAULT_OUT, build
-    from finlora.data import prepare
+    from finlora.data import defaults
 
     out = []
     base = recipe.local(recipe.base_model)
@@ -178,8 +178,8 @@ def missing_inputs(recipe: Recipe) -> list[Missing]:
         path = str((ds or {}).get("path", ""))
         local = recipe.local(path)
         if local is not None and not local.exists():
-            default = local.absolute() in prepare.default_outputs()
-            out.append(Missing(f"datasets[{i}].path", path, prepare.prepare_default if default else None,
+            default = local.absolute() in defaults.default_outputs()
+            out.append(Missing(f"datasets[{i}].path", path, defaults.prepare_default if default else None,
                                "prepares it (or `make data`)",
                                f"{path} does not exist (run `make data RECIPE={recipe.name}`)"))
     return out

@@ -51,10 +51,6 @@ class ParamCount:
         return 100.0 * self.trainable / self.total_params
 
 
-def _config_dict(config_dir: Path) -> dict:
-    return json.loads((Path(config_dir) / "config.json").read_text(encoding="utf-8"))
-
-
 def build_meta_model(config_dir: str | Path):
     """The model with real shapes and no storage (meta device); never reads weights."""
     import torch

@@ -289,7 +289,7 @@ def calibration(spec: RecipeSpec, measurements: list[dict] | None = None) -> dic
     pub = {m["micro_batch"]: (m, p) for m, p in beside_measured(spec, measurements) if m["kind"] == "published"}
     if 4 not in pub or 8 not in pub:
         return None
-    (m4, p4), (m8, p8) = pub[4], pub[8]
+    (m4, _), (m8, p8) = pub[4], pub[8]
     slope = (m8["gib"] - m4["gib"]) / 4
     variable = lambda p: (p.parts["activations"] + p.parts["loss head (logits)"]) / GiB  # noqa: E731
     return {"measured_intercept": m4["gib"] - 4 * slope, "measured_per_row": slope,

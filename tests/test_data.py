@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from finlora import ROOT, cli
-from finlora.data import defaults, pipeline, prepare
+from finlora.data import defaults, pipeline
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
 from finlora.data.sources import read_hf
@@ -383,14 +383,14 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
 # --- the default preparation -----------------------------------------------------------------
 
 def test_default_outputs():
-    outs = prepare.default_outputs()
+    outs = defaults.default_outputs()
     assert (ROOT / "data/train/sentiment_cpu_train.jsonl").resolve() in outs
     assert all(p.is_absolute() for p in outs)
 
 
 def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
     out = tmp_path / "data"
-    prepare.prepare_default(None, out_dir=out, synthetic=True)
+    defaults.prepare_default(None, out_dir=out, synthetic=True)
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed and "symlink" in printed
     link = out / "train/sentiment_cpu_train.jsonl"
@@ -399,7 +399,7 @@ def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
     assert 150 <= len(rows) <= 500 and {r["target"] for r in rows} == {"negative", "neutral", "positive"}
     assert json.loads((out / "stats/synthetic_sentiment_train.json").read_text())["synthetic"] is True
     first = link.read_bytes()
-    prepare.prepare_default(None, out_dir=out, synthetic=True)
+    defaults.prepare_default(None, out_dir=out, synthetic=True)
     assert link.read_bytes() == first  # seeded
     assert not [p for p in (out / "train").iterdir() if p.name.startswith(".")]
 
@@ -407,9 +407,9 @@ def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
 @needs_shared
 def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data"
-    prepare.prepare_default(None, out_dir=out, synthetic=True)  # synthetic first: the real run must replace the link
+    defaults.prepare_default(None, out_dir=out, synthetic=True)  # synthetic first: the real run must replace the link
     monkeypatch.setenv(defaults.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
-    prepare.prepare_default(None, out_dir=out)
+    defaults.prepare_default(None, out_dir=out)
     printed = capsys.readouterr().out
     train = out / "train/sentiment_cpu_train.jsonl"
     assert train.is_file() and not train.is_symlink()
@@ -447,7 +447,7 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     if (TOKENIZER / "tokenizer.json").is_file():
         assert st["tokens"]["max"] <= 256 and st["tokens"]["p50"] <= st["tokens"]["p90"] <= st["tokens"]["p99"]
     again = tmp_path / "again"
-    prepare.prepare_default(SHARED, out_dir=again)
+    defaults.prepare_default(SHARED, out_dir=again)
     for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/tfns_test.jsonl", "test/nwgi_test.jsonl"]:
         assert (again / rel).read_bytes() == (out / rel).read_bytes()
 
@@ -473,7 +473,7 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
         json.dumps({"context": TASKS["nwgi"].render({"text": text}), "target": label}) + "\n" for text, label in nwgi))
     monkeypatch.setattr(defaults, "NWGI_TRAIN_ROWS", 20)
     out = tmp_path / "data"
-    prepare.prepare_default(src, out_dir=out, hub=False)
+    defaults.prepare_default(src, out_dir=out, hub=False)
     rows = read_out(out / "train/sentiment_cpu_train.jsonl")
     test = read_out(out / "test/nwgi_test.jsonl")
     by_text = dict(nwgi)
@@ -487,7 +487,7 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
     assert st["task"] == "fpb + nwgi as sentiment" and [s["rows"] for s in st["sources"]] == [len(rows) - 20, 20]
     # no NWGI file: the train file is FPB alone, and the run says so
     (src / "finlora/test/nwgi_test.jsonl").unlink()
-    prepare.prepare_default(src, out_dir=out, hub=False)
+    defaults.prepare_default(src, out_dir=out, hub=False)
     assert "the train file is FPB alone" in capsys.readouterr().out
     assert not {input_text(r["context"]) for r in read_out(out / "train/sentiment_cpu_train.jsonl")} & set(by_text)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from finlora import ROOT, cli
-from finlora.data import defaults, prepare, recipe_data
+from finlora.data import defaults, recipe_data
 from finlora.data.convert import input_text
 from finlora.data.prepare import main
 from finlora.data.tasks import RECIPE_TASKS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS
@@ -91,8 +91,8 @@ def test_offline_default_is_byte_identical_to_src_shared(tmp_path, capsys):
     the same bytes, so the offline default writes the same train and test files."""
     for rel in defaults.SHIPPED_FILES:
         assert sha(defaults.SHIPPED / rel) == sha(SHARED / rel), rel
-    prepare.prepare_default(None, out_dir=tmp_path / "shipped")
-    prepare.prepare_default(SHARED, out_dir=tmp_path / "src")
+    defaults.prepare_default(None, out_dir=tmp_path / "shipped")
+    defaults.prepare_default(SHARED, out_dir=tmp_path / "src")
     capsys.readouterr()
     for rel in DEFAULT_FILES:
         assert sha(tmp_path / "shipped" / rel) == sha(tmp_path / "src" / rel), rel
@@ -110,7 +110,7 @@ def test_synthetic_only_when_asked(tmp_path, capsys):
 def test_missing_shipped_files_are_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(defaults, "SHIPPED", tmp_path / "nowhere")
     with pytest.raises(DataError, match="data shipped with the repository is missing"):
-        prepare.prepare_default(None, out_dir=tmp_path / "d")
+        defaults.prepare_default(None, out_dir=tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
 
@@ -367,7 +367,7 @@ def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
     """make eval reads data/test/<set>_test.jsonl for every recipe: FinLoRA's NWGI test set holds
     the NWGI rows the CPU default trains on, and writing it says so."""
     out = tmp_path / "d"
-    prepare.prepare_default(None, out_dir=out)
+    defaults.prepare_default(None, out_dir=out)
     src = _src_for(tmp_path, "sentiment")
     (src / "finlora/test/nwgi_test.jsonl").write_bytes((defaults.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
     capsys.readouterr()

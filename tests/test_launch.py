@@ -9,7 +9,6 @@ variables and stub `srun`/`scontrol`/`make`/`accelerate` on PATH (no SLURM here)
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from pathlib import Path

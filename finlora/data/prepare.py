@@ -26,7 +26,7 @@ from pathlib import Path
 from finlora import recipes
 from finlora.data import sources
 from finlora.data.convert import Mapping
-from finlora.data.defaults import DEFAULT_TRAIN, ENV_SRC, default_outputs, prepare_default  # noqa: F401 - the API
+from finlora.data.defaults import DEFAULT_TRAIN, ENV_SRC, prepare_default
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build, say
 from finlora.data.recipe_data import prepare_task, task_of_recipe
 from finlora.data.tasks import FIXES, LABEL_MAPS, RECIPE_TASKS, TASKS, get_task
