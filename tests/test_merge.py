@@ -341,8 +341,8 @@ def test_killed_merge_leaves_no_destination(tiny_run, tmp_path, capsys):
 
 @pytest.mark.slow  # starts `axolotl merge-lora` twice: ~3 min of imports on 2 cores
 def test_bench_small_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_merge.py"), "--small", "--workdir",
-                           str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.merge", "--small", "--workdir", str(tmp_path)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "axolotl merge-lora" in out and out.count("peak RSS") == 3, out
