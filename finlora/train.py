@@ -57,7 +57,7 @@ def summarise(output_dir: Path) -> None:
     print(f"train: adapter   {rel(adapter)}")
     if losses:
         print(f"train: loss      {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})")
-        print(f"train: curve     {output_dir / 'loss.png'}")
+        print(f"train: curve     {rel(output_dir / 'loss.png')}")
 
 
 def move_aside_incomplete(skipped) -> None:
