@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks import ROOT, child_env
 from finlora.cli import run
+from finlora.errors import MergeError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
@@ -171,7 +172,7 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        sys.exit(f"bench: child failed: {' '.join(cmd[:3])}...\n{err[-3000:]}")
+        raise MergeError(f"bench: child failed: {' '.join(cmd[:3])}...\n{err[-3000:]}")
     return wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
