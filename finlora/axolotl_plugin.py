@@ -147,11 +147,10 @@ def _row_lines(path: Path) -> list[int]:
 
 
 def _token_counts(ds) -> list[int]:
-    if getattr(ds, "_indices", None) is None:
-        import pyarrow.compute as pc
+    import pyarrow.compute as pc
 
-        return pc.list_value_length(ds.data.column("input_ids")).to_pylist()
-    return [len(ids) for ids in ds["input_ids"]]
+    # Arrow's list lengths, in the dataset's row order (shuffles and selections included).
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
 
 
 def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
@@ -177,6 +176,7 @@ def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
 
 
 _LONG_ROWS: list[dict] = []  # this process's long rows, all datasets (one report file)
+_CLEARED: set[str] = set()   # output folders whose previous list this process has removed
 
 
 def report_long_rows() -> None:
@@ -193,6 +193,13 @@ def report_long_rows() -> None:
         if cfg is None or dataset_config is None or kwargs.get("streaming") or \
                 "input_ids" not in (getattr(dataset, "column_names", None) or []):
             return dataset, prompter
+        out = cfg.get("output_dir")
+        if out and out not in _CLEARED and os.environ.get("RANK", "0") == "0":
+            # This run tokenises the data afresh: a previous run's list must not pass for its
+            # own. (When Axolotl reuses its prepared cache, this is never called and the list
+            # made with that cache stays, as it should.)
+            Path(str(out), "long_rows.jsonl").unlink(missing_ok=True)
+            _CLEARED.add(out)
         split = kwargs.get("split", "train")
         limit = cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len") \
             else cfg.get("sequence_len")
@@ -232,7 +239,10 @@ def _report(cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
 
 
 def _flag(env, name: str) -> bool:
-    return env.get(name, "").lower() in ("1", "true", "yes")
+    """The flag as Accelerate reads it (`parse_flag_from_env`: y/yes/t/true/on/1)."""
+    from accelerate.utils import str_to_bool
+
+    return str_to_bool(env.get(name) or "0", to_bool=True)
 
 
 def check_cpu_launch(env, deepspeed: bool = False) -> None:
@@ -278,7 +288,7 @@ def deepspeed_on_cpu_backend() -> None:
     def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         name, kind = original(self, cpu, sagemaker_dp, backend)
         if name is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1 \
-                and _flag(os.environ, "ACCELERATE_USE_DEEPSPEED"):
+                and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # as Accelerate reads it
             return "gloo", DistributedType.MULTI_CPU
         return name, kind
 
@@ -298,9 +308,6 @@ class FinLoRAPlugin(BasePlugin):
         with exit_on_error():
             check_cpu_launch(os.environ, deepspeed=bool(cfg.get("deepspeed")))
         report_long_rows()
-        if os.environ.get("RANK", "0") == "0" and cfg.get("output_dir"):
-            # a previous run's list must not pass for this run's
-            Path(str(cfg["output_dir"]), "long_rows.jsonl").unlink(missing_ok=True)
         try:
             redact_debug_log()
         except (ImportError, AttributeError):  # another Axolotl layout: train.py's sweep still redacts
@@ -346,3 +353,41 @@ class FinLoRAPlugin(BasePlugin):
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         return [LossLogCallback(cfg.output_dir)]
+
+
+# --------------------------------------------------------------------------- CPU-only workaround
+
+def keep_int8_scale(dequantize):
+    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU.
+
+    peft 0.20 (utils/integrations.py) re-wraps an 8-bit weight after dequantizing it *only
+    when the weight is on the CPU* (`if is_cpu: module.weight = module.weight.to(device)`).
+    bitsandbytes 0.50's `Int8Params.to` then sets CB (the int8 data) but not SCB (its row
+    scales, which the layer's first forward moved into `state`), so the next forward's
+    `init_8bit_state` copies SCB=None into the state and the int8 matmul fails. DoRA calls
+    this on every forward, so 8-bit DoRA cannot take a step on a CPU. On a GPU the weight
+    is never re-wrapped and the state keeps its scales. The wrapper clears the stale CB
+    (the state already holds the same int8 data), which is what the GPU path leaves."""
+
+    def wrapped(module):
+        out = dequantize(module)
+        w, state = getattr(module, "weight", None), getattr(module, "state", None)
+        if (type(w).__name__ == "Int8Params" and w.CB is not None and w.SCB is None
+                and state is not None and state.SCB is not None):
+            w.CB = None
+        return out
+
+    wrapped._finlora_keeps_int8_scale = True
+    return wrapped
+
+
+class CpuInt8DoraPlugin(BasePlugin):
+    """Listed in a smoke recipe (never in a generated one) for 8-bit DoRA on a CPU."""
+
+    def register(self, cfg):
+        if torch.cuda.is_available():
+            return
+        import peft.tuners.lora.dora as dora
+
+        if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
+            dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)

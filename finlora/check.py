@@ -168,7 +168,7 @@ def missing_inputs(recipe: Recipe) -> list[Missing]:
     from finlora.base_model import DEFAULT_OUT, build
     from finlora.data import defaults
 
-    out = []
+    out, default_data = [], None
     base = recipe.local(recipe.base_model)
     if base is not None and not base.exists():
         default = base.resolve() == DEFAULT_OUT.resolve()
@@ -178,7 +178,8 @@ def missing_inputs(recipe: Recipe) -> list[Missing]:
         path = str((ds or {}).get("path", ""))
         local = recipe.local(path)
         if local is not None and not local.exists():
-            default = local.absolute() in defaults.default_outputs()
+            default_data = defaults.default_outputs() if default_data is None else default_data
+            default = local.absolute() in default_data
             out.append(Missing(f"datasets[{i}].path", path, defaults.prepare_default if default else None,
                                "prepares it (or `make data`)",
                                f"{path} does not exist (run `make data RECIPE={recipe.name}`)"))
@@ -331,7 +332,7 @@ class Checker:
     def data(self, tok_dir: Path | None) -> None:
         from finlora.data.convert import RowError, field_value
         from finlora.data.sources import read_jsonl
-        from finlora.data.validate import Lengths, over_length
+        from finlora.data.validate import Lengths, longer_than, trained_lengths
 
         lengths = Lengths.load(tok_dir) if tok_dir is not None else None
         seq = self.cfg.get("sequence_len")
@@ -371,14 +372,14 @@ class Checker:
                 self.error(key, f"{rel(p)} has no rows")
             if lengths is None or not texts or not isinstance(seq, int):
                 continue
-            long = over_length(lengths, [s for _, s in texts], seq)
+            counts = trained_lengths(lengths, [s for _, s in texts])
+            long = longer_than(counts, seq)
             for j, n in long[:5]:
                 self.error("sequence_len", f"{seq} is shorter than {rel(p)} line {texts[j][0]} ({n} tokens)")
             if len(long) > 5:
                 self.error("sequence_len", f"... and {len(long) - 5} more rows of {rel(p)} are longer than {seq}")
             if not long:
-                longest = max(lengths.lengths([s for _, s in texts])) + 1  # + the EOS Axolotl appends
-                self.note(f"{rel(p)}: {len(texts)} rows, longest {longest} tokens <= sequence_len {seq}")
+                self.note(f"{rel(p)}: {len(texts)} rows, longest {max(counts)} tokens <= sequence_len {seq}")
 
     # -- output folder
     def output(self) -> None:

@@ -161,7 +161,12 @@ def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
         # one-process CPU run would train on one core: share the usable cores out.
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
-        if processes > 1:
+        if processes > 1 and recipe.get("deepspeed"):
+            # DeepSpeed's CPU accelerator; ACCELERATE_USE_CPU would make Accelerate drop
+            # DeepSpeed silently (finlora.axolotl_plugin.check_cpu_launch refuses that).
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("ACCELERATE_USE_CPU", "0")
+        elif processes > 1:
             # Without it, Accelerate's shared state (made before the Trainer asks for the
             # CPU) finds no GPU and falls back to "not distributed": every process then
             # trains alone on the whole data set. With it: gloo, DDP, sharded batches.

@@ -546,7 +546,10 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     """Merge `adapter` into `base`, writing `out` atomically. Returns merge_info."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
     try:
-        max_bytes = convert_file_size_to_int(max_shard_size)
+        # transformers' reading, except that a lower-case "b" means bytes here, not bits ("2gb"),
+        # and a bare number is bytes ("1000"), as the command line has always taken them
+        size = str(max_shard_size).strip().upper()
+        max_bytes = int(size) if size.isdigit() else convert_file_size_to_int(size)
         if max_bytes <= 0:
             raise ValueError
     except ValueError:

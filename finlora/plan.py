@@ -252,7 +252,7 @@ def load_measurements(bench_files: list[str | Path] | None = None) -> list[dict]
         try:
             runs = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: not a bench_gpu.py JSON file ({e})") from None
+            raise ValueError(f"{f}: not a `python -m benchmarks.gpu` JSON file ({e})") from None
         for i, r in enumerate(runs if isinstance(runs, list) else []):
             if r.get("architecture") != "full" or r.get("device", "cpu") == "cpu" or "train_peak_alloc_gib" not in r:
                 continue

@@ -10,6 +10,7 @@ path?" (`is_local`), which every module asks here rather than deciding for itsel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -116,13 +117,14 @@ def _parse(path: Path, text: str) -> tuple[dict, dict[str, int], list[tuple[str,
     return data, lines, dups
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """One recipe as a command sees it: the file, and the overrides given on top."""
+    """One recipe as a command sees it: the file, and the overrides given on top. Frozen,
+    so what is derived from it (overrides, config, config_dir) is worked out once."""
 
     path: Path
     file: dict                                   # the mapping as written in the file
-    args: list[str] = field(default_factory=list)  # `axolotl train` overrides, passed on as given
+    args: tuple[str, ...] = ()                   # `axolotl train` overrides, passed on as given
     key_lines: dict[str, int] = field(default_factory=dict)
     duplicates: list[tuple[str, int]] = field(default_factory=list)
 
@@ -130,21 +132,21 @@ class Recipe:
     def open(cls, name_or_path: str | Path, args: Sequence[str] = ()) -> "Recipe":
         path = resolve(name_or_path)
         file, lines, dups = _parse(path, path.read_text(encoding="utf-8"))
-        return cls(path, file, [str(a) for a in args], lines, dups)
+        return cls(path, file, tuple(str(a) for a in args), lines, dups)
 
     def with_args(self, args: Sequence[str]) -> "Recipe":
         """The same file with other overrides (not read again)."""
-        return Recipe(self.path, self.file, [str(a) for a in args], self.key_lines, self.duplicates)
+        return Recipe(self.path, self.file, tuple(str(a) for a in args), self.key_lines, self.duplicates)
 
     @property
     def name(self) -> str:
         return self.path.stem
 
-    @property
+    @cached_property
     def overrides(self) -> dict:
         return parse_overrides(self.args)
 
-    @property
+    @cached_property
     def config(self) -> dict:
         """What Axolotl will see: the file with the overrides on top."""
         return {**self.file, **self.overrides}
@@ -169,7 +171,7 @@ class Recipe:
     def base_model(self) -> str:
         return str(self.get("base_model") or "")
 
-    @property
+    @cached_property
     def config_dir(self) -> Path | None:
         """A folder with the base model's config.json, without the hub (see model_config_dir)."""
         return model_config_dir(self.base_model) if self.base_model else None

@@ -18,7 +18,7 @@ The recipe is taken as generated; the smoke changes only what a CPU cannot have:
 - CUDA-only pieces are substituted, each one printed: `flash_attention` -> SDPA;
   a DeepSpeed recipe runs as 2 CPU processes over gloo with DeepSpeed's CPU
   accelerator (when deepspeed is installed; otherwise without DeepSpeed, said so).
-- 8-bit DoRA gets a CPU-only workaround plugin (`CpuInt8DoraPlugin`) for a peft +
+- 8-bit DoRA gets a CPU-only workaround plugin (`axolotl_plugin.CpuInt8DoraPlugin`) for a peft +
   bitsandbytes bug that only the CPU path hits; it is printed as WORKAROUND.
 
 Anything else that fails here fails the smoke: a recipe that would crash on a GPU
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -120,52 +119,6 @@ def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: st
     return out_dir
 
 
-# --------------------------------------------------------------------------- CPU-only workaround
-
-def keep_int8_scale(dequantize):
-    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU.
-
-    peft 0.20 (utils/integrations.py) re-wraps an 8-bit weight after dequantizing it *only
-    when the weight is on the CPU* (`if is_cpu: module.weight = module.weight.to(device)`).
-    bitsandbytes 0.50's `Int8Params.to` then sets CB (the int8 data) but not SCB (its row
-    scales, which the layer's first forward moved into `state`), so the next forward's
-    `init_8bit_state` copies SCB=None into the state and the int8 matmul fails. DoRA calls
-    this on every forward, so 8-bit DoRA cannot take a step on a CPU. On a GPU the weight
-    is never re-wrapped and the state keeps its scales. The wrapper clears the stale CB
-    (the state already holds the same int8 data), which is what the GPU path leaves."""
-
-    def wrapped(module):
-        out = dequantize(module)
-        w, state = getattr(module, "weight", None), getattr(module, "state", None)
-        if (type(w).__name__ == "Int8Params" and w.CB is not None and w.SCB is None
-                and state is not None and state.SCB is not None):
-            w.CB = None
-        return out
-
-    wrapped._finlora_keeps_int8_scale = True
-    return wrapped
-
-
-try:
-    from axolotl.integrations.base import BasePlugin as _BasePlugin
-except ImportError:  # Axolotl absent: only the smoke's own process needs the plugin
-    _BasePlugin = object
-
-
-class CpuInt8DoraPlugin(_BasePlugin):
-    """Listed in a smoke recipe (never in a generated one) for 8-bit DoRA on a CPU."""
-
-    def register(self, cfg):
-        import torch
-
-        if torch.cuda.is_available():
-            return
-        import peft.tuners.lora.dora as dora
-
-        if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
-            dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)
-
-
 # --------------------------------------------------------------------------- data
 
 # The `make eval` set that scores each recipe task (None: `make eval` has no set for it,
@@ -223,11 +176,12 @@ def task_rows(task: str, n_train: int, n_test: int) -> tuple[list[dict], list[di
     shared_test = SHARED / "test" / f"{eval_set}_test.jsonl"
     if prepared.is_file() or shared_train.is_file():
         src = prepared if prepared.is_file() else shared_train
-        train = _read_jsonl(src)[:n_train]
+        rows = _read_jsonl(src)
+        train = rows[:n_train]
         test = _read_jsonl(shared_test)[:n_test] if shared_test.is_file() else None
         where = f"{len(train)} rows of {_rel(src)}"
         if test is None:
-            test = _read_jsonl(src)[n_train:n_train + n_test]
+            test = rows[n_train:n_train + n_test]
             where += f"; scored: the {len(test)} rows after them"
         else:
             where += f"; scored: {len(test)} rows of {_rel(shared_test)}"
@@ -346,10 +300,10 @@ def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path,
             else:
                 notes.append(f"optimizer: {opt} as in the recipe (it steps on the CPU with this bitsandbytes)")
         if cfg.get("load_in_8bit") and cfg.get("peft_use_dora"):
-            cfg["plugins"] = list(cfg.get("plugins") or []) + ["finlora.smoke.CpuInt8DoraPlugin"]
-            notes.append("WORKAROUND plugins += finlora.smoke.CpuInt8DoraPlugin: 8-bit DoRA fails on a CPU only "
+            cfg["plugins"] = list(cfg.get("plugins") or []) + ["finlora.axolotl_plugin.CpuInt8DoraPlugin"]
+            notes.append("WORKAROUND plugins += finlora.axolotl_plugin.CpuInt8DoraPlugin: 8-bit DoRA fails on a CPU only "
                          "(peft 0.20 re-wraps a CPU int8 weight and bitsandbytes 0.50 drops its scales, SCB; "
-                         "the GPU path keeps them); see finlora/smoke.py keep_int8_scale")
+                         "the GPU path keeps them); see finlora/axolotl_plugin.py keep_int8_scale")
     if cfg.get("deepspeed"):
         if processes > 1:
             notes.append(f"deepspeed: {cfg['deepspeed']} as in the recipe, {processes} processes"
@@ -474,19 +428,10 @@ def run(name: str) -> dict:
     for n in notes:
         _say(n)
 
-    # Training: `make train`'s own code (make check, then `axolotl train` / accelerate).
-    env_before = dict(os.environ)
-    if processes > 1 and not cuda:
-        # DeepSpeed's CPU accelerator; ACCELERATE_USE_CPU would make Accelerate drop DeepSpeed
-        # silently (finlora.axolotl_plugin.check_cpu_launch refuses that).
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        os.environ["ACCELERATE_USE_CPU"] = "0"
+    # Training: `make train`'s own code (make check, then `axolotl train` / accelerate; on a
+    # CPU, finlora.launch.axolotl_env sets up DeepSpeed's CPU accelerator for several processes).
     t0 = time.time()
-    try:
-        rc = train.main([*(["--gpus", str(processes)] if processes > 1 else []), str(smoke_recipe)])
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    rc = train.main([*(["--gpus", str(processes)] if processes > 1 else []), str(smoke_recipe)])
     t_train = time.time() - t0
     if rc != 0:
         raise SmokeError(f"{name}: training failed (exit {rc}); the smoke recipe is {_rel(smoke_recipe)}")

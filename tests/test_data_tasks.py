@@ -349,8 +349,6 @@ def test_finer_batching_through_the_hub_path(tmp_path, monkeypatch, capsys):
     assert 'What is best tag for entity "5" in sentence: "Revenues were $ 5 million?"' in " ".join(r["context"] for r in got)
     assert ctx.endswith("\nOutput US GAAP tags:")
     assert set(",".join(r["target"] for r in got).split(",")) == {"Revenues", "Goodwill"}
-    assert recipe_data.finer_batched(data_rows := [dict(tokens=t, ner_tags=n) for t, n in zip(data["tokens"], data["ner_tags"])],
-                                     names) == recipe_data.finer_batched(data_rows, names)
 
 
 def test_finlora_json_sources_read_through_the_json_builder(tmp_path, monkeypatch, capsys):

@@ -40,3 +40,15 @@ def test_raise_stops_the_run_naming_the_row(base_model_dir, tmp_path):
     assert proc.returncode != 0
     assert "excess_length_strategy: raise stops the run" in proc.stderr
     assert f"{tmp_path / 'train.jsonl'}:4: " in proc.stderr
+
+
+def test_a_run_on_axolotls_prepared_data_keeps_the_list(base_model_dir, tmp_path):
+    """`axolotl preprocess`, then `axolotl train` on its prepared cache: Axolotl does not
+    tokenise again, so the plugin sees no rows; the list made with that cache must stay."""
+    assert preprocess(tmp_path).returncode == 0
+    listed = (tmp_path / "out" / "long_rows.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.train", str(tmp_path / "tiny.yml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "are longer than sequence_len" not in proc.stderr  # the cache was reused, not re-tokenised
+    assert (tmp_path / "out" / "long_rows.jsonl").read_text() == listed

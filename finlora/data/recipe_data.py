@@ -54,7 +54,6 @@ class Need:
     task: Task                      # registry task that validates its rows
     local: tuple[str, ...]          # candidate paths inside the source folder (FinLoRA JSONL)
     hub: Callable[..., Unit] | None  # the Unit (given its file names) from the public copy
-    hub_name: str = ""              # the public set, for messages
     fix: str | None = None          # a known labelling error of the local file to repair
     keep_repeats: bool = False      # repeats are the source's own oversampling (FinLoRA's mix)
 
@@ -138,8 +137,7 @@ def needs(task_name: str) -> list[Need]:
         hub = _finer_hub("train")
     else:
         hub = partial(Unit.from_hub, reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
-    out.append(Need("train", f"{task_name}_train.jsonl", reg, train_local, hub, reg.hub.where if reg.hub else "",
-                    keep_repeats=task_name == "sentiment"))
+    out.append(Need("train", f"{task_name}_train.jsonl", reg, train_local, hub, keep_repeats=task_name == "sentiment"))
     for name in test_sets:
         t = TASKS[name]
         if name == "fpb":
@@ -149,17 +147,17 @@ def needs(task_name: str) -> list[Need]:
         else:
             hub = None
         out.append(Need("test", f"{name}_test.jsonl", t, (f"finlora/test/{name}_test.jsonl",), hub,
-                        t.hub.where if t.hub and hub else "", fix="tfns-swap" if name == "tfns" else None))
+                        fix="tfns-swap" if name == "tfns" else None))
     return out
 
 
 def task_of_recipe(recipe: str) -> str | None:
     """The recipe task whose files `recipe` reads; None when it reads the CPU default's file."""
     r = recipes.Recipe.open(recipe)
-    found = set()
+    found, default = set(), default_outputs()
     for d in r.get("datasets") or []:
         p = recipes.resolve_path(str(d.get("path", "")))
-        if Path(os.path.abspath(p)) in default_outputs():
+        if Path(os.path.abspath(p)) in default:
             return None
         stem = Path(p).name.removesuffix("_train.jsonl")
         if p.parent.name != "train" or stem not in RECIPE_TASKS:
@@ -189,7 +187,7 @@ def units(task_name: str, src: Path | None, use_hub: bool) -> list[Unit]:
         where = src if src else "SRC"
         lines = [f"make data TASK={task_name}: no source for {len(missing)} file(s); nothing was written:"]
         for n in missing:
-            remote = (f"public copy: {n.hub_name}" if n.hub is not None
+            remote = (f"public copy: {n.task.hub.where}" if n.hub is not None
                       else "no public copy known to the registry")
             lines.append(f"  data/{n.split}/{n.out_name}: put FinLoRA's JSONL at {where}/{n.local[0]} ({remote})")
         if use_hub:

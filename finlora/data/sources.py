@@ -268,11 +268,11 @@ def hf_rows(ds, where: str) -> Iterator[RawRow]:
 
 
 def read_hf(name: str, config: str | None = None, split: str = "train", data_files=None,
-            revision: str | None = None, where: str | None = None) -> Iterator[RawRow]:
+            revision: str | None = None) -> Iterator[RawRow]:
     """Rows of `load_hf(...)`: the hub path, and the same code on local files with
     `name="json"|"csv"|"parquet"` and `data_files=`."""
     ds = load_hf(name, config, split, data_files, revision)
-    return hf_rows(ds, (where or f"hf:{name}" + (f"/{config}" if config else "")) + f"[{split}]")
+    return hf_rows(ds, f"hf:{name}" + (f"/{config}" if config else "") + f"[{split}]")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -102,15 +102,20 @@ class Lengths:
         return [len(ids) for ids in self.hf(texts)["input_ids"]]
 
 
-def _trained_lengths(lengths: Lengths, texts: list[str], batch: int = 512) -> list[int]:
+def trained_lengths(lengths: Lengths, texts: list[str], batch: int = 512) -> list[int]:
     # Axolotl appends the EOS token to every training row: it counts against sequence_len.
     return [n + 1 for i in range(0, len(texts), batch) for n in lengths.lengths(texts[i:i + batch])]
 
 
+def longer_than(counts: list[int], seq_len: int) -> list[tuple[int, int]]:
+    """(index, count) of every count (from trained_lengths) over `seq_len`: the one rule
+    `make data` and `make check` apply to training rows."""
+    return [(i, n) for i, n in enumerate(counts) if n > seq_len]
+
+
 def over_length(lengths: Lengths, texts: list[str], seq_len: int) -> list[tuple[int, int]]:
-    """(index into `texts`, tokens with the appended EOS) of every text longer than `seq_len`
-    as trained: the one rule `make data` and `make check` apply to training rows."""
-    return [(i, n) for i, n in enumerate(_trained_lengths(lengths, texts)) if n > seq_len]
+    """(index into `texts`, tokens with the appended EOS) of every text longer than `seq_len`."""
+    return longer_than(trained_lengths(lengths, texts), seq_len)
 
 
 def _text(e: Example) -> str:
@@ -121,14 +126,17 @@ def count_tokens(check: LengthCheck, examples: list[Example]) -> None:
     """Set `n_tokens` on each example: context + target as trained (see over_length)."""
     if check.tokenizer is None:
         return
-    for e, n in zip(examples, _trained_lengths(check.tokenizer, [_text(e) for e in examples])):
+    for e, n in zip(examples, trained_lengths(check.tokenizer, [_text(e) for e in examples])):
         e.n_tokens = n
 
 
 def too_long(check: LengthCheck, examples: list[Example]) -> list[Problem]:
+    """The examples over sequence_len, by the count `count_tokens` stored (made here when missing)."""
     if not check.active:
         return []
-    long = over_length(check.tokenizer, [_text(e) for e in examples], check.sequence_len)
+    if any(e.n_tokens is None for e in examples):
+        count_tokens(check, examples)
+    long = longer_than([e.n_tokens for e in examples], check.sequence_len)
     return [Problem(examples[i].file, examples[i].line, f"too long: {n} tokens > sequence_len {check.sequence_len}")
             for i, n in long]
 
