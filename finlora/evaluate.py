@@ -1,152 +1,72 @@
-"""`make eval`: score base, adapter and merged models on the FinLoRA tasks.
+"""`make eval`: score the base model and an adapter (or a merged model) on FinLoRA's test sets,
+with FinLoRA's own scoring and the project's beside it, on the same predictions.
 
-Generation is batched greedy decoding (left padding, KV cache) over a task's test
-JSONL; scoring follows FinLoRA: for classification the prediction is the task label
-that appears first in the generated text (case-insensitive, whole words), scored by
-accuracy and weighted F1; NWGI's seven levels are folded to three; formula answers
-are compared as numbers rounded to two decimals; free-text tasks get ROUGE-L F1
-(BERTScore when the `bert_score` package and its model are available offline).
+`make eval RECIPE=x` scores the sets the registry gives x's task (finlora.data.tasks),
+listed with their rows before any model loads; `DATASETS=a,b` picks others. Generation is
+batched greedy decoding (left padding, the prompts' shared prefix computed once) with
+FinLoRA's token budget per set. Every set is scored twice (finlora.scoring): `finlora`, as
+FinLoRA's test/test_dataset.py scores it, and `strict`, the project's own view; each with
+95% bootstrap intervals, and the adapter's gain with a paired bootstrap. Written under
+`<adapter>/eval/`: predictions_<model>_<set>.jsonl (the raw generated text and the
+target(s) of every row, so anyone can re-score them), metrics.json, report.md (beside
+FinLoRA's published Llama-3.1-8B figures) and scores.png. A set already scored with the
+same model, data (sha256) and settings is kept, not scored again, unless --rescore.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import hashlib
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from finlora.errors import EvalError
+from finlora.cli import flag
 from finlora import ROOT
-from finlora.data.tasks import SENTIMENT3, TASKS, Task, fold_nwgi
-from finlora.models import load_model
+from finlora.data.tasks import PUBLISHED_COLUMNS, TEST_SETS, TestSet, test_set
+from finlora.errors import EvalError
 
-# Tasks a model can be scored on, and the test file each reads from --data-dir.
-EVAL_SETS = ("fpb", "fiqa", "tfns", "nwgi", "headline", "ner", "formula", "xbrl_term", "financebench")
-MAX_NEW_TOKENS = {"label": 8, "number": 16, "text": 64}
+DATA_DIR = ROOT / "data" / "test"
 
 
 @dataclass
-class Example:
-    id: int
+class Row:
+    id: int          # 0-based row of the file
     context: str
     target: str
 
 
-def test_file(data_dir: Path, name: str) -> Path:
-    return data_dir / f"{name}_test.jsonl"
-
-
-def parse_datasets(spec: str | None) -> list[str]:
-    names = [s.strip() for s in (spec or "fpb,fiqa").split(",") if s.strip()]
-    unknown = [n for n in names if n not in EVAL_SETS]
-    if unknown:
-        raise EvalError(f"unknown data set(s) {', '.join(unknown)}; known: {', '.join(EVAL_SETS)}")
-    return names
-
-
-def load_examples(path: Path, task: Task, limit: int | None = None) -> list[Example]:
-    """Read a test JSONL with the data validator `make data` uses (JSON, fields, types,
-    the task's labels or answer type); every bad row is reported as file:line before
-    anything runs."""
-    from finlora.data import sources
-    from finlora.data.convert import Mapping
-    from finlora.data.validate import convert_all, sort_problems
-
+def read_rows(s: TestSet, data_dir: Path, sample: float | None = None, limit: int | None = None) -> tuple[list[Row], str]:
+    """The set's rows as FinLoRA reads them (every row of the file; `sample`: the rows of
+    pandas' `sample(frac, random_state=42)`, in its order), and the file's sha256. Each row
+    must be JSON with `context` and `target`; every bad row is listed as file:line."""
+    path = data_dir / s.file
     if not path.is_file():
-        raise EvalError(f"{path}: test file not found (run `make data` or pass --data-dir)")
-    examples, problems = convert_all(task, Mapping(finlora=True), sources.read("finlora", path))
+        how = "make data" if s.recipe_task == "sentiment_cpu" else f"make data TASK={s.recipe_task}"
+        raise EvalError(f"{path}: test set {s.name} not found; `{how}` writes it")
+    raw = path.read_bytes()
+    rows, problems = [], []
+    for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if not isinstance(d, dict) or not isinstance(d.get("context"), str) or d.get("target") is None:
+                raise ValueError("needs a string `context` and a `target`")
+            rows.append(Row(len(rows), d["context"], str(d["target"])))
+        except ValueError as e:
+            problems.append(f"  {path}:{i + 1}: {e}")
     if problems:
-        problems = sort_problems(problems)
-        shown = "\n".join(str(x) for x in problems[:50])
-        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise EvalError(f"{len(problems)} bad row(s) in {path}:\n{shown}{more}")
-    rows = [Example(i, e.context, e.target) for i, e in enumerate(examples)]
-    return rows[:limit] if limit else rows
+        raise EvalError(f"{len(problems)} bad row(s) in {path}:\n" + "\n".join(problems[:50]))
+    if not rows:
+        raise EvalError(f"{path}: no rows")
+    if sample is not None:
+        import pandas as pd
 
-
-# --- scoring -------------------------------------------------------------------
-
-def first_label(text: str, labels: tuple[str, ...]) -> str | None:
-    """The label whose first whole-word, case-insensitive occurrence comes first."""
-    best, best_pos = None, None
-    low = text.lower()
-    # longer labels first so "strong negative" wins over "negative" at the same spot
-    for lab in sorted(labels, key=len, reverse=True):
-        m = re.search(r"\b" + re.escape(lab.lower()) + r"\b", low)
-        if m and (best_pos is None or m.start() < best_pos):
-            best, best_pos = lab, m.start()
-    return best
-
-
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
-
-
-def first_number(text: str) -> float | None:
-    m = _NUMBER.search(text)
-    if not m:
-        return None
-    try:
-        return float(m.group().replace("$", "").replace(",", "").replace(" ", ""))
-    except ValueError:
-        return None
-
-
-def parse_prediction(task: Task, text: str) -> str | None:
-    if task.answer_type == "label":
-        labels = SENTIMENT3 if task.name == "nwgi" else task.labels
-        return first_label(text, labels)
-    if task.answer_type == "number":
-        x = first_number(text)
-        return None if x is None else f"{x:.2f}"
-    return text.strip()
-
-
-def score(task: Task, preds: list[str | None], targets: list[str]) -> dict:
-    n = len(targets)
-    if task.answer_type == "label":
-        from sklearn.metrics import f1_score
-
-        fold = fold_nwgi if task.name == "nwgi" else (lambda s: s)
-        labels = SENTIMENT3 if task.name == "nwgi" else task.labels
-        canon = {lab.lower(): lab for lab in labels}
-        y_true = [canon[fold(t).lower()] for t in targets]
-        y_pred = [p if p is not None else "<none>" for p in preds]
-        acc = sum(a == b for a, b in zip(y_true, y_pred)) / n
-        f1 = f1_score(y_true, y_pred, labels=list(labels), average="weighted", zero_division=0)
-        return {"n": n, "accuracy": acc, "f1_weighted": float(f1),
-                "unparsed": sum(p is None for p in preds), "metric": "accuracy"}
-    if task.answer_type == "number":
-        ok = [p is not None and abs(float(p) - round(float(t), 2)) < 0.005 for p, t in zip(preds, targets)]
-        return {"n": n, "accuracy": sum(ok) / n, "unparsed": sum(p is None for p in preds), "metric": "accuracy"}
-    metric, values = text_similarity([p or "" for p in preds], targets)
-    return {"n": n, metric: sum(values) / n, "metric": metric}
-
-
-def rouge_l_f1(pred: str, ref: str) -> float:
-    """ROUGE-L F1 by rouge-score (tokens: lower-cased alphanumeric runs, no stemming).
-
-    Its tokenizer is passed in although it is the default one: built without it,
-    RougeScorer logs one INFO line through absl, and absl's log() calls
-    logging.basicConfig() when the root logger has no handler. That adds a root handler
-    bound to the sys.stderr of that moment, through which every library's warnings print
-    from then on (measured with rouge-score 0.1.2, absl-py 2.5.1: root handlers [] ->
-    [StreamHandler <stderr>]). Given a tokenizer, nothing in the ROUGE-L path logs."""
-    from rouge_score.rouge_scorer import RougeScorer
-    from rouge_score.tokenizers import DefaultTokenizer
-
-    return RougeScorer(["rougeL"], tokenizer=DefaultTokenizer()).score(ref, pred)["rougeL"].fmeasure
-
-
-def text_similarity(preds: list[str], refs: list[str]) -> tuple[str, list[float]]:
-    try:
-        from bert_score import score as bert_score  # optional extra
-
-        _, _, f1 = bert_score(preds, refs, lang="en", verbose=False)
-        return "bertscore_f1", [float(x) for x in f1]
-    except Exception:  # not installed, or its model cannot be loaded offline
-        return "rougeL_f1", [rouge_l_f1(p, r) for p, r in zip(preds, refs)]
+        rows = [rows[i] for i in pd.DataFrame({"i": range(len(rows))}).sample(frac=sample, random_state=42)["i"]]
+    return rows[:limit] if limit else rows, hashlib.sha256(raw).hexdigest()
 
 
 # --- models and generation -----------------------------------------------------
@@ -225,50 +145,106 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     return out
 
 
-def evaluate_set(model, tok, name: str, examples: list[Example], batch_size: int, label: str,
-                 share_prefix: bool = True) -> tuple[dict, list[dict]]:
-    task = TASKS[name]
-    t0 = time.perf_counter()
-    texts = generate(model, tok, [e.context for e in examples], MAX_NEW_TOKENS[task.answer_type],
-                     batch_size, desc=f"{label}:{name}", share_prefix=share_prefix)
-    secs = time.perf_counter() - t0
-    preds = [parse_prediction(task, t) for t in texts]
-    metrics = score(task, preds, [e.target for e in examples])
-    metrics["seconds"] = round(secs, 2)
-    rows = [{"id": e.id, "generated": t, "parsed": p, "target": e.target}
-            for e, t, p in zip(examples, texts, preds)]
-    return metrics, rows
+def score_set(s: TestSet, rows: list[Row], generated: list[str], bertscore_model: str) -> dict:
+    """Both blocks for one model's answers to one set, with their intervals."""
+    from finlora import scoring
+
+    answers = [scoring.answer_text(g) for g in generated]
+    targets = [r.target for r in rows]
+    if s.scorer == "text":
+        fin = scoring.finlora_text(answers, targets, bertscore_model)
+    else:
+        fin = scoring.finlora_labels(s, answers, targets) | {"metric": "accuracy"}
+    valid = [i for i, t in enumerate(targets) if scoring.strict_valid(s, scoring.strict_target(s, t))]
+    strict = scoring.strict_blocks(s, [generated[i] for i in valid], [targets[i] for i in valid]) if valid else {}
+    return {"finlora": fin, "strict": strict, "strict_rejected": len(rows) - len(valid)}
+
+
+def with_intervals(res: dict, base: dict | None) -> dict:
+    """The set's scores as metrics.json keeps them: figures and 95% intervals (and, given the
+    base's, the paired interval of the difference); per-row lists dropped."""
+    from finlora.scoring import bootstrap, public
+
+    out = {"finlora": public(res["finlora"]) | {"ci": bootstrap(res["finlora"])}, "strict": {},
+           "strict_rejected": res["strict_rejected"]}
+    if base is not None:
+        out["finlora"]["ci_minus_base"] = bootstrap(res["finlora"], base["finlora"])
+    for name, b in res["strict"].items():
+        out["strict"][name] = public(b) | {"ci": bootstrap(b)}
+        if base is not None and name in base["strict"]:
+            out["strict"][name]["ci_minus_base"] = bootstrap(b, base["strict"][name])
+    return out
+
+
+def model_key(*paths: str | None) -> str:
+    """What identifies a model for the cache: each local folder's weights and config (names,
+    sizes, and the small files' bytes), or a hub id as given."""
+    h = hashlib.sha256()
+    for p in filter(None, paths):
+        d = Path(p)
+        if not d.is_dir():
+            h.update(str(p).encode())
+            continue
+        for f in sorted(d.iterdir()):
+            if f.suffix == ".safetensors":
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+                if f.stat().st_size < 64 << 20:  # adapters: their bytes
+                    h.update(f.read_bytes())
+            elif f.name in ("config.json", "adapter_config.json", "merge_info.json", "finlora_base_model.json"):
+                h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 # --- report --------------------------------------------------------------------
 
-def headline(m: dict) -> float:
-    return m[m["metric"]]
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
 
 
-def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    models = list(results)
-    sets = list(dict.fromkeys(s for r in results.values() for s in r))
-    cols = ["data set", "metric"] + models
-    if len(models) == 2:
-        cols.append(f"{models[1]} - {models[0]}")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for s in sets:
-        first = next(r[s] for r in results.values() if s in r)
-        metric_names = [first["metric"]] + (["f1_weighted"] if "f1_weighted" in first else [])
-        for metric in metric_names:
-            vals = [results[m].get(s, {}).get(metric) for m in models]
-            cells = [s, metric] + [f"{v:.4f}" if v is not None else "-" for v in vals]
-            if len(models) == 2:
-                cells.append(f"{vals[1] - vals[0]:+.4f}" if None not in vals else "-")
-            lines.append("| " + " | ".join(cells) + " |")
-    n = {s: next(r[s]["n"] for r in results.values() if s in r) for s in sets}
-    lines.append("")
-    lines.append("Rows scored: " + ", ".join(f"{s} {k}" for s, k in n.items()) + ".")
+def cell(block: dict | None, metric: str) -> str:
+    if not block or metric not in block:
+        return "-"
+    v, ci = block[metric], block.get("ci", {}).get(metric)
+    fmt = pct if metric == "accuracy" else (lambda x: f"{x:.3f}")
+    return fmt(v) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def report_table(doc: dict) -> str:
+    """The FinLoRA-shaped table: per set and metric, base, tuned, the gain with its paired
+    interval, FinLoRA's published base and same-variant figures, then the strict block."""
+    models = list(doc["results"])
+    tuned = models[-1] if len(models) > 1 else None
+    variant = doc["meta"].get("variant") or "r8"
+    head = ["set", "rows", "metric", "base", tuned or "", f"{tuned} - base" if tuned else "",
+            "FinLoRA base", f"FinLoRA {variant}", "strict: base", f"strict: {tuned}" if tuned else ""]
+    lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
+    for name, info in doc["sets"].items():
+        res = {m: doc["results"][m].get(name) for m in models}
+        first = next(r for r in res.values() if r)
+        metric = first["finlora"]["metric"]
+        pub = info.get("published") or {}
+        for k, m in enumerate([metric] + (["f1_weighted"] if "f1_weighted" in first["finlora"] else [])):
+            b, a = (res.get("base") or {}).get("finlora"), (res.get(tuned) or {}).get("finlora") if tuned else None
+            gain = "-"
+            if a and b and m in a and m in b:
+                d, ci = a[m] - b[m], a.get("ci_minus_base", {}).get(m)
+                fmt = pct if m == "accuracy" else (lambda x: f"{x:.3f}")
+                gain = f"{'+' if d >= 0 else ''}{fmt(d)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+            published = [pub.get(c) for c in ("base", variant)]
+            pubcells = ["-" if p is None else (f"{p[0]:.2f}" if m == "accuracy" and p[0] is not None else
+                                               f"{p[1]:.3f}" if m != "accuracy" else "-") for p in published]
+            strict = ["; ".join(f"{sn}: {cell(sb, sb['metric'] if m != 'f1_weighted' else m)}"
+                                for sn, sb in ((res.get(mm) or {}).get("strict") or {}).items() if m in sb or k == 0)
+                      or "-" for mm in ("base", tuned)]
+            n = f"{first['finlora']['n']}" + (f" ({info['scored']} rows)" if first["finlora"]["n"] != info["scored"] else "")
+            lines.append("| " + " | ".join([name if k == 0 else "", n if k == 0 else "", m, cell(b, m), cell(a, m),
+                                             gain, *pubcells, *strict]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict[str, dict[str, dict]], out: Path) -> None:
+def bar_chart(doc: dict, out: Path) -> None:
+    """Per set: base and tuned (FinLoRA's scoring, 95% interval as error bars) beside FinLoRA's
+    published base and same-variant figures (hatched)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,19 +252,30 @@ def bar_chart(results: dict[str, dict[str, dict]], out: Path) -> None:
 
     from finlora.atomic import atomic_open
 
-    models = list(results)
-    sets = list(dict.fromkeys(s for r in results.values() for s in r))
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sets) + 2), 4), dpi=110)
-    for k, m in enumerate(models):
-        vals = [headline(results[m][s]) if s in results[m] else 0 for s in sets]
-        bars = ax.bar([i + k * width for i in range(len(sets))], vals, width, label=m)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(sets))])
-    ax.set_xticklabels([f"{s}\n({results[models[0]].get(s, {}).get('metric', '')})" for s in sets])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score")
-    ax.legend()
+    models, variant = list(doc["results"]), doc["meta"].get("variant") or "r8"
+    sets = list(doc["sets"])
+    series = [(m, [doc["results"][m].get(s, {}).get("finlora") for s in sets], False) for m in models]
+    for col, label in (("base", "FinLoRA base"), (variant, f"FinLoRA {variant}")):
+        vals = []
+        for s in sets:
+            p = (doc["sets"][s].get("published") or {}).get(col)
+            vals.append(None if p is None else {"value": p[0] / 100 if p[0] is not None else p[1]})
+        series.append((label, vals, True))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(sets) + 2), 4.2), dpi=110)
+    for k, (label, blocks, hatched) in enumerate(series):
+        xs = [i + k * width for i in range(len(sets))]
+        vals = [(b or {}).get("value", (b or {}).get((b or {}).get("metric"), 0) if b else 0) for b in blocks]
+        err = [[v - (b.get("ci", {}).get(b.get("metric"), [v, v])[0]) if b and "ci" in b else 0 for v, b in zip(vals, blocks)],
+               [(b.get("ci", {}).get(b.get("metric"), [v, v])[1]) - v if b and "ci" in b else 0 for v, b in zip(vals, blocks)]]
+        bars = ax.bar(xs, vals, width, label=label, hatch="//" if hatched else None, alpha=0.6 if hatched else 1.0,
+                      yerr=None if hatched else err, capsize=2)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(sets))])
+    ax.set_xticklabels(sets, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("FinLoRA's score (accuracy, or BERTScore F1)")
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_open(out, "wb", encoding=None) as f:
@@ -298,76 +285,162 @@ def bar_chart(results: dict[str, dict[str, dict]], out: Path) -> None:
 
 # --- CLI -----------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    from finlora import recipes
-    from finlora.atomic import write_json, write_jsonl, write_text
+def default_sets(recipe) -> list[TestSet]:
+    from finlora.data.recipe_data import task_of_recipe
+    from finlora.data.tasks import RECIPE_TASKS
 
-    p = argparse.ArgumentParser(description="Score base / adapter / merged models on FinLoRA test sets")
-    p.add_argument("--recipe", help="take --base and --adapter from this recipe (name or YAML)")
+    return RECIPE_TASKS[task_of_recipe(recipe)].test_sets
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Score base / adapter / merged models on FinLoRA's test sets")
+    p.add_argument("--recipe", help="take --base, the adapter and the default sets from this recipe")
     p.add_argument("--base", help="base model folder or hub name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="LoRA adapter folder (scored against the base)")
     src.add_argument("--merged", help="merged model folder (scored against the base)")
-    p.add_argument("--datasets", default="fpb,fiqa", help=f"comma list of: {', '.join(EVAL_SETS)}")
-    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "test",
-                   help="folder with <dataset>_test.jsonl files")
+    p.add_argument("--datasets", help=f"comma list of: {', '.join(TEST_SETS)} (default: the recipe task's)")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding the test files")
     p.add_argument("--out", type=Path, help="report folder (default: <adapter or merged>/eval)")
-    p.add_argument("--limit", type=int, help="score only the first N rows of each set")
+    p.add_argument("--sample", type=float, help="score the rows of FinLoRA's sample(frac, random_state=42)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each set (after --sample)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--bits", type=int, choices=(8, 4), help="load the base quantized (bitsandbytes), as FinLoRA does")
     p.add_argument("--no-base", action="store_true", help="skip scoring the base model")
+    p.add_argument("--rescore", action="store_true", help="score sets again even when already scored")
+    p.add_argument("--bertscore-model", default="ProsusAI/finbert", help="hub id or local folder (FinLoRA's FinBERT)")
     p.add_argument("--allow-base-mismatch", action="store_true")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="run every prompt in full instead of computing the prompts' shared prefix once")
     a = p.parse_args(argv)
-    share = not a.no_prefix_cache
+    if a.sample is not None and not 0 < a.sample <= 1:
+        raise EvalError(f"--sample {a.sample}: a fraction in (0, 1]")
+    if a.limit is not None and a.limit < 1:
+        raise EvalError(f"--limit {a.limit}: at least 1")
+    return a
 
-    if a.recipe:
-        cfg = recipes.load(recipes.resolve(a.recipe))
-        a.base = a.base or cfg["base_model"]
+
+def main(argv: list[str] | None = None) -> int:
+    from finlora import recipes
+    from finlora.atomic import write_json, write_jsonl, write_text
+
+    a = parse_args(argv)
+    recipe = recipes.Recipe.open(a.recipe) if a.recipe else None
+    if recipe is not None:
+        a.base = a.base or str(recipe.local(recipe.base_model) or recipe.base_model)
         if not a.merged and not a.adapter:
-            a.adapter = str(recipes.resolve_path(cfg.get("output_dir", "")))
+            a.adapter = str(recipe.output_dir)
     if not a.base:
         raise EvalError("give --recipe or --base")
-    names = parse_datasets(a.datasets)
-    sets = {n: load_examples(test_file(a.data_dir, n), TASKS[n], a.limit) for n in names}
     tuned = a.adapter or a.merged
-    out = a.out or (Path(tuned) / "eval" if tuned else ROOT / "outputs" / "eval")
-
-    results: dict[str, dict[str, dict]] = {}
-    preds: dict[str, list[dict]] = {}
-    if a.merged:
-        if not a.no_base:
-            base_model, tok = load_model(a.base, dtype=a.dtype)
-            for n, ex in sets.items():
-                results.setdefault("base", {})[n], preds[f"base_{n}"] = evaluate_set(base_model, tok, n, ex, a.batch_size, "base", share)
-            del base_model
-        model, tok = load_model(a.base, merged=a.merged, dtype=a.dtype)
-        for n, ex in sets.items():
-            results.setdefault("merged", {})[n], preds[f"merged_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, "merged", share)
+    for label, path in (("adapter", a.adapter), ("merged model", a.merged)):
+        if path and not Path(path).is_dir():
+            hint = f": run `make train RECIPE={a.recipe}` first" if a.recipe and label == "adapter" else ""
+            raise EvalError(f"no {label} at {path} (no such folder){hint}")
+    if a.datasets:
+        sets = [test_set(n.strip()) for n in a.datasets.split(",") if n.strip()]
+    elif recipe is not None:
+        sets = default_sets(recipe)
     else:
-        model, tok = load_model(a.base, adapter=a.adapter, dtype=a.dtype, allow_base_mismatch=a.allow_base_mismatch)
-        if a.adapter and not a.no_base:
-            # The base is the same weights with the adapter switched off: no second load.
-            with model.disable_adapter():
-                for n, ex in sets.items():
-                    results.setdefault("base", {})[n], preds[f"base_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, "base", share)
-        label = "adapter" if a.adapter else "base"
-        for n, ex in sets.items():
-            results.setdefault(label, {})[n], preds[f"{label}_{n}"] = evaluate_set(model, tok, n, ex, a.batch_size, label,
-                                                                                   share)
+        raise EvalError("give --datasets (or --recipe, whose task names its sets)")
+    loaded = {s.name: read_rows(s, a.data_dir, a.sample, a.limit) for s in sets}
+    for s in sets:
+        rows = loaded[s.name][0]
+        print(f"eval: {s.name:18} {len(rows):6,} rows of {a.data_dir / s.file}"
+              + (f" (sample {a.sample})" if a.sample else "") + f", {s.max_new_tokens} new tokens at most", flush=True)
 
-    for key, rows in preds.items():
-        write_jsonl(out / f"predictions_{key}.jsonl", rows)
-    meta = {"base": a.base, "adapter": a.adapter, "merged": a.merged, "data_dir": str(a.data_dir),
-            "limit": a.limit, "dtype": a.dtype, "batch_size": a.batch_size,
-            "prefix_cache": share}
-    write_json(out / "metrics.json", {"meta": meta, "results": results})
-    table = markdown_table(results)
+    out = a.out or (Path(tuned) / "eval" if tuned else ROOT / "outputs" / "eval")
+    old = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() and not a.rescore else {}
+    variant = recipes.variant_of(recipe.name) if recipe is not None else None
+    settings = {"dtype": a.dtype, "bits": a.bits, "batch_size": a.batch_size, "sample": a.sample, "limit": a.limit,
+                "prefix_cache": not a.no_prefix_cache, "bertscore_model": a.bertscore_model}
+    models = ([] if a.no_base else [("base", (a.base,))]) + ([("merged" if a.merged else "adapter", (a.base, tuned))]
+                                                           if tuned else [])
+    keys = {label: hashlib.sha256(json.dumps([model_key(*paths), settings]).encode()).hexdigest()
+            for label, paths in models}
+    doc = {"meta": {"base": a.base, "adapter": a.adapter, "merged": a.merged, "data_dir": str(a.data_dir),
+                    "variant": variant, **settings},
+           "sets": {s.name: {"file": s.file, "sha256": loaded[s.name][1], "scored": len(loaded[s.name][0]),
+                             "max_new_tokens": s.max_new_tokens, "finlora_name": s.finlora_name,
+                             "published": {c: s.published.get(c) for c in PUBLISHED_COLUMNS if c in s.published}}
+                    for s in sets},
+           "results": {}, "warnings": []}
+    raw: dict[tuple[str, str], dict] = {}
+    generated: dict[tuple[str, str], list[str]] = {}
+    todo = []
+    for label, _ in models:
+        for s in sets:
+            prev = old.get("results", {}).get(label, {}).get(s.name)
+            pred = out / f"predictions_{label}_{s.name}.jsonl"
+            if prev and prev.get("key") == keys[label] and prev.get("data_sha256") == loaded[s.name][1] and pred.is_file():
+                generated[label, s.name] = [json.loads(x)["generated"] for x in pred.read_text().splitlines()]
+                print(f"eval: {label}:{s.name} already scored with this model, data and settings: kept "
+                      f"({flag('--rescore')} to score it again)", flush=True)
+            else:
+                todo.append((label, s))
+    if todo:
+        from finlora.models import load_model
+
+        kw = {"dtype": a.dtype, "quant": f"{a.bits}bit" if a.bits else None}
+        model, tok = load_model(a.base, adapter=a.adapter, merged=None, allow_base_mismatch=a.allow_base_mismatch, **kw) \
+            if not a.merged else (None, None)
+        for label, _ in models:
+            mine = [s for lab, s in todo if lab == label]
+            if not mine:
+                continue
+            if a.merged and label == "merged":
+                del model
+                model, tok = load_model(a.base, merged=a.merged, **kw)
+            elif a.merged and model is None:
+                model, tok = load_model(a.base, **kw)
+            ctx = model.disable_adapter() if label == "base" and a.adapter else _nothing()
+            with ctx:  # the base is the adapter's own weights with the adapter switched off: one load
+                for s in mine:
+                    rows = loaded[s.name][0]
+                    t0 = time.perf_counter()
+                    generated[label, s.name] = generate(model, tok, [r.context for r in rows], s.max_new_tokens,
+                                                        a.batch_size, desc=f"{label}:{s.name}",
+                                                        share_prefix=not a.no_prefix_cache)
+                    raw.setdefault((label, s.name), {})["seconds"] = round(time.perf_counter() - t0, 2)
+    from finlora.scoring import answer_text, strict_target
+
+    for s in sets:
+        rows = loaded[s.name][0]
+        scored = {}
+        for label, _ in models:
+            gen = generated[label, s.name]
+            scored[label] = score_set(s, rows, gen, a.bertscore_model)
+            write_jsonl(out / f"predictions_{label}_{s.name}.jsonl",
+                        ({"id": r.id, "generated": g, "answer": answer_text(g), "target": r.target,
+                          **({"target_repaired": strict_target(s, r.target)} if s.fix else {})}
+                         for r, g in zip(rows, gen)))
+        for label, _ in models:
+            base = scored.get("base") if label != "base" else None
+            prev = old.get("results", {}).get(label, {}).get(s.name, {})
+            secs = raw.get((label, s.name), {}).get("seconds", prev.get("seconds"))
+            doc["results"].setdefault(label, {})[s.name] = {"key": keys[label], "data_sha256": loaded[s.name][1],
+                                                            "seconds": secs, **with_intervals(scored[label], base)}
+        if len(models) == 2 and generated[models[0][0], s.name] == generated[models[1][0], s.name]:
+            doc["warnings"].append(f"{s.name}: the {models[1][0]} answered exactly as the base on every row: "
+                                   "was the adapter applied (or trained)?")
+    for w in doc["warnings"]:
+        print(f"eval: warning: {w}")
+    write_json(out / "metrics.json", doc)
+    table = report_table(doc)
+    notes = "".join(f"- {s.name}: FinLoRA's scoring used {r['finlora'].get('note')}\n"
+                    for s in sets for r in [next(iter(doc['results'].values()))[s.name]] if r["finlora"].get("note"))
     write_text(out / "report.md", f"# Evaluation\n\nbase: `{a.base}`  \n"
-               f"{'adapter' if a.adapter else 'merged'}: `{tuned}`\n\n{table}")
-    bar_chart(results, out / "scores.png")
+               + (f"{models[-1][0]}: `{tuned}`\n\n" if tuned else "\n")
+               + "FinLoRA's scoring (`finlora`), with 95% bootstrap intervals; the gain's interval is a paired "
+               "bootstrap. FinLoRA's published figures are Llama-3.1-8B-Instruct's (README at 635333b). "
+               "`strict` is the project's own scoring.\n\n" + table + ("\n" + notes if notes else ""))
+    bar_chart(doc, out / "scores.png")
     print(table)
     print(f"eval: wrote {out}/report.md, metrics.json, scores.png, predictions_*.jsonl")
     return 0
 
+
+@contextmanager
+def _nothing():
+    yield

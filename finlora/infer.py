@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         template = Template()
     quant = "8bit" if a.load_in_8bit else "4bit" if a.load_in_4bit else None
 
+    if a.file and not a.file.is_file():
+        raise InferError(f"--file {a.file}: no such file (one prompt a line, or JSONL)")
     requests = read_requests(a.file, adapters) if a.file else [Request(a.prompt)]
     model, tok, _ = load(a.base, adapters, a.merged, a.dtype, quant, a.allow_base_mismatch, verbose=not a.json)
     stream = not (a.no_stream or a.json)

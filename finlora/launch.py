@@ -21,6 +21,45 @@ from finlora.errors import LaunchError
 from finlora.recipes import Recipe
 
 
+def count_arg(label: str, value) -> int | None:
+    """GPUS / NODES as given on the command line: unset, or a whole number >= 1."""
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise LaunchError(f"{label} must be a whole number of at least 1, got {value!r}")
+    return int(text)
+
+
+def process_count(gpus, nodes) -> int:
+    """The training processes GPUS x NODES stands for, refusing what `make train` would refuse."""
+    g, n = count_arg("GPUS", gpus), count_arg("NODES", nodes)
+    if n is not None and n > 1 and g is None:
+        raise LaunchError(f"NODES={n} needs GPUS (GPUs per node), e.g. NODES={n} GPUS=8")
+    return (g or 1) * (n or 1)
+
+
+def node_address(env) -> tuple[str, str, int]:
+    """(machine rank, main node's address, port) of a multi-node launch, from the environment."""
+    rank, ip = env.get("MACHINE_RANK"), env.get("MASTER_ADDR")
+    if not rank or not ip:
+        raise LaunchError("NODES>1 needs the machine rank and the main node's address "
+                          "(MACHINE_RANK and MASTER_ADDR; scripts/slurm_train.sh sets them from SLURM)")
+    port = env.get("MASTER_PORT", "29500")
+    if not str(rank).isdigit() or not str(port).isdigit():
+        raise LaunchError(f"MACHINE_RANK={rank!r} and MASTER_PORT={port!r} must be whole numbers")
+    return str(rank), ip, int(port)
+
+
+def check_launch(gpus, nodes, env=None) -> tuple[int | None, int | None]:
+    """Every launch argument of `make train`, checked before any work: (GPUS, NODES)."""
+    process_count(gpus, nodes)
+    g, n = count_arg("GPUS", gpus), count_arg("NODES", nodes)
+    if n is not None and n > 1:
+        node_address(os.environ if env is None else env)
+    return g, n
+
+
 def launch_command(
     recipe_path: str | Path,
     gpus: int | None = None,
@@ -48,20 +87,14 @@ def launch_command(
         recipe = recipe.relative_to(ROOT)
     recipe_s = str(recipe)
     extra = [str(a) for a in extra_args]
-    for label, value in (("GPUS", gpus), ("NODES", nodes)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise LaunchError(f"{label} must be a positive integer, got {value!r}")
+    process_count(gpus, nodes)
     if gpus is None and nodes is None:
         return ["axolotl", "train", recipe_s, *extra]
     if nodes is not None and nodes > 1:
-        if gpus is None:
-            raise LaunchError("NODES>1 needs GPUS (GPUs per node)")
-        rank = machine_rank if machine_rank is not None else os.environ.get("MACHINE_RANK")
-        ip = main_process_ip or os.environ.get("MASTER_ADDR")
-        port = main_process_port or int(os.environ.get("MASTER_PORT", 29500))
-        if rank is None or not ip:
-            raise LaunchError("NODES>1 needs the machine rank and the main node's address "
-                             "(MACHINE_RANK and MASTER_ADDR; scripts/slurm_train.sh sets them from SLURM)")
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in (("MACHINE_RANK", machine_rank), ("MASTER_ADDR", main_process_ip),
+                                           ("MASTER_PORT", main_process_port)) if v is not None})
+        rank, ip, port = node_address(env)
         return [
             "accelerate", "launch", "--config_file", "recipes/accelerate/multi_node.yaml",
             "--num_machines", str(nodes), "--num_processes", str(nodes * gpus),

@@ -37,15 +37,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from huggingface_hub import split_state_dict_into_shards_factory
-from peft.utils.other import get_pattern_key
-from transformers.utils.hub import convert_file_size_to_int
+from typing import TYPE_CHECKING, Callable
 
-from finlora.errors import MergeError
 from finlora import ROOT
-from finlora.atomic import atomic_dir, write_json
-from finlora.merge_io import ShardWriter, TensorInfo, read_tensor, tensor_infos
+from finlora.atomic import atomic_dir, writable, write_json, written_by
+from finlora.cli import flag
+from finlora.errors import MergeError
+
+if TYPE_CHECKING:  # torch, PEFT and the tensor I/O load only once the arguments are checked
+    import torch
+
+    from finlora.merge_io import TensorInfo
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -108,6 +110,8 @@ def _read_json(path: Path) -> dict:
 def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     """All tensors of a safetensors checkpoint (one file or sharded with an index),
     in file order: the order they are read and written."""
+    from finlora.merge_io import tensor_infos
+
     base_dir = Path(base_dir)
     index = base_dir / "model.safetensors.index.json"
     single = base_dir / "model.safetensors"
@@ -147,7 +151,7 @@ def load_adapter(adapter_dir: Path, allow_pickle: bool) -> tuple[Path, dict[str,
         if not allow_pickle:  # PEFT would load it with weights_only=True, which narrows but does not close the hole
             raise MergeError(
                 f"{path} is a pickled adapter: unpickling can run arbitrary code, so it is refused. "
-                f"Re-save it as safetensors, or pass --allow-pickle if you trust its source.")
+                f"Re-save it as safetensors, or add {flag('--allow-pickle')} if you trust its source.")
     try:
         return path, load_peft_weights(str(adapter_dir), device="cpu")
     except SafetensorError as e:
@@ -185,6 +189,8 @@ class ModuleDelta:
 
 def _pattern_value(patterns: dict | None, module: str, default):
     # the per-module rank/alpha rule PEFT applies when it builds the layers
+    from peft.utils.other import get_pattern_key
+
     return (patterns or {}).get(get_pattern_key(list(patterns or {}), module), default)
 
 
@@ -299,12 +305,9 @@ def _quantization_notes(adapter_dir: Path, recipe_cfg: dict | None) -> list[str]
 
 
 def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict | None = None) -> Plan:
-    """Check that `adapter` fits `base`; read headers and adapter config only."""
+    """Check that `adapter` fits `base` (folders as `check_paths` accepts them); read
+    headers and adapter config only."""
     base, adapter = Path(base), Path(adapter)
-    if not (base / "config.json").is_file():
-        raise MergeError(f"{base}: no config.json (is this a Hugging Face model folder?)")
-    if not (adapter / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter}: no adapter_config.json (train the adapter first, or check --adapter)")
     base_cfg = _read_json(base / "config.json")
     acfg = _read_json(adapter / "adapter_config.json")
     if base_cfg.get("quantization_config"):
@@ -397,6 +400,7 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
 def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Tensor], fifo: bool) -> torch.Tensor:
     """W0 with the adapter folded in by PEFT's own layer (`merge(safe_merge=True)`: the same
     code merge_and_unload runs), on a float32 copy, cast back to w0's dtype once."""
+    import torch
     from peft import LoraConfig
     from peft.tuners.lora import layer as lora
     from transformers.pytorch_utils import Conv1D
@@ -413,9 +417,9 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     else:
         if fifo:  # GPT-2's Conv1D stores [in, out]
             base = Conv1D(w.shape[1], w.shape[0])
-        else:
-            base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        base.weight.data = w
+        else:  # on the meta device: no matrix is allocated and filled only to be replaced
+            base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        base.weight = torch.nn.Parameter(w, requires_grad=False)
         layer = lora.Linear(base, "default", cfg, d.r, d.alpha)
         layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data = a, b
         if "m" in d.keys:
@@ -463,8 +467,12 @@ def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
     return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in sorted(by_kind.items())}
 
 
-def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> dict:
+def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True,
+                 on_shard: Callable[[str], None] | None = None) -> dict:
+    from huggingface_hub import split_state_dict_into_shards_factory
     from tqdm import tqdm
+
+    from finlora.merge_io import ShardWriter, read_tensor
 
     (tmp / PID_FILE).write_text(str(os.getpid()))
     # the shard plan save_pretrained uses: names, index and total size
@@ -484,6 +492,8 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> d
                 del t
                 bar.update(1)
             w.close()
+            if on_shard is not None:
+                on_shard(name)
     finally:
         bar.close()
     if split.is_sharded:
@@ -499,6 +509,8 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True) -> d
 # --------------------------------------------------------------------------- verify
 
 def _prompt_ids(model_dir: Path, vocab: int) -> list[torch.Tensor]:
+    import torch
+
     try:
         from transformers import AutoTokenizer
 
@@ -512,6 +524,7 @@ def _prompt_ids(model_dir: Path, vocab: int) -> list[torch.Tensor]:
 def verify(base: Path, adapter: Path, merged: Path, dtype: str) -> dict:
     """Logits of base+adapter through PEFT against the merged model, both in float32.
     The two models are loaded one after the other, never together."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -540,25 +553,62 @@ def verify(base: Path, adapter: Path, merged: Path, dtype: str) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
-def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shard_size: str | int = DEFAULT_SHARD,
-          do_verify: bool = False, allow_pickle: bool = False, recipe_cfg: dict | None = None,
-          progress: bool = True, log=print) -> dict:
-    """Merge `adapter` into `base`, writing `out` atomically. Returns merge_info."""
-    base, adapter, out = Path(base), Path(adapter), Path(out)
+# What a merged model folder holds (write_merged): a folder holding anything else is not a
+# merge's output, and `--force` does not replace it.
+MERGE_MARKER = "merge_info.json"
+replaceable_output = written_by(
+    MERGE_MARKER, lambda n: n in COPY_FILES or n == "model.safetensors.index.json"
+    or (n.startswith("model") and n.endswith(".safetensors")), "merged model folder")
+
+
+def shard_bytes(max_shard_size: str | int) -> int:
+    """transformers' reading of a size, except that a lower-case "b" means bytes here, not
+    bits ("2gb"), and a bare number is bytes ("1000"), as the command line has always taken them."""
+    from transformers.utils.hub import convert_file_size_to_int
+
     try:
-        # transformers' reading, except that a lower-case "b" means bytes here, not bits ("2gb"),
-        # and a bare number is bytes ("1000"), as the command line has always taken them
         size = str(max_shard_size).strip().upper()
         max_bytes = int(size) if size.isdigit() else convert_file_size_to_int(size)
         if max_bytes <= 0:
             raise ValueError
     except ValueError:
         raise MergeError(f"--max-shard-size {max_shard_size!r} is not a size (e.g. 2GB, 500MB, 1GiB)") from None
-    if out.exists() and not force:
-        raise MergeError(f"{out} already exists (use --force to replace it)")
+    return max_bytes
+
+
+def check_paths(base: Path, adapter: Path, out: Path, force: bool) -> None:
+    """Every refusal that needs no model loaded: missing folders, an output that is the
+    input, an output that --force may not replace, an output that cannot be written."""
+    for label, p, want in (("base", base, "config.json"), ("adapter", adapter, "adapter_config.json")):
+        if not p.is_dir():
+            raise MergeError(f"--{label} {p}: no such folder" + (" (train the adapter first)" if label == "adapter" else ""))
+        if not (p / want).is_file():
+            raise MergeError(f"--{label} {p}: no {want} (is this a "
+                             + ("Hugging Face model folder?)" if label == "base" else "PEFT adapter folder?)"))
     with contextlib.suppress(OSError):
         if out.resolve() in (base.resolve(), adapter.resolve()):
             raise MergeError(f"--out {out} is the base or adapter folder itself; choose another folder")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MergeError(f"{out} already exists: add {flag('--force')} to replace an earlier merge's output "
+                             "(nothing else is ever replaced), or choose another output folder")
+        why = replaceable_output(out)
+        if why:
+            raise MergeError(f"--force replaces only an earlier merge's output, and {why}; choose another output folder")
+    why = writable(out.parent)
+    if why:
+        raise MergeError(f"cannot write the merged model beside {out}: {why}")
+
+
+def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shard_size: str | int = DEFAULT_SHARD,
+          do_verify: bool = False, allow_pickle: bool = False, recipe_cfg: dict | None = None,
+          progress: bool = True, log=print, on_shard: Callable[[str], None] | None = None) -> dict:
+    """Merge `adapter` into `base`, writing `out` atomically; `force` replaces an earlier
+    merge's output (only that). `on_shard(name)` is called as each output shard is complete.
+    Returns merge_info."""
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    max_bytes = shard_bytes(max_shard_size)
+    check_paths(base, adapter, out, force)
     p = plan(base, adapter, allow_pickle=allow_pickle, recipe_cfg=recipe_cfg)
     for w in p.warnings:
         log(f"merge: warning: {w}")
@@ -572,8 +622,8 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     if p.quantized_training:
         log("merge: note: the adapter was trained on a quantized base (" + "; ".join(p.quantized_training)
             + f"); merging into the unquantized base weights in {base}, as FinLoRA advises")
-    with atomic_dir(out, force=force) as tmp:
-        written = write_merged(p, tmp, max_bytes, progress=progress)
+    with atomic_dir(out, replace=replaceable_output if force else None) as tmp:
+        written = write_merged(p, tmp, max_bytes, progress=progress, on_shard=on_shard)
         info = {
             "base": str(base), "adapter": str(adapter), "adapter_file": p.adapter_file.name,
             "peft_type": "DORA" if p.adapter_cfg.get("use_dora") else "LORA",
@@ -603,7 +653,7 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
                 raise MergeError(f"verification failed: merged logits differ by {v['max_abs_logit_diff']:.3g} > "
                                  f"{v['tolerance']['limit']:.3g}; nothing was written to {out}")
         info["seconds"] = round(time.time() - t0, 2)
-        write_json(tmp / "merge_info.json", info)
+        write_json(tmp / MERGE_MARKER, info)
         (tmp / PID_FILE).unlink()
     log(f"merge: wrote {written['shards']} shard(s), {written['total_size'] / 1e9:.2f} GB, to {out} "
         f"in {time.time() - t0:.1f} s")
@@ -620,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter", type=Path, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     ap.add_argument("--out", type=Path, help="output folder (required with --base/--adapter)")
     ap.add_argument("--max-shard-size", default=DEFAULT_SHARD, help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
-    ap.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--force", action="store_true", help="replace the output of an earlier merge (never anything else)")
     ap.add_argument("--verify", action="store_true", help="compare logits with base + adapter through PEFT; "
                                                            "fail above the tolerance for the dtype")
     ap.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin")
@@ -641,23 +691,24 @@ def main(argv: list[str] | None = None) -> int:
             raise MergeError("give either --recipe or --base and --adapter, not both")
         from finlora import recipes
 
-        path = recipes.resolve(args.recipe)
-        recipe_cfg = recipes.load(path)
+        recipe = recipes.Recipe.open(args.recipe)
+        recipe_cfg = recipe.config
         if not recipe_cfg.get("adapter"):
-            raise MergeError(f"{path}: no `adapter:` key; a full fine-tune has nothing to merge")
-        for k in ("base_model", "output_dir"):
-            if not recipe_cfg.get(k):
-                raise MergeError(f"{path}: no {k}")
-        base = recipes.resolve_path(recipe_cfg["base_model"])
-        adapter = recipes.resolve_path(recipe_cfg["output_dir"])
+            raise MergeError(f"{recipe.where('adapter')}: no `adapter:` key; a full fine-tune has nothing to merge")
+        if not recipe.base_model:
+            raise MergeError(f"{recipe.where('base_model')}: no base_model")
+        base = recipe.local(recipe.base_model) or Path(recipe.base_model)
+        adapter = recipe.output_dir
         if not (adapter / "adapter_config.json").is_file():
-            raise MergeError(f"no trained adapter in {adapter} (from {path.name} output_dir); "
+            raise MergeError(f"no trained adapter in {recipes.rel(adapter)} (the recipe's output_dir): "
                              f"run `make train RECIPE={args.recipe}` first")
         out = args.out or adapter / "merged"
     else:
         if not (args.base and args.adapter and args.out):
             raise MergeError("give --recipe NAME, or all of --base DIR --adapter DIR --out DIR")
         base, adapter, out = args.base, args.adapter, args.out
+    shard_bytes(args.max_shard_size)
+    check_paths(Path(base), Path(adapter), Path(out), args.force)
     merge(base, adapter, out, force=args.force, max_shard_size=args.max_shard_size, do_verify=args.verify,
           allow_pickle=args.allow_pickle, recipe_cfg=recipe_cfg, progress=not args.no_progress)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finlora.cli import flag
 from finlora.errors import ModelError
 from finlora import ROOT
 
@@ -23,6 +24,8 @@ def check_adapter(adapter_dir: str | Path, base: str, allow_mismatch: bool = Fal
     """The adapter's config, after checking it is a PEFT adapter trained on `base`."""
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise ModelError(f"no trained adapter at {adapter_dir} (no such folder): train it first (`make train`)")
     if not cfg_path.is_file():
         raise ModelError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
     cfg = json.loads(cfg_path.read_text())
@@ -31,7 +34,7 @@ def check_adapter(adapter_dir: str | Path, base: str, allow_mismatch: bool = Fal
     recorded = cfg.get("base_model_name_or_path") or ""
     if recorded and not allow_mismatch and _normalise(recorded) != _normalise(base):
         raise ModelError(f"adapter {adapter_dir} was trained on {recorded!r}, not on base {base!r} "
-                         "(pass --allow-base-mismatch if they are the same weights)")
+                         f"(add {flag('--allow-base-mismatch')} if they are the same weights)")
     return cfg
 
 

@@ -1,10 +1,10 @@
-"""`make params`: trainable LoRA parameters of a recipe, from the model config alone.
+"""`make params`: the trainable LoRA parameters of a recipe, counted by PEFT itself.
 
-The model is built on the meta device (`AutoModelForCausalLM.from_config` under
-`torch.device("meta")`): every shape is the real one, no memory is allocated and no
-weights are read. For each targeted nn.Linear of shape (out, in), LoRA adds
-A (r x in) and B (out x r), i.e. r * (in + out) parameters; DoRA adds a magnitude
-vector of `out` more. rsLoRA changes only the scaling, not the count.
+The base model is built from its config.json on the meta device (every shape real, no
+memory, no weights read), the recipe's LoRA is applied by `peft.get_peft_model`, and
+PEFT's own `get_nb_trainable_parameters` counts what training will train, for any
+target modules (DoRA's magnitude vectors included). The per-module table groups the
+trainable tensors by the adapted module's name: r * (in + out) for LoRA, + out for DoRA.
 
 Llama 3.1 70B, r=4, q/k/v: q 4*(8192+8192) = 65,536; k and v 4*(8192+1024) = 36,864;
 139,264 per block x 80 blocks = 11,141,120 of 70,553,706,496 parameters.
@@ -12,203 +12,136 @@ Llama 3.1 70B, r=4, q/k/v: q 4*(8192+8192) = 65,536; k and v 4*(8192+1024) = 36,
 
 from __future__ import annotations
 
-import json
+import argparse
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from finlora.errors import RecipeError
-from finlora.recipes import DEFAULT_RECIPE, Recipe, model_config_dir, resolve_path
+from finlora.recipes import DEFAULT_RECIPE, Recipe
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParamCount:
     config_dir: str
     r: int
-    targets: list[str]
+    targets: tuple[str, ...]
     dora: bool
-    total_params: int                 # the base model, embeddings and lm_head included
-    blocks: int                       # decoder layers
+    total_params: int                   # the base model, embeddings and lm_head included
+    trainable: int                      # PEFT's count of what trains
+    blocks: int                         # decoder layers holding an adapted module
     per_module: "OrderedDict[str, int]"  # trainable per target module, one block
-    shapes: dict[str, tuple[int, int]]   # (in, out) per target module
-    per_block: int
-    trainable: int
-    linear_params: int = 0            # base params inside nn.Linear of the decoder (quantized)
-    other_params: int = 0             # embeddings, lm_head, norms (kept 16/32-bit)
-    hidden: int = 0
-    heads: int = 0
-    kv_heads: int = 0
-    intermediate: int = 0
-    vocab: int = 0
-    extra: dict = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]]  # (in, out) per target module
 
     @property
-    def factor(self) -> float:
-        return self.total_params / self.trainable
+    def per_block(self) -> int:
+        return sum(self.per_module.values())
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total_params
 
+    @property
+    def factor(self) -> float:
+        return self.total_params / self.trainable
 
-def build_meta_model(config_dir: str | Path):
-    """The model with real shapes and no storage (meta device); never reads weights."""
-    import torch
+
+def meta_model(config_dir: str | Path):
+    """The model of `config_dir/config.json` with real shapes and no storage."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model, config
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
 
 
-_cache: dict[str, tuple] = {}
+@dataclass(frozen=True)
+class Architecture:
+    """What the memory planner reads off a model: sizes, and the nn.Linear layers of one block."""
 
-
-def layer_linears(config_dir: str | Path):
-    """(per-block {leaf name: (in, out)}, blocks, total params, linear params, config)."""
-    key = str(Path(config_dir).resolve())
-    if key in _cache:
-        return _cache[key]
-    import torch
-
-    model, config = build_meta_model(config_dir)
-    total = sum(p.numel() for p in model.parameters())
-    block_linears: dict[str, tuple[int, int]] = {}
-    linear_params = 0
-    blocks = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            parts = name.split(".")
-            idx = parts.index("layers")
-            blocks.add(int(parts[idx + 1]))
-            linear_params += mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-            leaf = parts[-1]
-            shape = (mod.in_features, mod.out_features)
-            if block_linears.setdefault(leaf, shape) != shape:
-                raise ValueError(f"{leaf}: blocks differ in shape; per-block counts need one shape")
-    _cache[key] = (block_linears, len(blocks), total, linear_params, config)
-    return _cache[key]
-
-
-def count(config_dir: str | Path, r: int, targets: list[str], dora: bool = False) -> ParamCount:
-    block_linears, blocks, total, linear_params, config = layer_linears(config_dir)
-    missing = [t for t in targets if t not in block_linears]
-    if missing:
-        raise ValueError(f"target modules {missing} not in the model; it has {sorted(block_linears)}")
-    per_module: OrderedDict[str, int] = OrderedDict()
-    for t in targets:
-        fan_in, fan_out = block_linears[t]
-        per_module[t] = r * (fan_in + fan_out) + (fan_out if dora else 0)
-    per_block = sum(per_module.values())
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    return ParamCount(
-        config_dir=str(config_dir), r=r, targets=list(targets), dora=dora,
-        total_params=total, blocks=blocks, per_module=per_module,
-        shapes={t: block_linears[t] for t in targets}, per_block=per_block,
-        trainable=per_block * blocks, linear_params=linear_params,
-        other_params=total - linear_params, hidden=text.hidden_size, heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        intermediate=getattr(text, "intermediate_size", 0), vocab=text.vocab_size,
-    )
-
-
-# --------------------------------------------------------------------------- recipe facts
-
-
-@dataclass
-class RecipeSpec:
-    """What params/plan need to know about a recipe, read from its YAML."""
-
-    name: str
-    config_dir: Path | None
-    base_model: str
-    bits: int
-    r: int
-    alpha: int
-    targets: list[str]
-    dora: bool
-    rslora: bool
-    optimizer: str
-    seq_len: int
-    micro_batch: int
-    grad_accum: int
-    gradient_checkpointing: bool
-    flash_attention: bool
-    deepspeed: str | None
-    zero_stage: int
-    offload_optimizer: bool
-    cfg: dict = field(repr=False, default_factory=dict)
+    total_params: int
+    linear_params: int                       # inside the decoder's nn.Linear layers (quantised)
+    block_linears: dict[str, tuple[int, int]]  # leaf name -> (in, out)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
 
     @property
-    def variant(self) -> str:
-        if self.dora:
-            return "DoRA"
-        if self.rslora:
-            return "rsLoRA"
-        return "QLoRA" if self.bits == 4 else "LoRA"
+    def other_params(self) -> int:
+        return self.total_params - self.linear_params
 
 
-def spec_from_cfg(name: str, cfg: dict) -> RecipeSpec:
-    bits = 4 if cfg.get("load_in_4bit") else 8 if cfg.get("load_in_8bit") else 16
-    ds = cfg.get("deepspeed")
-    stage, offload = 0, False
-    if ds:
-        dsc = load_deepspeed(ds)
-        zo = dsc.get("zero_optimization", {})
-        stage = int(zo.get("stage", 0))
-        offload = (zo.get("offload_optimizer") or {}).get("device") == "cpu"
-    base = str(cfg.get("base_model", ""))
-    return RecipeSpec(
-        name=name,
-        config_dir=model_config_dir(base) if base else None,
-        base_model=base,
-        bits=bits,
-        r=int(cfg.get("lora_r") or 8),
-        alpha=int(cfg.get("lora_alpha") or 16),
-        targets=list(cfg.get("lora_target_modules") or []),
-        dora=bool(cfg.get("peft_use_dora")),
-        rslora=bool(cfg.get("peft_use_rslora")),
-        optimizer=str(cfg.get("optimizer") or "adamw_torch"),
-        seq_len=int(cfg.get("sequence_len") or 2048),
-        micro_batch=int(cfg.get("micro_batch_size") or 1),
-        grad_accum=int(cfg.get("gradient_accumulation_steps") or 1),
-        gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
-        # "no seq x seq score matrix": FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA
-        flash_attention=bool(cfg.get("flash_attention"))
-        or str(cfg.get("attn_implementation") or "").startswith(("sdpa", "flash_attention")),
-        deepspeed=ds,
-        zero_stage=stage,
-        offload_optimizer=offload,
-        cfg=cfg,
-    )
+@lru_cache(maxsize=None)
+def architecture(config_dir: str) -> Architecture:
+    import torch
+
+    model = meta_model(config_dir)
+    linears: dict[str, tuple[int, int]] = {}
+    linear_params = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            linear_params += sum(p.numel() for p in mod.parameters())
+            if linears.setdefault(name.rsplit(".", 1)[-1], (mod.in_features, mod.out_features)) != \
+                    (mod.in_features, mod.out_features):
+                raise RecipeError(f"{config_dir}: blocks differ in the shape of {name}; the planner needs one shape")
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    return Architecture(sum(p.numel() for p in model.parameters()), linear_params, linears,
+                        text.num_hidden_layers, text.hidden_size, heads,
+                        getattr(text, "num_key_value_heads", None) or heads,
+                        getattr(text, "head_dim", None) or text.hidden_size // heads,
+                        getattr(text, "intermediate_size", 0), text.vocab_size)
 
 
-def load_spec(name_or_path: str) -> RecipeSpec:
-    recipe = Recipe.open(name_or_path)
-    return spec_from_cfg(recipe.name, recipe.config)
+def count(config_dir: str | Path, r: int, targets, dora: bool = False) -> ParamCount:
+    """PEFT's count for LoRA rank `r` on `targets` (cached per shape: a 70B model takes ~6 s)."""
+    return _count(str(config_dir), int(r), tuple(targets), bool(dora))
 
 
-def load_deepspeed(ds: str | dict) -> dict:
-    if isinstance(ds, dict):
-        return ds
-    p = resolve_path(ds)
-    return json.loads(p.read_text(encoding="utf-8"))
+@lru_cache(maxsize=None)
+def _count(config_dir: str, r: int, targets: tuple[str, ...], dora: bool) -> ParamCount:
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = meta_model(config_dir)
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                      use_dora=dora))
+    except ValueError as e:  # a target module the model does not have
+        raise RecipeError(f"lora_target_modules {list(targets)}: {e}") from None
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    per_module: OrderedDict[str, int] = OrderedDict((t, 0) for t in targets if "." not in t)
+    shapes: dict[str, tuple[int, int]] = {}
+    blocks = set()
+    for name, mod in peft_model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        leaf, parts = name.rsplit(".", 1)[-1], name.split(".")
+        if "layers" in parts:
+            blocks.add(parts[parts.index("layers") + 1])
+        if leaf not in shapes:  # the first of its name: one block's worth
+            shapes[leaf] = (mod.in_features, mod.out_features)
+            per_module[leaf] = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+    return ParamCount(str(config_dir), r, tuple(targets), dora, total, trainable, len(blocks),
+                      OrderedDict((k, v) for k, v in per_module.items() if k in shapes), shapes)
 
 
-def count_recipe(name_or_path: str) -> ParamCount:
-    spec = load_spec(name_or_path)
-    if spec.config_dir is None:
-        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}"
-                         " (build it with `make base-model`, or pass --config)")
-    return count(spec.config_dir, spec.r, spec.targets, spec.dora)
+def count_recipe(recipe: Recipe) -> ParamCount:
+    if recipe.config_dir is None:
+        raise RecipeError(f"{recipe.where('base_model')}: base_model {recipe.base_model!r}: no local config.json "
+                          "(build it with `make base-model`)")
+    return count(recipe.config_dir, *recipe.lora_shape)
 
 
 def table(pc: ParamCount, title: str = "") -> str:
-    lines = []
-    if title:
-        lines.append(title)
+    lines = [title] if title else []
     lines.append(f"model config: {pc.config_dir}")
     lines.append(f"LoRA rank r={pc.r}, targets {','.join(pc.targets)}" + (" (DoRA: + magnitude)" if pc.dora else ""))
     lines.append("")
@@ -221,7 +154,7 @@ def table(pc: ParamCount, title: str = "") -> str:
     lines.append("-" * 70)
     lines.append(f"{'per block':<56}{pc.per_block:>14,}")
     lines.append(f"{'blocks':<56}{pc.blocks:>14,}")
-    lines.append(f"{'trainable (LoRA) total':<56}{pc.trainable:>14,}")
+    lines.append(f"{'trainable (LoRA) total, counted by PEFT':<56}{pc.trainable:>14,}")
     lines.append(f"{'full model parameters':<56}{pc.total_params:>14,}")
     lines.append(f"{'trainable share':<56}{pc.percent:>13.4f}%")
     lines.append(f"{'reduction factor (full / trainable)':<56}{pc.factor:>14,.1f}")
@@ -229,8 +162,6 @@ def table(pc: ParamCount, title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="Trainable LoRA parameters from a model config (no weights)")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (same as --recipe)")
     p.add_argument("--recipe", dest="recipe_opt", help="recipe name or YAML path")
@@ -239,19 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", help="comma-separated target modules (default q_proj,k_proj,v_proj)")
     p.add_argument("--dora", action="store_true", help="count DoRA's magnitude vectors too")
     a = p.parse_args(argv)
-    recipe = a.recipe_opt or a.recipe
+    if a.r is not None and a.r < 1:
+        raise RecipeError(f"--r {a.r}: the rank must be at least 1")
+    targets = tuple(t.strip() for t in a.targets.split(",") if t.strip()) if a.targets else None
     if a.config:
         cdir = Path(a.config)
         cdir = cdir.parent if cdir.name == "config.json" else cdir
-        targets = (a.targets or "q_proj,k_proj,v_proj").split(",")
-        pc = count(cdir, a.r or 8, [t.strip() for t in targets if t.strip()], a.dora)
-        print(table(pc))
+        if not (cdir / "config.json").is_file():
+            raise RecipeError(f"--config {a.config}: no config.json there")
+        print(table(count(cdir, a.r or 8, targets or ("q_proj", "k_proj", "v_proj"), a.dora)))
         return 0
-    spec = load_spec(recipe or DEFAULT_RECIPE)
-    if spec.config_dir is None:
-        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}"
-                         " (run `make base-model`, or pass --config)")
-    targets = [t.strip() for t in a.targets.split(",")] if a.targets else spec.targets
-    pc = count(spec.config_dir, a.r or spec.r, targets, spec.dora or a.dora)
-    print(table(pc, title=f"recipe {spec.name}: {spec.base_model}"))
+    recipe = Recipe.open(a.recipe_opt or a.recipe or DEFAULT_RECIPE)
+    pc = count_recipe(recipe)
+    if a.r or targets or a.dora:
+        pc = count(pc.config_dir, a.r or pc.r, targets or pc.targets, pc.dora or a.dora)
+    print(table(pc, title=f"recipe {recipe.name}: {recipe.base_model}"))
     return 0

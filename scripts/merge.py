@@ -4,7 +4,6 @@ or `python scripts/merge.py --base DIR --adapter DIR --out DIR`. See finlora/mer
 import sys
 
 from finlora.cli import run
-from finlora.merge import main
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run("finlora.merge"))

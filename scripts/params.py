@@ -8,7 +8,6 @@
 import sys
 
 from finlora.cli import run
-from finlora.params import main
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run("finlora.params"))

@@ -6,7 +6,6 @@
 import sys
 
 from finlora.cli import run
-from finlora.plan import main
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run("finlora.plan"))

@@ -203,7 +203,7 @@ def test_bench_gpu_summary_of_a_cuda_record(tmp_path):
 
     from benchmarks import gpu as bench_gpu
     from finlora import plan as planner
-    from finlora.params import load_spec
+    from finlora.recipes import Recipe
 
     steps = [{"step": k, "t": 2.0 * k, "tokens": 8192 * k, "answer_tokens": 32 * k, "examples": 16 * k,
               "micro_batches": 2 * k, "loss": 11.0} for k in range(1, 11)]
@@ -212,13 +212,13 @@ def test_bench_gpu_summary_of_a_cuda_record(tmp_path):
            "attn_implementation": "sdpa", "optimizer_class": "bitsandbytes.AdamW (8-bit)",
            "memory": {"load_peak": peak(11.0), "step1_peak": peak(16.0), "steady_peak": peak(15.5)}}
     a = argparse.Namespace(warmup=2, peak_tflops=None, cpu=False)
-    spec = load_spec("ner_r8")
-    r = bench_gpu.summarise("ner_r8", spec, rec, ROOT / "recipes" / "models" / "llama-3.1-8b", a, 512, 512,
+    recipe = Recipe.open("ner_r8")
+    r = bench_gpu.summarise("ner_r8", recipe, rec, ROOT / "recipes" / "models" / "llama-3.1-8b", a, 512, 512,
                             100.0, ["base_model"], [])
     assert r["timed_steps"] == 8 and r["tokens_per_s"] == pytest.approx(8192 / 2.0)
     assert r["peak_tflops"] == 989.0 and 0 < r["mfu"] < r["mfu_6n"] < 1
     assert r["train_peak_alloc_gib"] == 16.0 and r["load_peak_alloc_gib"] == 11.0
-    assert r["plan_allocator_gib"] == pytest.approx(planner.plan_recipe("ner_r8").allocator_gib)
+    assert r["plan_allocator_gib"] == pytest.approx(planner.estimate(recipe, 1).allocator_gib)
     assert "measured/planned" in bench_gpu.report(r)
     out = tmp_path / "bench_gpu.json"
     out.write_text(json.dumps([r]))

@@ -22,12 +22,10 @@ from finlora.data import defaults, pipeline
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
 from finlora.data.sources import read_hf
+from conftest import SHARED, needs_shared
 from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label, fold_nwgi
 
-SHARED = (ROOT.parent / "shared" / "data").resolve()
 TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
-
-needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(), reason=f"real data not found at {SHARED}")
 # The token checks need the real tokenizer: build the base model (offline) rather than skip,
 # which CI did whenever these tests ran before a test that built it.
 needs_tokenizer = pytest.mark.usefixtures("base_model_dir")
@@ -102,10 +100,6 @@ def test_hub_code_path_on_local_files(tmp_path, capsys):
     _write("jsonl", src)
     rows = list(read_hf("json", split="train", data_files=str(src)))
     assert [r.data["content"] for r in rows] == [t for t, _ in ROWS] and rows[0].line == 1
-    rc, _, err = run(capsys, "--task", "sentiment", "--format", "hf", "--input", "json", "--data-files", src,
-                     "--text-col", "content", "--name", "h", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    assert [r["target"] for r in read_out(tmp_path / "d/train/h_train.jsonl")] == [lab for _, lab in ROWS]
 
 
 def test_fpb_sentence_at_label_latin1(tmp_path, capsys):
@@ -237,18 +231,21 @@ def test_too_long_in_tokens(tmp_path, capsys):
 def test_over_length_counts_the_eos_axolotl_appends():
     """The one length rule of `make data` (too_long, n_tokens) and `make check`: a row's
     tokens plus the EOS token Axolotl appends, longer than sequence_len."""
-    from finlora.data.validate import LengthCheck, Lengths, count_tokens, over_length, too_long
+    from finlora.data.validate import LengthCheck, count_tokens, too_long
+    from finlora.lengths import Lengths
+    from finlora.lengths import too_long as rule
 
     lengths = Lengths.load(TOKENIZER)
     texts = [news("Sales rose .") + "positive", news("profit " * 40) + "negative"]
     n = lengths.lengths(texts)
-    assert over_length(lengths, texts, n[1]) == [(1, n[1] + 1)]  # exactly sequence_len without the EOS: too long
-    assert over_length(lengths, texts, n[1] + 1) == []
-    assert over_length(lengths, texts, n[0]) == [(0, n[0] + 1), (1, n[1] + 1)]
+    trained = lengths.trained_lengths(texts)
+    assert rule(trained, n[1]) == [(1, n[1] + 1)]  # exactly sequence_len without the EOS: too long
+    assert rule(trained, n[1] + 1) == []
+    assert rule(trained, n[0]) == [(0, n[0] + 1), (1, n[1] + 1)]
     rows = [Example(t[:-8], t[-8:], t, "mem", i + 1) for i, t in enumerate(texts)]
-    count_tokens(LengthCheck(n[1], lengths, TOKENIZER), rows)
+    count_tokens(LengthCheck(n[1], lengths, str(TOKENIZER)), rows)
     assert [e.n_tokens for e in rows] == [n[0] + 1, n[1] + 1]
-    assert [str(p) for p in too_long(LengthCheck(n[1], lengths, TOKENIZER), rows)] == \
+    assert [str(p) for p in too_long(LengthCheck(n[1], lengths, str(TOKENIZER)), rows)] == \
         [f"mem:2: too long: {n[1] + 1} tokens > sequence_len {n[1]}"]
 
 
@@ -260,7 +257,7 @@ def test_unknown_names_are_errors_not_exits():
     with pytest.raises(DataError, match="unknown task 'nope'; tasks are: sentiment, fpb"):
         get_task("nope")
     with pytest.raises(DataError, match="unknown recipe task 'nope'"):
-        recipe_data.needs("nope")
+        recipe_data.prepare_task("nope", None)
 
 
 # --- labels at the source -----------------------------------------------------------------
@@ -288,9 +285,6 @@ def test_tfns_swap_repair_on_the_real_file(tmp_path, capsys):
     assert fixed[key] == "positive"
     swap = dict([FIXES["tfns-swap"], FIXES["tfns-swap"][::-1]])
     assert all(fixed[t] == swap.get(lab, lab) for t, lab in as_published.items())
-    rc, _, _ = run(capsys, "--task", "tfns", "--input", src, "--split", "test", "--swap-labels", "positive,neutral",
-                   "--name", "tfns2", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0 and (tmp_path / "d/test/tfns2_test.jsonl").read_bytes() == (tmp_path / "d/test/tfns_test.jsonl").read_bytes()
 
 
 @needs_shared
@@ -415,13 +409,13 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     assert train.is_file() and not train.is_symlink()
     # the train file is FPB (balanced) followed by NWGI_TRAIN_ROWS of NWGI as 3-class news sentiment
     nwgi_src = {input_text(r["context"]): r["target"] for r in read_out(SHARED / "finlora/test/nwgi_test.jsonl")}
-    rows, fpb = read_out(train), read_out(out / "test/fpb_test.jsonl")
+    rows, fpb = read_out(train), read_out(out / "test/fpb_heldout_test.jsonl")
     tr = [r for r in rows if input_text(r["context"]) not in nwgi_src]
     nw = [r for r in rows if input_text(r["context"]) in nwgi_src]
     assert len(nw) == defaults.NWGI_TRAIN_ROWS and rows[-len(nw):] == nw
     assert all(r["context"] == news(input_text(r["context"])) for r in nw)
     assert all(r["target"] == fold_nwgi(nwgi_src[input_text(r["context"])]) for r in nw)
-    nwgi_test = read_out(out / "test/nwgi_test.jsonl")  # our held-out NWGI rows, in FinLoRA's seven-level form
+    nwgi_test = read_out(out / "test/nwgi_heldout_test.jsonl")  # our held-out NWGI rows, FinLoRA's seven levels
     assert {r["target"] for r in nwgi_test} <= set(TASKS["nwgi"].labels) and 780 < len(nwgi_test) < 840
     assert not {input_text(r["context"]) for r in nw} & {input_text(r["context"]) for r in nwgi_test}
     n_raw = sum(1 for _ in (SHARED / "raw/financial_phrasebank_train.csv").open(encoding="latin-1")) - 1
@@ -439,16 +433,18 @@ def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
         reps = Counter(k for k in (tuple(r.values()) for r in tr) if k[1] == label).values()
         assert len(reps) == n and max(reps) - min(reps) <= 1
     assert not {input_text(r["context"]).casefold() for r in tr} & {input_text(r["context"]).casefold() for r in fpb}
+    # FinLoRA's TFNS as published (its swap is the strict scorer's to repair), FiQA's 235 rows all kept
     tfns = {input_text(r["context"]): r["target"] for r in read_out(out / "test/tfns_test.jsonl")}
-    assert next(v for k, v in tfns.items() if "upped to Buy at Deutsche Bank" in k) == "positive"
-    assert len(read_out(out / "test/fiqa_test.jsonl")) > 200
+    assert next(v for k, v in tfns.items() if "upped to Buy at Deutsche Bank" in k) == "neutral"
+    assert len(read_out(out / "test/fiqa_test.jsonl")) == 235
     assert st["rows"] == len(rows) and set(st["labels"]) == {"negative", "neutral", "positive"}
     assert [s["rows"] for s in st["sources"]] == [len(tr), len(nw)] and st["task"] == "fpb + nwgi as sentiment"
     if (TOKENIZER / "tokenizer.json").is_file():
         assert st["tokens"]["max"] <= 256 and st["tokens"]["p50"] <= st["tokens"]["p90"] <= st["tokens"]["p99"]
     again = tmp_path / "again"
     defaults.prepare_default(SHARED, out_dir=again)
-    for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/tfns_test.jsonl", "test/nwgi_test.jsonl"]:
+    for rel in ["train/sentiment_cpu_train.jsonl", "test/fpb_heldout_test.jsonl", "test/tfns_test.jsonl",
+                "test/nwgi_heldout_test.jsonl"]:
         assert (again / rel).read_bytes() == (out / rel).read_bytes()
 
 
@@ -475,7 +471,7 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
     out = tmp_path / "data"
     defaults.prepare_default(src, out_dir=out, hub=False)
     rows = read_out(out / "train/sentiment_cpu_train.jsonl")
-    test = read_out(out / "test/nwgi_test.jsonl")
+    test = read_out(out / "test/nwgi_heldout_test.jsonl")
     by_text = dict(nwgi)
     nw = [r for r in rows if input_text(r["context"]) in by_text]
     assert len(nw) == 20 and rows[-20:] == nw and len(rows) > 20
@@ -509,7 +505,7 @@ def test_script_entry_point_help():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0
-    for flag in ("--src", "--task", "--skip-bad", "--allow-overlap", "--fix", "--swap-labels", "--test-fraction", "--seed"):
+    for flag in ("--src", "--task", "--skip-bad", "--allow-overlap", "--fix", "--test-fraction", "--seed", "--against"):
         assert flag in r.stdout
 
 

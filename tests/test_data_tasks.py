@@ -1,9 +1,6 @@
-"""`make data` for every recipe task, the shipped offline default, and the hub code path.
-
-The hub path is exercised offline: the registry's sources are pointed at small parquet and
-JSON files the tests write, and read through the same `datasets.load_dataset` call
-(`sources.hub_dataset`) that reads the hub. ../shared/data is used where present.
-"""
+"""`make data` for every recipe task (FinLoRA's files from SRC, the cache or a download, each
+checked by its hash) and the shipped offline default. ../shared/data is used where present
+(conftest.SHARED, which FINLORA_SHARED_DATA=none hides)."""
 
 from __future__ import annotations
 
@@ -19,11 +16,10 @@ from finlora import ROOT, cli
 from finlora.data import defaults, recipe_data
 from finlora.data.convert import input_text
 from finlora.data.prepare import main
-from finlora.data.tasks import RECIPE_TASKS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS
+from finlora.data.tasks import RECIPE_TASKS, TASKS
 from finlora.errors import DataError
 
-SHARED = (ROOT.parent / "shared" / "data").resolve()
-needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(), reason=f"real data not found at {SHARED}")
+from conftest import SHARED, needs_shared
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yml") if p.stem != "matrix")
 
 
@@ -57,17 +53,21 @@ def jsonl(path: Path, items: list[dict]) -> Path:
 
 # --- the shipped default ----------------------------------------------------------------------
 
-DEFAULT_FILES = ["train/sentiment_cpu_train.jsonl", "test/fpb_test.jsonl", "test/fiqa_test.jsonl",
-                 "test/tfns_test.jsonl", "test/nwgi_test.jsonl"]
+DEFAULT_FILES = ["train/sentiment_cpu_train.jsonl", "test/fpb_heldout_test.jsonl", "test/fiqa_test.jsonl",
+                 "test/tfns_test.jsonl", "test/nwgi_heldout_test.jsonl"]
 
 
-def test_shipped_files_are_documented_small_and_tracked():
+def test_shipped_files_are_documented_small_tracked_and_finloras():
+    from finlora.data.tasks import TEST_SETS
+
     readme = (ROOT / "data/README.md").read_text()
     for rel in defaults.SHIPPED_FILES:
         p = defaults.SHIPPED / rel
         assert p.is_file() and p.stat().st_size < 2 << 20, rel
         assert Path(rel).name in readme, f"{rel} not in data/README.md"
     assert "CC BY-NC-SA 3.0" in readme
+    for name in ("fiqa", "tfns", "nwgi"):  # FinLoRA's test files, byte for byte
+        assert sha(defaults.SHIPPED / "finlora" / TEST_SETS[name].source.path) == TEST_SETS[name].source.sha256
 
 
 def test_offline_default_trains_on_the_shipped_real_data(tmp_path, capsys):
@@ -80,15 +80,33 @@ def test_offline_default_trains_on_the_shipped_real_data(tmp_path, capsys):
     assert "data/sources/raw/financial_phrasebank_train.csv" in st["source"]
     for rel in DEFAULT_FILES:
         assert (tmp_path / "d" / rel).is_file()
+    # FinLoRA's FiQA and TFNS test files as published (the strict scorer repairs TFNS), licence beside
+    for name in ("fiqa", "tfns"):
+        assert sha(tmp_path / f"d/test/{name}_test.jsonl") == sha(defaults.SHIPPED / f"finlora/test/{name}_test.jsonl")
+        src = json.loads((tmp_path / f"d/test/{name}_test.source.json").read_text())
+        assert src["licence"] == "MIT" and src["as_published"] and src["sha256"] == sha(tmp_path / f"d/test/{name}_test.jsonl")
     # the same seed writes the same bytes
     rc, _, _ = run(capsys, "--out-dir", tmp_path / "e")
     assert all((tmp_path / "d" / r).read_bytes() == (tmp_path / "e" / r).read_bytes() for r in DEFAULT_FILES)
 
 
+def test_the_cpu_default_is_never_scored_on_rows_it_trains_on(tmp_path, capsys):
+    assert run(capsys, "--out-dir", tmp_path / "d")[0] == 0
+    trained = {input_text(r["context"]) for r in rows(tmp_path / "d/train/sentiment_cpu_train.jsonl")}
+    for name in ("fpb_heldout", "fiqa", "tfns", "nwgi_heldout"):
+        from finlora.data.tasks import TEST_SETS
+
+        scored = {input_text(r["context"]) for r in rows(tmp_path / "d/test" / TEST_SETS[name].file)}
+        assert not trained & scored, name
+    # FinLoRA's own NWGI test file holds NWGI rows the default trains on: not one of its sets
+    nwgi = {input_text(r["context"]) for r in rows(defaults.SHIPPED / "finlora/test/nwgi_test.jsonl")}
+    assert len(trained & nwgi) == defaults.NWGI_TRAIN_ROWS
+
+
 @needs_shared
 def test_offline_default_is_byte_identical_to_src_shared(tmp_path, capsys):
-    """The README's figures were made with `make data SRC=../shared/data`: the shipped files are
-    the same bytes, so the offline default writes the same train and test files."""
+    """The shipped files are the same bytes as ../shared/data's, so the offline default writes the
+    same train and test files as `make data SRC=../shared/data`."""
     for rel in defaults.SHIPPED_FILES:
         assert sha(defaults.SHIPPED / rel) == sha(SHARED / rel), rel
     defaults.prepare_default(None, out_dir=tmp_path / "shipped")
@@ -104,7 +122,7 @@ def test_synthetic_only_when_asked(tmp_path, capsys):
     assert (tmp_path / "d/train/sentiment_cpu_train.jsonl").is_symlink()
     with pytest.raises(SystemExit) as e:  # argparse's usage error: exit status 2
         main(["--synthetic", "--task", "formula", "--out-dir", str(tmp_path / "x")])
-    assert e.value.code == 2 and "--synthetic is for the default preparation" in capsys.readouterr().err
+    assert e.value.code == 2 and "--synthetic is the CPU default's smoke-test set" in capsys.readouterr().err
 
 
 def test_missing_shipped_files_are_an_error(tmp_path, monkeypatch):
@@ -114,6 +132,11 @@ def test_missing_shipped_files_are_an_error(tmp_path, monkeypatch):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_missing_src_folder_says_so(tmp_path, capsys):
+    rc, _, err = run(capsys, "--src", tmp_path / "nope", "--out-dir", tmp_path / "d")
+    assert rc == 1 and err.strip() == f"error: --src: {tmp_path / 'nope'} does not exist (or is not a folder)"
+
+
 # --- recipes and tasks ----------------------------------------------------------------------
 
 def test_every_recipe_maps_to_its_task():
@@ -121,18 +144,16 @@ def test_every_recipe_maps_to_its_task():
     for r in RECIPES:
         task = recipe_data.task_of_recipe(r)
         if r == "smollm2_sentiment_r8":
-            assert task is None
+            assert task == "sentiment_cpu"
         else:
             assert r.startswith(task + "_") and task in RECIPE_TASKS, r
 
 
-def test_recipe_tasks_cover_the_eval_sets():
-    from finlora.evaluate import EVAL_SETS
-
-    named = [s for _, sets in RECIPE_TASKS.values() for s in sets]
-    assert set(named) == set(EVAL_SETS) and len(named) == len(set(named))
-    for reg, _ in RECIPE_TASKS.values():
-        assert reg in TASKS and TASKS[reg].hub is not None
+def test_every_recipe_task_has_finloras_train_file_and_test_sets():
+    for name, rt in RECIPE_TASKS.items():
+        assert rt.train_task in TASKS and rt.test_sets, name
+        if name != "sentiment_cpu":
+            assert rt.train is not None and rt.train.url.startswith("https://")
 
 
 def _finlora_rows(task: str, split: str, n: int = 6) -> list[dict]:
@@ -152,55 +173,133 @@ def _finlora_rows(task: str, split: str, n: int = 6) -> list[dict]:
     return out
 
 
-def _src_for(tmp: Path, task: str) -> Path:
-    src = tmp / "src"
-    for n in recipe_data.needs(task):
-        jsonl(src / n.local[0], _finlora_rows(n.task.name, n.split))
+def _registered(monkeypatch, tmp: Path, task: str) -> Path:
+    """A SRC folder laid out as FinLoRA's data/ with small files of `task`, and the registry's
+    entries for them recording their hashes (as it records FinLoRA's own)."""
+    from finlora.data import tasks
+
+    src, rt = tmp / "src", RECIPE_TASKS[task]
+    made = {}
+    for f, kind in [(rt.train, rt.train_task)] + [(s.source, s.task) for s in rt.test_sets if s.source]:
+        path = jsonl(src / f.path, _finlora_rows(kind, f.path.split("/")[0]))
+        made[f.path] = replace(f, sha256=sha(path), rows=6, lfs=False)
+    monkeypatch.setitem(tasks.RECIPE_TASKS, task, replace(rt, train=made[rt.train.path]))
+    for s in rt.test_sets:
+        if s.source:
+            monkeypatch.setitem(tasks.TEST_SETS, s.name, replace(s, source=made[s.source.path]))
     return src
 
 
-@pytest.mark.parametrize("task", sorted(RECIPE_TASKS))
-def test_task_from_src_writes_exactly_the_recipe_and_eval_files(tmp_path, capsys, task):
-    src = _src_for(tmp_path, task)
+@pytest.mark.parametrize("task", sorted(t for t in RECIPE_TASKS if t != "sentiment_cpu"))
+def test_task_from_src_writes_the_recipe_file_and_finloras_test_sets(tmp_path, capsys, monkeypatch, task):
+    from finlora.data import tasks
+
+    src = _registered(monkeypatch, tmp_path, task)
     rc, out, err = run(capsys, "--task", task, "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 0, err
+    sets = tasks.RECIPE_TASKS[task].test_sets
     written = sorted(str(p.relative_to(tmp_path / "d")) for p in (tmp_path / "d").rglob("*.jsonl"))
-    want = sorted([f"train/{task}_train.jsonl"] + [f"test/{s}_test.jsonl" for s in RECIPE_TASKS[task][1]])
-    assert written == want
-    assert all((tmp_path / "d/stats" / (Path(w).stem + ".json")).is_file() for w in want)
-    # the recipe reads the train file by that name
-    cfg = (ROOT / f"recipes/{task}_r8.yml").read_text()
-    assert f"./data/train/{task}_train.jsonl" in cfg
-    first = {w: (tmp_path / "d" / w).read_bytes() for w in want}
+    assert written == sorted([f"train/{task}_train.jsonl"] + [f"test/{s.file}" for s in sets])
+    for s in sets:  # as published, byte for byte, with source, hash and licence beside
+        assert sha(tmp_path / "d/test" / s.file) == s.source.sha256
+        meta = json.loads((tmp_path / "d/test" / s.file.replace(".jsonl", ".source.json")).read_text())
+        assert meta["licence"] == s.licence and meta["commit"] == s.source.commit and meta["rows"] == 6
+    assert f"./data/train/{task}_train.jsonl" in (ROOT / f"recipes/{task}_r8.yml").read_text()
+    first = {w: (tmp_path / "d" / w).read_bytes() for w in written}
     rc, _, _ = run(capsys, "--recipe", f"{task}_r8", "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0 and {w: (tmp_path / "d" / w).read_bytes() for w in want} == first
+    assert rc == 0 and {w: (tmp_path / "d" / w).read_bytes() for w in written} == first
 
 
-def test_missing_source_names_each_file_and_where_to_put_it(tmp_path, capsys):
+def test_a_file_that_is_not_finloras_is_refused_by_its_hash(tmp_path, capsys, monkeypatch):
+    src = _registered(monkeypatch, tmp_path, "formula")
+    p = src / "test/formula_test.jsonl"
+    p.write_text(p.read_text().replace("0.50", "0.51"))
+    rc, _, err = run(capsys, "--task", "formula", "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
+    assert rc == 1 and f"{p}: sha256 " in err and "another version of the file" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_git_blob_id_checks_a_file_without_a_recorded_sha256(tmp_path):
+    """FinLoRA's repository names every file's content by its git blob id (the SHA-1 of
+    b"blob <size>\\0" + content): `git hash-object` of the file, worked out here by hand."""
+    import hashlib
+
+    from finlora.data.tasks import FinLoRAFile
+
+    body = b'{"context": "x", "target": "y"}\n'
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(body)
+    blob = hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+    assert recipe_data.verified(FinLoRAFile("test/f.jsonl", "c", blob), path) == path
+    with pytest.raises(DataError, match="git blob id"):
+        recipe_data.verified(FinLoRAFile("test/f.jsonl", "c", "0" * 40), path)
+
+
+def test_download_from_a_pinned_commit_is_checked_and_cached(tmp_path, capsys, monkeypatch):
+    """The download path end to end over real HTTP (a server on this machine standing in for
+    FinLoRA's file host): fetched once, checked, cached, read from the cache after that."""
+    import functools
+    import http.server
+    import threading
+
+    from finlora.data import tasks
+
+    src = _registered(monkeypatch, tmp_path, "xbrl_term")
+    rt = tasks.RECIPE_TASKS["xbrl_term"]
+    served = tmp_path / "served"
+    for f in [rt.train] + [s.source for s in rt.test_sets]:
+        jsonl(served / tasks.FINLORA_REPO / f.commit / "data" / f.path, rows(src / f.path))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(tasks, "FINLORA_RAW", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(recipe_data, "CACHE", tmp_path / "cache")
+    try:
+        rc, out, err = run(capsys, "--task", "xbrl_term", "--out-dir", tmp_path / "d", "--no-token-check")
+        assert rc == 0, err
+        assert out.count("data: downloading http://127.0.0.1") == 2
+        assert (tmp_path / "cache" / rt.train.commit / rt.train.path).is_file()
+        rc, out, _ = run(capsys, "--task", "xbrl_term", "--out-dir", tmp_path / "e", "--no-token-check")
+        assert rc == 0 and "downloading" not in out  # from the cache
+    finally:
+        server.shutdown()
+
+
+def test_missing_source_names_each_file_its_url_and_where_to_put_it(tmp_path, capsys, monkeypatch):
+    from finlora.data import tasks
+
+    monkeypatch.setattr(tasks, "FINLORA_RAW", "https://127.0.0.1:9")  # nothing answers there
+    monkeypatch.setattr(recipe_data, "CACHE", tmp_path / "cache")
     (tmp_path / "empty").mkdir()
     rc, _, err = run(capsys, "--task", "headline", "--src", tmp_path / "empty", "--out-dir", tmp_path / "d")
     assert rc == 1 and "nothing was written" in err
-    assert f"data/train/headline_train.jsonl: put FinLoRA's JSONL at {tmp_path / 'empty'}/finlora/train/headline_train.jsonl" in err
-    assert "data/test/headline_test.jsonl" in err and "FinGPT/fingpt-headline-cls" in err
+    f = RECIPE_TASKS["headline"].train
+    assert f"  train/headline_train.jsonl: https://127.0.0.1:9/Open-Finance-Lab/FinLoRA/{f.commit}/data/" in err
+    assert "test/headline_test.jsonl:" in err and "SRC=dir" in err
     assert not (tmp_path / "d").exists()
-    # no folder, no hub (HF_HUB_OFFLINE): the same message, with SRC as the place
-    rc, _, err = run(capsys, "--task", "xbrl_term", "--out-dir", tmp_path / "d")
-    assert rc == 1 and "SRC/finlora/test/xbrl_term_test.jsonl (no public copy known to the registry)" in err
 
 
-def test_bad_row_in_a_src_file_is_reported_by_line(tmp_path, capsys):
-    src = _src_for(tmp_path, "formula")
-    p = src / "finlora/train/formula_train.jsonl"
+def test_bad_row_in_a_src_file_is_reported_by_line(tmp_path, capsys, monkeypatch):
+    from finlora.data import tasks
+
+    src = _registered(monkeypatch, tmp_path, "formula")
+    p = src / "train/formula_train.jsonl"
     p.write_text(p.read_text() + '{"context": "Q. Answer:", "target": "about five"}\n')
+    rt = tasks.RECIPE_TASKS["formula"]
+    monkeypatch.setitem(tasks.RECIPE_TASKS, "formula", replace(rt, train=replace(rt.train, sha256=sha(p))))
     rc, _, err = run(capsys, "--task", "formula", "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 1 and f"{p}:7: target 'about five' is not a number" in err
 
 
-def test_published_overlap_is_left_out_and_listed(tmp_path, capsys):
-    src = _src_for(tmp_path, "xbrl_term")
-    test_row = rows(src / "finlora/test/xbrl_term_test.jsonl")[0]
-    p = src / "finlora/train/xbrl_term_train.jsonl"
+def test_published_overlap_is_left_out_and_listed(tmp_path, capsys, monkeypatch):
+    from finlora.data import tasks
+
+    src = _registered(monkeypatch, tmp_path, "xbrl_term")
+    test_row = rows(src / "test/xbrl_term_test.jsonl")[0]
+    p = src / "train/xbrl_term_train.jsonl"
     p.write_text(p.read_text() + json.dumps(test_row) + "\n")
+    rt = tasks.RECIPE_TASKS["xbrl_term"]
+    monkeypatch.setitem(tasks.RECIPE_TASKS, "xbrl_term", replace(rt, train=replace(rt.train, sha256=sha(p))))
     rc, out, err = run(capsys, "--task", "xbrl_term", "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 0, err
     assert "1 train row(s) left out" in out and f"{p}:7 (train)" in out
@@ -217,157 +316,37 @@ def test_recipes_from_shared_data(tmp_path, capsys, recipe, rows_train, rows_tes
     rc, _, err = run(capsys, "--recipe", recipe, "--src", SHARED, "--out-dir", tmp_path / "d")
     assert rc == 0, err
     assert len(rows(tmp_path / f"d/train/{task}_train.jsonl")) == rows_train
-    assert len(rows(tmp_path / f"d/test/{task}_test.jsonl")) == rows_test
+    (s,) = RECIPE_TASKS[task].test_sets
+    assert len(rows(tmp_path / "d/test" / s.file)) == rows_test == s.rows  # as published
 
 
 @needs_shared
 @pytest.mark.parametrize("recipe", ["ner_r8", "sentiment_r8", "headline_r8", "finer_r8", "xbrl_extract_r8"])
-def test_recipes_shared_data_lacks_say_what_is_missing(tmp_path, capsys, recipe):
+def test_recipes_shared_data_lacks_say_what_is_missing(tmp_path, capsys, monkeypatch, recipe):
+    from finlora.data import tasks
+
+    monkeypatch.setattr(tasks, "FINLORA_RAW", "https://127.0.0.1:9")
+    monkeypatch.setattr(recipe_data, "CACHE", tmp_path / "cache")
     task = recipe_data.task_of_recipe(recipe)
     rc, _, err = run(capsys, "--recipe", recipe, "--src", SHARED, "--out-dir", tmp_path / "d")
-    assert rc == 1 and f"data/train/{task}_train.jsonl: put FinLoRA's JSONL at {SHARED}/finlora/train/{task}_train.jsonl" in err
+    assert rc == 1 and f"  {RECIPE_TASKS[task].train.path}: https://" in err
     if task == "ner":  # the test file is there: only the train file is missing
-        assert "data/test/ner_test.jsonl" not in err
+        assert "test/ner_test.jsonl" not in err
     assert not (tmp_path / "d").exists()
 
 
-# --- the hub code path, offline on local parquet/JSON ----------------------------------------
+def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys, monkeypatch):
+    """FinLoRA's NWGI test file holds the NWGI rows the CPU default trains on: writing it beside
+    that train file says so."""
+    from finlora.data import tasks
 
-def _parquet(path: Path, data: dict, features=None) -> str:
-    from datasets import Dataset
-
-    Dataset.from_dict(data, features=features).to_parquet(str(path))
-    return str(path)
-
-
-def _point(monkeypatch, task: str, builder: str, files: dict[str, str]):
-    """The registry entry `task` read from local files through the same loader."""
-    t = TASKS[task]
-    monkeypatch.setitem(TASKS, task, replace(t, hub=replace(t.hub, name=builder, config=None,
-                                                             data_files=tuple(files.items()), revision=None)))
-
-
-FPB = [("Profit rose to EUR 5 mn .", 2), ("Sales fell 10 % .", 0), ("The meeting is in May .", 1)] * 1
-
-
-def test_default_from_the_hub_code_path_on_local_files(tmp_path, monkeypatch, capsys):
-    from datasets import ClassLabel, Features, Value
-
-    fpb = [(f"Company {i} : {t}", lab) for i in range(20) for t, lab in FPB]
-    feats = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "neutral", "positive"])})
-    _point(monkeypatch, "fpb", "parquet", {"train": _parquet(tmp_path / "fpb.parquet",
-                                                             {"sentence": [t for t, _ in fpb], "label": [l for _, l in fpb]}, feats)})
-    fiqa = [{"sentence": "$AAPL to the moon", "score": 0.6, "type": "post"},
-            {"sentence": "Barclays profit slumps", "score": -0.5, "type": "headline"},
-            {"sentence": "$TSLA flat today", "score": 0.0, "type": "post"}]
-    _point(monkeypatch, "fiqa", "json", {"test": str(jsonl(tmp_path / "fiqa.jsonl", fiqa))})
-    _point(monkeypatch, "tfns", "parquet", {"validation": _parquet(tmp_path / "tfns.parquet",
-                                                                   {"text": ["$X cut to Sell", "$Y upped to Buy", "$Z at a conference"],
-                                                                    "label": [0, 1, 2]})})
-    nwgi = [{"news": f"Chip maker report {i}", "label": lab} for i, lab in
-            enumerate(["mildly positive", "strong negative", "neutral", "moderately positive", "mildly negative"] * 4)]
-    _point(monkeypatch, "nwgi", "json", {"test": str(jsonl(tmp_path / "nwgi.jsonl", nwgi))})
-    monkeypatch.setattr(defaults, "NWGI_TRAIN_ROWS", 5)
-    rc, out, err = run(capsys, "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    assert "source Hugging Face hub" in out
-    fq = {input_text(r["context"]): r for r in rows(tmp_path / "d/test/fiqa_test.jsonl")}
-    # FinGPT/FinLoRA: posts ask about a tweet, headlines about news
-    assert fq["$AAPL to the moon"]["context"] == SENTIMENT_TWEET.replace("{text}", "$AAPL to the moon")
-    assert fq["Barclays profit slumps"]["context"] == SENTIMENT_NEWS.replace("{text}", "Barclays profit slumps")
-    assert [fq[k]["target"] for k in fq] == ["positive", "negative", "neutral"]
-    tf = {input_text(r["context"]): r["target"] for r in rows(tmp_path / "d/test/tfns_test.jsonl")}
-    assert tf == {"$X cut to Sell": "negative", "$Y upped to Buy": "positive", "$Z at a conference": "neutral"}
-    fpb_test = rows(tmp_path / "d/test/fpb_test.jsonl")
-    assert len(fpb_test) == 12 and Counter(r["target"] for r in fpb_test) == {"negative": 4, "neutral": 4, "positive": 4}
-    st = json.loads((tmp_path / "d/stats/fpb_test.json").read_text())
-    assert st["source"].startswith("hf:takala/financial_phrasebank")
-
-
-def test_hub_error_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    _point(monkeypatch, "fpb", "parquet", {"train": str(tmp_path / "absent.parquet")})
-    rc, _, err = run(capsys, "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 1 and err.startswith("error: cannot load hf:takala/financial_phrasebank") and "[train]" in err
-
-
-def test_fiqa_raw_headline_json_reads_as_news(tmp_path, capsys):
-    src = tmp_path / "task1_headline_ABSA_train.json"
-    src.write_text(json.dumps({"7": {"sentence": "Barclays profit slumps", "info": [
-        {"snippets": "['x']", "target": "Barclays", "sentiment_score": "-0.5", "aspects": "['Corporate']"}]}}))
-    rc, _, err = run(capsys, "--task", "fiqa", "--input", src, "--format", "fiqa-json", "--name", "fh",
-                     "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    assert rows(tmp_path / "d/train/fh_train.jsonl") == [
-        {"context": SENTIMENT_NEWS.replace("{text}", "Barclays profit slumps"), "target": "negative"}]
-
-
-def test_headline_and_sentiment_mix_from_the_hub_path(tmp_path, monkeypatch, capsys):
-    inst = "Does the news headline talk about price going up? Please choose an answer from {Yes/No}."
-    data = {"instruction": [inst] * 4, "input": [f"Gold climbs {i} %" for i in range(4)], "output": ["Yes", "No"] * 2}
-    _point(monkeypatch, "headline", "parquet", {"train": _parquet(tmp_path / "h_train.parquet", data),
-                                                "test": _parquet(tmp_path / "h_test.parquet",
-                                                                 {k: v[:1] for k, v in data.items()} | {"input": ["Silver dips"]})})
-    rc, _, err = run(capsys, "--task", "headline", "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    got = rows(tmp_path / "d/train/headline_train.jsonl")
-    assert got[0] == {"context": f"Instruction: {inst}\nInput: Gold climbs 0 %\nAnswer: ", "target": "Yes"}
-    assert len(rows(tmp_path / "d/test/headline_test.jsonl")) == 1
-
-    # FinLoRA's sentiment mix: its repeated rows are its oversampling, kept; 7-level answers are labels
-    mix = [{"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.",
-            "input": "Profit up", "output": "positive"}] * 3 + [
-        {"instruction": "What is the sentiment of this news? Please choose ...", "input": "Shares slide", "output": "moderately negative"}]
-    _point(monkeypatch, "fingpt_sentiment", "json", {"train": str(jsonl(tmp_path / "mix.jsonl", mix))})
-    for name in ("fiqa", "tfns", "nwgi"):
-        _point(monkeypatch, name, "json", {TASKS[name].hub.test_split: str(jsonl(
-            tmp_path / f"{name}.jsonl", [{"sentence": "A post", "score": 0.5, "type": "post"}] if name == "fiqa" else
-            [{"text": "A tweet", "label": 1}] if name == "tfns" else [{"news": "A story", "label": "neutral"}]))})
-    fpb = [(f"Sentence {i} .", i % 3) for i in range(8)]
-    _point(monkeypatch, "fpb", "json", {"train": str(jsonl(tmp_path / "fpb.jsonl", [{"sentence": t, "label": l} for t, l in fpb]))})
-    rc, out, err = run(capsys, "--task", "sentiment", "--hub", "--out-dir", tmp_path / "s", "--no-token-check")
-    assert rc == 0, err
-    assert [r["target"] for r in rows(tmp_path / "s/train/sentiment_train.jsonl")] == ["positive"] * 3 + ["moderately negative"]
-    assert "2 repeated row(s) kept" in out
-    assert len(rows(tmp_path / "s/test/fpb_test.jsonl")) == 2  # FinLoRA's split: 25% of 8
-
-
-def test_finer_batching_through_the_hub_path(tmp_path, monkeypatch, capsys):
-    from datasets import ClassLabel, Features, Sequence, Value
-
-    names = ["O", "B-Revenues", "I-Revenues", "B-Goodwill"]
-    feats = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=names))})
-    data = {"tokens": [["Revenues", "were", "$", "5", "million"], ["Goodwill", "of", "3"], ["No", "tags"]] * 3,
-            "ner_tags": [[0, 0, 0, 1, 2], [0, 0, 3], [0, 0]] * 3}
-    _point(monkeypatch, "finer", "parquet", {"train": _parquet(tmp_path / "finer.parquet", data, feats)})
-    rc, _, err = run(capsys, "--task", "finer", "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    got = rows(tmp_path / "d/train/finer_train.jsonl")
-    # 9 tagged words (2 + 1 per group of sentences, 3 times): two prompts of 4, one of the leftover 1
-    assert sorted(len(r["target"].split(",")) for r in got) == [1, 4, 4]
-    ctx = got[0]["context"]
-    assert ctx.startswith("You are XBRL expert.  Here is a list of US GAAP tags options: Revenues,Goodwill. ")
-    assert 'What is best tag for entity "5" in sentence: "Revenues were $ 5 million?"' in " ".join(r["context"] for r in got)
-    assert ctx.endswith("\nOutput US GAAP tags:")
-    assert set(",".join(r["target"] for r in got).split(",")) == {"Revenues", "Goodwill"}
-
-
-def test_finlora_json_sources_read_through_the_json_builder(tmp_path, monkeypatch, capsys):
-    train = jsonl(tmp_path / "formula_train.jsonl", _finlora_rows("formula", "train"))
-    test = jsonl(tmp_path / "formula_test.jsonl", _finlora_rows("formula", "test"))
-    _point(monkeypatch, "formula", "json", {"train": str(train), "test": str(test)})
-    rc, _, err = run(capsys, "--task", "formula", "--hub", "--out-dir", tmp_path / "d", "--no-token-check")
-    assert rc == 0, err
-    assert rows(tmp_path / "d/train/formula_train.jsonl") == rows(train)
-    assert rows(tmp_path / "d/test/formula_test.jsonl") == rows(test)
-
-
-def test_recipe_test_files_warn_about_an_existing_train_file(tmp_path, capsys):
-    """make eval reads data/test/<set>_test.jsonl for every recipe: FinLoRA's NWGI test set holds
-    the NWGI rows the CPU default trains on, and writing it says so."""
     out = tmp_path / "d"
     defaults.prepare_default(None, out_dir=out)
-    src = _src_for(tmp_path, "sentiment")
-    (src / "finlora/test/nwgi_test.jsonl").write_bytes((defaults.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
+    src = _registered(monkeypatch, tmp_path, "sentiment")
+    (src / "test/nwgi_test.jsonl").write_bytes((defaults.SHIPPED / "finlora/test/nwgi_test.jsonl").read_bytes())
+    nwgi = tasks.TEST_SETS["nwgi"]
+    monkeypatch.setitem(tasks.TEST_SETS, "nwgi", replace(nwgi, source=replace(nwgi.source,
+                                                                              sha256=sha(src / "test/nwgi_test.jsonl"))))
     capsys.readouterr()
     rc, out_text, err = run(capsys, "--task", "sentiment", "--src", src, "--out-dir", out, "--no-token-check")
     assert rc == 0, err

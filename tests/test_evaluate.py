@@ -1,105 +1,91 @@
-"""Evaluation: FinLoRA scoring rules, bad input, and a real batched run."""
+"""`make eval`: the sets a recipe is scored on, bad input before any model, and real runs
+(both scorers, intervals, the cache, merged against adapter)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import SENTIMENT_PROMPT, TINY_ROWS
-from finlora.data.tasks import TASKS
+from finlora import ROOT
+from finlora.data.tasks import RECIPE_TASKS, TEST_SETS
+from finlora.errors import EvalError, FinLoRAError
+from finlora.evaluate import default_sets, main, read_rows
 from finlora.models import ModelError
-from finlora.evaluate import (EvalError, fold_nwgi, first_label, first_number, load_examples, main,
-                              parse_datasets, parse_prediction, score)
+from finlora.recipes import Recipe
 
 
-def test_first_label_is_the_earliest_whole_word():
-    labs = TASKS["fpb"].labels
-    assert first_label("Positive, not negative", labs) == "positive"
-    assert first_label("the answer is: NEGATIVE.", labs) == "negative"
-    assert first_label("neutralise", labs) is None  # whole words only
-    assert first_label("1\n\nThe company", labs) is None
-    assert first_label("No. Yes", TASKS["headline"].labels) == "No"
-    assert first_label("I do not know", TASKS["headline"].labels) is None
+def test_every_recipe_is_scored_on_its_own_tasks_sets():
+    from finlora.recipes import recipe_names, split_name
+
+    for name in recipe_names():
+        task, _ = split_name(name)
+        assert [s.name for s in default_sets(Recipe.open(name))] == [s.name for s in RECIPE_TASKS[task].test_sets]
+    assert [s.name for s in default_sets(Recipe.open("ner_r8"))] == ["ner"]  # not fpb,fiqa
+    assert [s.name for s in default_sets(Recipe.open("finer_r8"))] == ["finer", "fnxl"]
+    cpu = [s.name for s in default_sets(Recipe.open("smollm2_sentiment_r8"))]
+    assert sorted(cpu) == ["fiqa", "fpb_heldout", "nwgi_heldout", "tfns"] and "nwgi" not in cpu
 
 
-def test_nwgi_is_folded_to_three_levels():
-    assert fold_nwgi("strong negative") == "negative"
-    assert fold_nwgi("mildly positive") == "positive"
-    assert fold_nwgi("neutral") == "neutral"
-    t = TASKS["nwgi"]
-    assert parse_prediction(t, "moderately positive") == "positive"
-    m = score(t, ["positive", "negative", "neutral"], ["mildly positive", "strong positive", "neutral"])
-    assert m["accuracy"] == pytest.approx(2 / 3)
+def test_every_public_finlora_set_has_a_file_a_budget_and_published_figures():
+    finlora = [s for s in TEST_SETS.values() if s.source is not None]
+    assert len(finlora) == 15  # FinLoRA's 19 less CFA I-III and CPA REG, which are not public
+    budgets = {s.finlora_name: s.max_new_tokens for s in finlora}
+    assert budgets["fpb"] == 10 and budgets["xbrl_tags_extract"] == 20 and budgets["xbrl_formula_calc_extract"] == 30
+    assert budgets["xbrl_finer"] == budgets["xbrl_fnxl"] == 100 and budgets["financebench"] == 50
+    for s in finlora:
+        assert s.source.name == s.file and set(s.published) == {"base", "r8", "r4", "r8_dora", "r8_rslora"}
+    assert TEST_SETS["fpb"].published["r8"] == (85.64, 0.922)  # FinLoRA README, LoRA 8-bit r8
 
 
-def test_formula_compares_numbers_to_two_decimals():
-    t = TASKS["formula"]
-    assert first_number("The NPV is $15,092.44.") == pytest.approx(15092.44)
-    assert parse_prediction(t, "-3.14159") == "-3.14"
-    m = score(t, [parse_prediction(t, x) for x in ["15092.44", "15092.4", "n/a"]], ["15092.44", "15092.44", "1"])
-    assert m["accuracy"] == pytest.approx(1 / 3) and m["unparsed"] == 1
+def test_unknown_set_lists_the_known_ones():
+    with pytest.raises(FinLoRAError, match="unknown test set .nosuch.; sets are: fpb, fiqa"):
+        main(["--base", "x", "--datasets", "fpb,nosuch"])
 
 
-def test_accuracy_and_weighted_f1_by_hand():
-    t = TASKS["fpb"]
-    y = ["positive", "positive", "negative", "neutral"]
-    p = ["positive", "negative", "negative", None]
-    m = score(t, p, y)
-    assert m["accuracy"] == 0.5 and m["unparsed"] == 1
-    # per class F1: positive P=1 R=.5 -> 2/3; negative P=.5 R=1 -> 2/3; neutral 0
-    assert m["f1_weighted"] == pytest.approx((2 * 2 / 3 + 1 * 2 / 3 + 0) / 4)
-
-
-def test_free_text_reports_its_metric():
-    m = score(TASKS["xbrl_term"], ["amount of cash paid"], ["amount of cash paid for taxes"])
-    assert m["metric"] in ("rougeL_f1", "bertscore_f1") and 0 < m[m["metric"]] < 1
-
-
-def test_rouge_l_matches_the_lcs_definition():
-    from finlora.evaluate import rouge_l_f1
-
-    # LCS("the cat sat", "the cat was sat") = 3 tokens: P = 3/3, R = 3/4
-    assert rouge_l_f1("The cat sat", "the cat was sat") == pytest.approx(2 * 1 * 0.75 / 1.75)
-    assert rouge_l_f1("", "x") == 0.0 and rouge_l_f1("a b", "c d") == 0.0
-
-
-def test_rouge_l_leaves_the_root_logger_alone():
-    """rouge-score logs through absl, whose first log call would add a root handler bound
-    to the sys.stderr of that moment. In a fresh process (pytest gives the root logger its
-    own handlers, which hides that), scoring leaves the root logger without handlers."""
-    import subprocess
-    import sys
-
-    code = ("import logging\nfrom finlora.evaluate import rouge_l_f1\n"
-            "rouge_l_f1('the cat sat', 'the cat was sat')\nprint(logging.root.handlers)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]" and proc.stderr == ""
-
-
-def test_unknown_dataset_lists_known():
-    with pytest.raises(EvalError, match="known: fpb, fiqa"):
-        parse_datasets("fpb,nosuch")
-
-
-def test_bad_test_rows_are_reported_by_line(tmp_path):
-    f = tmp_path / "fpb_test.jsonl"
-    f.write_text('{"context": "a", "target": "positive"}\n'
-                 '{"context": "b"}\n'
-                 '{"context": "c", "target": "bullish"}\n'
-                 'not json\n')
+def test_bad_rows_are_listed_by_line_before_any_model(tmp_path):
+    s = TEST_SETS["fpb"]
+    (tmp_path / s.file).write_text('{"context": "a", "target": "positive"}\n{"context": "b"}\nnot json\n'
+                                   '{"context": 3, "target": "x"}\n')
     with pytest.raises(EvalError) as e:
-        load_examples(f, TASKS["fpb"])
+        read_rows(s, tmp_path)
     msg = str(e.value)
-    assert f"{f}:2: missing field 'target'" in msg
-    assert f"{f}:3: label 'bullish' is not one of negative, neutral, positive" in msg
-    assert f"{f}:4: invalid JSON" in msg
-    assert f"{f}:1" not in msg
-    f.write_text('{"context": "a", "target": "n/a"}\n')
-    with pytest.raises(EvalError, match=r":1: target 'n/a' is not a number"):
-        load_examples(f, TASKS["formula"])
+    assert f"{tmp_path / s.file}:2: needs a string `context` and a `target`" in msg
+    assert f"{tmp_path / s.file}:3:" in msg and f"{tmp_path / s.file}:4:" in msg and ":1:" not in msg
+
+
+def test_a_missing_set_names_the_command_that_writes_it(tmp_path):
+    with pytest.raises(EvalError, match="headline_test.jsonl: test set headline not found; `make data TASK=headline`"):
+        read_rows(TEST_SETS["headline"], tmp_path)
+    with pytest.raises(EvalError, match="`make data` writes it"):
+        read_rows(TEST_SETS["fpb_heldout"], tmp_path)
+
+
+def test_sets_are_listed_before_a_model_loads_and_torch_is_not_needed_for_that(tmp_path):
+    s = TEST_SETS["fiqa"]
+    (tmp_path / s.file).write_text(json.dumps({"context": "Instruction: x\nInput: y\nAnswer: ", "target": "positive"})
+                                   + "\n")
+    code = ("import sys; from finlora.cli import run\n"
+            f"rc = run('finlora.evaluate', ['--base', '{tmp_path}/no-model', '--adapter', '{tmp_path}/no-adapter',"
+            f" '--datasets', 'fiqa', '--data-dir', '{tmp_path}'])\n"
+            "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no adapter at {tmp_path}/no-adapter (no such folder)")
+    assert "torch loaded: False" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def _tiny_set(tmp_path, name="fpb"):
+    s = TEST_SETS[name]
+    (tmp_path / s.file).write_text("".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n"
+                                           for t, y in TINY_ROWS))
+    return s
 
 
 @pytest.mark.slow
@@ -109,36 +95,93 @@ def test_adapter_for_another_base_is_refused(tiny_run, tmp_path):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B-Instruct"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    data = tmp_path / "fpb_test.jsonl"
-    data.write_text(json.dumps({"context": "x", "target": "positive"}) + "\n")
+    _tiny_set(tmp_path)
     with pytest.raises(ModelError, match="was trained on 'meta-llama/Llama-3.1-8B-Instruct'"):
         main(["--base", str(tiny_run["base"]), "--adapter", str(adapter), "--datasets", "fpb",
               "--data-dir", str(tmp_path), "--out", str(tmp_path / "eval")])
 
 
 @pytest.mark.slow
-def test_eval_writes_report_and_batched_equals_single(tiny_run, tmp_path):
-    data = tmp_path / "fpb_test.jsonl"
-    data.write_text("".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n"
-                            for t, y in TINY_ROWS))
-    reports = {}
-    for bs in (8, 1):
-        out = tmp_path / f"eval_bs{bs}"
-        assert main(["--base", str(tiny_run["base"]), "--adapter", str(tiny_run["out"]), "--datasets", "fpb",
-                     "--data-dir", str(tmp_path), "--out", str(out), "--batch-size", str(bs)]) == 0
-        reports[bs] = out
-    out = reports[8]
-    metrics = json.loads((out / "metrics.json").read_text())["results"]
-    assert set(metrics) == {"base", "adapter"} and metrics["adapter"]["fpb"]["n"] == len(TINY_ROWS)
-    assert "| fpb | accuracy |" in (out / "report.md").read_text()
+def test_eval_writes_both_scorers_with_intervals_and_keeps_what_it_scored(tiny_run, tmp_path, capsys):
+    _tiny_set(tmp_path)
+    _tiny_set(tmp_path, "tfns")
+    out = tmp_path / "eval"
+    args = ["--base", str(tiny_run["base"]), "--adapter", str(tiny_run["out"]), "--datasets", "fpb,tfns",
+            "--data-dir", str(tmp_path), "--out", str(out), "--batch-size", "8"]
+    assert main(args) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert set(doc["results"]) == {"base", "adapter"}
+    for model in ("base", "adapter"):
+        r = doc["results"][model]["fpb"]
+        assert r["finlora"]["n"] == len(TINY_ROWS) and set(r["finlora"]["ci"]) == {"accuracy", "f1_weighted"}
+        lo, hi = r["finlora"]["ci"]["accuracy"]
+        assert lo <= r["finlora"]["accuracy"] <= hi
+        assert set(r["strict"]) == {"fpb"} and "unparsed" in r["strict"]["fpb"]
+    assert "ci_minus_base" in doc["results"]["adapter"]["fpb"]["finlora"]
+    rows = [json.loads(x) for x in (out / "predictions_adapter_tfns.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"id", "generated", "answer", "target", "target_repaired"}  # both targets, named
+    report = (out / "report.md").read_text()
+    assert "| fpb | 8 | accuracy |" in report and "69.97" in report  # FinLoRA's published TFNS base
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
-    for key in ("base_fpb", "adapter_fpb"):
-        batched = (out / f"predictions_{key}.jsonl").read_text().splitlines()
-        single = (reports[1] / f"predictions_{key}.jsonl").read_text().splitlines()
-        assert len(batched) == len(TINY_ROWS)
-        assert [json.loads(r)["parsed"] for r in batched] == [json.loads(r)["parsed"] for r in single]
-        row = json.loads(batched[0])
-        assert set(row) == {"id", "generated", "parsed", "target"}
+    # scored again with the same model, data and settings: kept, not generated again
+    capsys.readouterr()
+    before = (out / "predictions_adapter_fpb.jsonl").read_bytes()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert said.count("already scored with this model, data and settings: kept") == 4
+    assert (out / "predictions_adapter_fpb.jsonl").read_bytes() == before
+    assert json.loads((out / "metrics.json").read_text())["results"] == doc["results"]
+
+
+@pytest.mark.slow
+def test_merged_model_answers_as_the_adapter_does_in_fp32(tiny_run, tmp_path):
+    """The same greedy answers from base + adapter (PEFT) and from the merged weights, in fp32;
+    the disagreement rate is printed whatever it is."""
+    from finlora.merge import merge
+
+    s = _tiny_set(tmp_path)
+    merged = tmp_path / "merged"
+    merge(tiny_run["base"], tiny_run["out"], merged, progress=False)
+    answers = {}
+    for label, extra in (("adapter", ["--adapter", str(tiny_run["out"])]), ("merged", ["--merged", str(merged)])):
+        out = tmp_path / f"eval_{label}"
+        assert main(["--base", str(tiny_run["base"]), *extra, "--no-base", "--datasets", s.name,
+                     "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+        answers[label] = [json.loads(x)["generated"] for x in (out / f"predictions_{label}_fpb.jsonl").read_text().splitlines()]
+    differ = sum(a != b for a, b in zip(answers["adapter"], answers["merged"]))
+    print(f"merged vs adapter: {differ} of {len(TINY_ROWS)} greedy answers differ")
+    assert differ == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FINLORA_REPO"), reason="FINLORA_REPO (a checkout of Open-Finance-Lab/FinLoRA) "
+                                                              "is not set: FinLoRA's own scorer is not on this machine")
+def test_finloras_own_functions_give_the_finlora_block(tiny_run, tmp_path):
+    """Re-score the written predictions with FinLoRA's test/test_dataset.py functions (read from
+    the checkout, never copied here): the same accuracy and F1 to the last digit."""
+    import ast
+
+    import sklearn.metrics
+
+    src = Path(os.environ["FINLORA_REPO"]) / "test" / "test_dataset.py"
+    tree = ast.parse(src.read_text())
+    ns: dict = {}
+    for node in tree.body:  # only its two pure functions; the module imports CUDA-side packages
+        if isinstance(node, ast.FunctionDef) and node.name in ("evaluate_accuracy", "process_batched"):
+            exec(compile(ast.Module([node], []), str(src), "exec"), ns)
+    _tiny_set(tmp_path)
+    out = tmp_path / "eval"
+    assert main(["--base", str(tiny_run["base"]), "--adapter", str(tiny_run["out"]), "--datasets", "fpb",
+                 "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    for model in ("base", "adapter"):
+        rows = [json.loads(x) for x in (out / f"predictions_{model}_fpb.jsonl").read_text().splitlines()]
+        outs = [r["generated"].split("Answer:")[-1].strip() for r in rows]
+        targets = [r["target"] for r in rows]
+        acc, response = ns["evaluate_accuracy"](outs, targets, list(set(targets)))
+        f1 = sklearn.metrics.f1_score(targets, response, average="weighted")
+        assert doc["results"][model]["fpb"]["finlora"]["accuracy"] == acc
+        assert doc["results"][model]["fpb"]["finlora"]["f1_weighted"] == f1
 
 
 def test_shared_prefix_len_leaves_every_prompt_a_token():
@@ -181,17 +224,10 @@ def test_shared_prefix_batches_generate_what_one_prompt_at_a_time_does(base_mode
 def test_bench_eval_prints_ratios_and_identical_counts(tiny_run, tmp_path):
     """python -m benchmarks.eval end to end on 6 prompts: three rows, each with its ratio, and
     every batched text identical to the one-at-a-time baseline's."""
-    import subprocess
-    import sys
-
-    from finlora import ROOT
-
-    data = tmp_path / "fpb_test.jsonl"
-    data.write_text("".join(json.dumps({"context": SENTIMENT_PROMPT.format(text=t), "target": y}) + "\n"
-                            for t, y in TINY_ROWS[:6]))
+    s = _tiny_set(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--base", str(tiny_run["base"]),
-                           "--adapter", str(tiny_run["out"]), "--data", str(data), "--n", "6", "--batch-size", "3",
-                           "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--adapter", str(tiny_run["out"]), "--data", str(tmp_path / s.file), "--set", "fpb", "--n", "6",
+                           "--batch-size", "3", "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith("6/6 / 6/6")]
     assert [r.split()[0] for r in rows] == ["one", "batched", "+"]

@@ -127,9 +127,25 @@ def test_recipe_values_follow_the_brief():
 
 
 def test_recipe_table_lists_every_recipe():
-    from finlora.plan import recipe_table
+    from finlora.generate import recipe_table
 
     table = recipe_table()
     for name in GENERATED:
         assert f"| `{name}` |" in table
     assert "| `sentiment_70b_r4` | sentiment | Llama-3.1-70B-Instruct | 4 | 4 (NF4) | QLoRA | 11,141,120 |" in table
+
+
+def test_table_comes_from_the_matrix_not_an_edited_file(tmp_path, monkeypatch):
+    """Editing a generated recipe by hand is drift of that recipe alone: the README table is
+    the matrix's, so it does not drift with it."""
+    from finlora import generate
+
+    path = ROOT / "recipes" / "ner_r8.yml"
+    text = path.read_text()
+    edited = tmp_path / "recipes"
+    edited.mkdir()
+    for p in (ROOT / "recipes").glob("*.yml"):
+        (edited / p.name).write_text(p.read_text())
+    (edited / "ner_r8.yml").write_text(text.replace("lora_r: 8", "lora_r: 16"))
+    problems = generate.drift(recipe_dir=edited, readme=ROOT / "README.md")
+    assert problems == [f"{edited / 'ner_r8.yml'}: differs from the matrix"]

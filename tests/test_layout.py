@@ -9,12 +9,13 @@ import ast
 from finlora import ROOT
 
 LAYERS = [
-    {"finlora", "errors", "cli", "atomic", "redact"},
-    {"recipes"},
+    {"finlora", "errors", "cli", "atomic", "redact", "llama_tokenizer"},
+    {"recipes", "lengths"},
     {"axolotl_config", "launch", "axolotl_plugin", "answer_logits", "loss_curve"},
     {"data"},
-    {"params", "plan"},
-    {"check", "train", "evaluate", "infer", "merge", "merge_io", "smoke", "base_model", "models", "gpu_install"},
+    {"params", "plan", "scoring"},
+    {"check", "train", "evaluate", "infer", "merge", "merge_io", "smoke", "base_model", "models", "gpu_install",
+     "clean"},
     {"generate"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

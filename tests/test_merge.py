@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -227,8 +226,9 @@ def test_existing_destination_needs_force(pair, tmp_path, capsys):
     (out / "keep").write_text("x")
     err = refused(capsys, base, adapter, out)
     assert "already exists" in err and "--force" in err and (out / "keep").exists()
-    assert run_merge(base, adapter, out, "--force") == 0
-    assert not (out / "keep").exists() and (out / "merge_info.json").exists()
+    # --force replaces only an earlier merge's output: a folder of the user's is never one
+    assert "holds no merge_info.json" in refused(capsys, base, adapter, out, "--force")
+    assert (out / "keep").read_text() == "x"
 
 
 def test_missing_module_refused(pair, tmp_path, capsys):
@@ -310,31 +310,66 @@ def test_pickled_adapter_needs_opt_in(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_killed_merge_leaves_no_destination(tiny_run, tmp_path, capsys):
+    """SIGKILL between the first and second output shard, at that point whatever the CPU's
+    speed: the child merges with an `on_shard` callback that pauses after the first shard."""
+    from benchmarks.merge import OURS_PAUSED, kill_between_shards
+
     base, adapter, out = tiny_run["base"], tiny_run["out"], tmp_path / "merged"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "merge.py"), "--base", str(base),
-                             "--adapter", str(adapter), "--out", str(out), "--max-shard-size", "50MB",
-                             "--no-progress"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            # kill once the first output shard is complete and the second begun: mid-way
-            if list(tmp_path.glob(".merged.*.tmp/model-00002-of-*.safetensors")):
-                break
-            assert proc.poll() is None, "merge finished before it could be interrupted"
-            time.sleep(0.01)
-        else:
-            pytest.fail("merge never started writing")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not out.exists()
-    stale = list(tmp_path.glob(".merged.*.tmp"))
-    assert len(stale) == 1  # SIGKILL leaves the hidden temp folder; the next run removes it
-    assert run_merge(base, adapter, out, "--max-shard-size", "50MB") == 0
+    k = kill_between_shards([sys.executable, "-c", OURS_PAUSED, str(base), str(adapter), str(out), "50MB"], out)
+    assert k == {"destination_exists": False, "files": [], "hidden_temp": [k["hidden_temp"][0]]}, k
+    assert (tmp_path / k["hidden_temp"][0] / "model-00001-of-00011.safetensors").is_file()  # shard 1 was done
+    assert run_merge(base, adapter, out, "--max-shard-size", "50MB") == 0  # the next run removes the leftover
     assert "left by an interrupted merge" in capsys.readouterr().out
     assert not list(tmp_path.glob(".merged.*")) and (out / "merge_info.json").exists()
+
+
+# ------------------------------------------------------------------ what --force may replace
+
+def refused_keeping(capsys, base, adapter, out, *extra) -> str:
+    """A refusal that leaves no temporary folder behind; what must survive is checked by the caller."""
+    assert run_merge(base, adapter, out, *extra) == 1
+    assert not list(out.parent.glob(f".{out.name}.*.tmp"))
+    return capsys.readouterr().err
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    from finlora.base_model import sha256
+
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_force_never_replaces_a_folder_holding_an_adapter_or_a_users_file(pair, tmp_path, capsys):
+    base, adapter = pair
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    (run / "notes.txt").write_text("my notes")
+    before = _hashes(tmp_path)
+    for out in (run, tmp_path, base.parent):  # contains the adapter; contains everything; contains the base
+        err = refused_keeping(capsys, base, run / "adapter", out, "--force")
+        assert "--force replaces only an earlier merge's output" in err and "choose another output folder" in err, err
+    assert _hashes(tmp_path) == before
+
+
+def test_force_does_not_turn_a_file_into_a_folder(pair, tmp_path, capsys):
+    base, adapter = pair
+    f = tmp_path / "merged"
+    f.write_text("a user's file")
+    assert "is not a folder" in refused_keeping(capsys, base, adapter, f, "--force")
+    assert f.read_text() == "a user's file" and not list(tmp_path.glob(".merged*"))
+
+
+def test_force_replaces_an_earlier_merge_and_the_message_says_how(pair, tmp_path, capsys, monkeypatch):
+    base, adapter = pair
+    out = tmp_path / "merged"
+    assert run_merge(base, adapter, out) == 0
+    monkeypatch.setenv("FINLORA_MAKE", "1")  # as `make merge` runs it
+    err = refused_keeping(capsys, base, adapter, out)
+    assert 'already exists: add ARGS="--force" to replace an earlier merge\'s output' in err
+    (out / "extra.txt").write_text("x")
+    assert "holds extra.txt, which a merged model folder does not" in \
+        refused_keeping(capsys, base, adapter, out, "--force")
+    (out / "extra.txt").unlink()
+    assert run_merge(base, adapter, out, "--force") == 0 and (out / "merge_info.json").is_file()
 
 
 # ------------------------------------------------------------------ benchmark dry run
@@ -350,3 +385,5 @@ def test_bench_small_runs(tmp_path):
     assert "ours    vs peft: bit-identical" in out, out
     assert out.count("ours: bit-identical") == 6, out
     assert "SIGKILL mid-merge, ours   : destination absent" in out, out
+    # axolotl's, killed at the same point, leaves its first shard in the destination
+    assert "SIGKILL mid-merge, axolotl: destination holds [" in out and "model-00001-of-00004.safetensors" in out, out

@@ -7,12 +7,16 @@ import pytest
 from finlora import ROOT
 from finlora import params
 from finlora import plan as planner
-from finlora.params import load_spec
+from finlora.recipes import Recipe
 
 LLAMA_70B = ROOT / "recipes" / "models" / "llama-3.1-70b"
 LLAMA_8B = ROOT / "recipes" / "models" / "llama-3.1-8b"
 SMOLLM2 = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
 QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+def plan(name: str, gpus: int = 1, *args: str):
+    return planner.estimate(Recipe.open(name, args), gpus)
 
 
 def test_llama_70b_r4_qkv():
@@ -33,7 +37,7 @@ def test_llama_8b_shape():
 
 
 def test_recipe_and_cli(capsys):
-    assert params.count_recipe("sentiment_70b_r4").trainable == 11_141_120
+    assert params.count_recipe(Recipe.open("sentiment_70b_r4")).trainable == 11_141_120
     params.main(["--config", str(LLAMA_70B / "config.json"), "--r", "4", "--targets", "q_proj,k_proj,v_proj"])
     out = capsys.readouterr().out
     assert "11,141,120" in out and "70,553,706,496" in out and "139,264" in out
@@ -44,11 +48,13 @@ def test_recipe_and_cli(capsys):
 def test_smollm2_default_recipe_matches_peft(base_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    pc = params.count_recipe("smollm2_sentiment_r8")
-    assert pc.trainable == 645_120
-    for dora in (False, True):  # the closed form agrees with PEFT itself (meta device)
-        model, _ = params.build_meta_model(SMOLLM2)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=QKV, use_dora=dora))
+    pc = params.count_recipe(Recipe.open("smollm2_sentiment_r8"))
+    assert pc.trainable == 645_120 == 30 * 8 * ((576 + 576) + 2 * (576 + 192))  # r (in + out), q/k/v, 30 blocks
+    for dora in (False, True):  # the count is what PEFT trains on the real weights
+        from transformers import AutoModelForCausalLM
+
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(SMOLLM2),
+                                    LoraConfig(r=8, lora_alpha=16, target_modules=QKV, use_dora=dora))
         n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         assert n == params.count(SMOLLM2, 8, QKV, dora=dora).trainable
 
@@ -57,7 +63,7 @@ def test_smollm2_default_recipe_matches_peft(base_model_dir):
 
 
 def test_breakdown_sums():
-    p = planner.plan_recipe("finer_r8", 1)
+    p = plan("finer_r8", 1)
     assert p.total == pytest.approx(sum(p.parts.values()))
     assert set(p.parts) >= {"frozen weights", "LoRA weights", "gradients", "optimizer state",
                             "activations", "allocator overhead", "CUDA context"}
@@ -65,44 +71,42 @@ def test_breakdown_sums():
 
 
 def test_zero3_monotonic_in_gpus():
-    totals = [planner.plan_recipe("ner_70b_r4", n).total for n in (1, 2, 4, 8, 16)]
+    totals = [plan("ner_70b_r4", n).total for n in (1, 2, 4, 8, 16)]
     assert all(a > b for a, b in zip(totals, totals[1:]))
-    w = [planner.plan_recipe("ner_70b_r4", n).parts["frozen weights"] for n in (1, 8)]
+    w = [plan("ner_70b_r4", n).parts["frozen weights"] for n in (1, 8)]
     assert w[1] == pytest.approx(w[0] / 8)
 
 
 def test_70b_4bit_needs_more_than_24gb():
-    p = planner.plan_recipe("sentiment_70b_r4", 1)
+    p = plan("sentiment_70b_r4", 1)
     assert p.parts["frozen weights"] / planner.GiB > 24
     assert not p.fits(24) and not p.fits(40)
     assert p.fits(80) and p.fits(141)
 
 
 def test_bits_and_checkpointing_order():
-    w = {v: planner.plan_recipe(f"ner_{v}", 1).parts["frozen weights"] for v in ("r4", "r8", "r8_bf16")}
+    w = {v: plan(f"ner_{v}").parts["frozen weights"] for v in ("r4", "r8", "r8_bf16")}
     assert w["r4"] < w["r8"] < w["r8_bf16"]
-    with_gc = planner.plan_recipe("finer_r8", 1)
-    without = planner.plan_recipe("finer_r8", 1, gradient_checkpointing=False)
+    with_gc = plan("finer_r8", 1)
+    without = plan("finer_r8", 1, "--gradient-checkpointing", "false")
     assert without.parts["activations"] > 5 * with_gc.parts["activations"]
 
 
 def test_8bit_optimizer_and_ddp():
-    spec = load_spec("ner_r8")
-    eight = planner.estimate(spec, 1).parts["optimizer state"]
-    spec.optimizer = "adamw_torch"
-    assert planner.estimate(spec, 1).parts["optimizer state"] == pytest.approx(4 * eight)
+    eight = plan("ner_r8").parts["optimizer state"]
+    assert plan("ner_r8", 1, "--optimizer", "adamw_torch").parts["optimizer state"] == pytest.approx(4 * eight)
     # DDP replicates everything: more GPUs never lower the per-GPU peak without ZeRO
-    assert planner.plan_recipe("ner_r8", 4).total >= planner.plan_recipe("ner_r8", 1).total
+    assert plan("ner_r8", 4).total >= plan("ner_r8", 1).total
 
 
 def test_8b_short_task_fits_24gb_card():
-    assert planner.plan_recipe("sentiment_r8", 1).fits(24)
+    assert plan("sentiment_r8", 1).fits(24)
 
 
 # ------------------------------------------------------- calibration and load peak
 
 def _cal(recipe):
-    cal = planner.calibration(load_spec(recipe))
+    cal = planner.calibration(Recipe.open(recipe))
     assert cal is not None, f"{recipe}: no published batch-4/batch-8 pair in recipes/measured.json"
     return cal
 
@@ -128,17 +132,16 @@ def test_plan_at_published_conditions_is_conservative_within_20_percent(recipe, 
 def test_published_16bit_figure_is_an_fp32_base_not_bf16():
     """30.91 at batch 4 and 8 alike: fp32 weights of 8.03e9 parameters (29.9 GiB) + the
     allocator overhead are within 3% of it; the bf16 recipe's plan is about half."""
-    spec = load_spec("ner_r8_bf16")
     cal = _cal("ner_r8_bf16")
     assert cal["measured_per_row"] == 0
     fp32 = 4 * params.count(LLAMA_8B, 8, QKV).total_params / planner.GiB + planner.ALLOCATOR_OVERHEAD_GIB
     assert fp32 == pytest.approx(cal["measured_b8"], rel=0.03)
-    assert planner.estimate(spec, 1).allocator_gib < 0.75 * cal["measured_b8"]
+    assert plan("ner_r8_bf16").allocator_gib < 0.75 * cal["measured_b8"]
 
 
 def test_70b_zero3_load_peak_is_the_whole_quantised_model_on_every_rank():
-    one = planner.plan_recipe("ner_70b_r4", 1)
-    eight = planner.plan_recipe("ner_70b_r4", 8)
+    one = plan("ner_70b_r4", 1)
+    eight = plan("ner_70b_r4", 8)
     whole = one.parts["frozen weights"]
     # training shards the 4-bit base; loading does not: the load peak does not fall with GPUs
     assert eight.parts["frozen weights"] == pytest.approx(whole / 8)
@@ -154,10 +157,10 @@ def test_70b_zero3_load_peak_is_the_whole_quantised_model_on_every_rank():
 
 
 def test_zero3_gathers_the_largest_parameter_whole():
-    p = planner.plan_recipe("ner_70b_r4", 8)
+    p = plan("ner_70b_r4", 8)
     lm_head = 2 * 128256 * 8192  # bf16, untied embedding / lm_head of Llama 3.1 70B
     assert p.parts["ZeRO-3 gather buffer"] >= lm_head
-    assert planner.plan_recipe("ner_r8", 1).parts["ZeRO-3 gather buffer"] == 0
+    assert plan("ner_r8", 1).parts["ZeRO-3 gather buffer"] == 0
 
 
 def test_plan_prints_measured_beside_planned(tmp_path, capsys):

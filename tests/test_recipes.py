@@ -129,14 +129,14 @@ def test_axolotl_own_validation_still_runs(tmp_path):
 
 
 def test_deepspeed_configs():
-    from finlora.params import load_spec
+    from finlora.recipes import Recipe
 
     for stage in (1, 2, 3):
         d = rm.check_deepspeed_json(f"recipes/deepspeed/zero{stage}.json")
         assert d["zero_optimization"]["stage"] == stage
     # the planner and the 70B recipes read the stage from the JSON
-    assert load_spec("finer_70b_r4").zero_stage == 3
-    assert load_spec("finer_r8").zero_stage == 0
+    assert Recipe.open("finer_70b_r4").zero_stage == 3
+    assert Recipe.open("finer_r8").zero_stage == 0
 
 
 def test_accelerate_configs_parse():

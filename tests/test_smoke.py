@@ -110,8 +110,11 @@ def test_smoke_trains_merges_and_scores(variant):
     assert set(metrics) == {"base", "merged"}
     for scores in metrics.values():
         (m,) = scores.values()
-        assert m["n"] == 4 and 0.0 <= m[m["metric"]] <= 1.0
+        fin = m["finlora"]
+        assert fin["n"] >= 4 and 0.0 <= fin[fin["metric"]] <= 1.0 and m["strict"]
     assert report.is_file()
+    # the vocabulary is Llama 3.1's, and so is the tokenizer the model was trained with
+    assert result["tiny_model"]["vocab_size"] == result["tiny_model"]["tokenizer_size"] == 128_256
 
     if recipe.get("deepspeed"):
         ds = json.loads((ROOT / recipe["deepspeed"]).read_text())
@@ -159,11 +162,12 @@ def test_cpu_int8_dora_needs_the_smokes_workaround(tmp_path):
 
     import peft.tuners.lora.dora as dora
     from finlora.axolotl_plugin import keep_int8_scale
-    from finlora.smoke import tiny_model
+    from finlora.smoke import tiny_model, tokenizer_dir
 
     if torch.cuda.is_available():
         pytest.skip("the failure is on the CPU path only")
-    base = tiny_model(ROOT / "recipes" / "models" / "llama-3.1-8b", tmp_path / "tiny")
+    base = tiny_model(ROOT / "recipes" / "models" / "llama-3.1-8b", tmp_path / "tiny",
+                      tokenizer=tokenizer_dir("meta-llama/Llama-3.1-8B-Instruct"))
 
     def train_two_steps():
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(load_in_8bit=True))

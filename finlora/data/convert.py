@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from finlora.cli import flag
 from finlora.data.sources import RawRow
 from finlora.data.tasks import LABEL_MAPS, Task, fiqa_label
 
@@ -177,7 +178,7 @@ def convert_row(task: Task, m: Mapping, raw: RawRow) -> Example | Problem:
                 elif name in task.defaults:
                     values[name] = task.defaults[name]
                 else:
-                    raise RowError(f"no column for the template's {{{name}}} (pass --field {name}=COLUMN)")
+                    raise RowError(f"no column for the template's {{{name}}} (add {flag(f'--field {name}=COLUMN')})")
             kind = str(data.get(m.kind_col)) if m.kind_col and data.get(m.kind_col) is not None else None
             context = task.render(values, kind)
         target = _check_target(task, m, _target(task, m, data))

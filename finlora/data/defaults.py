@@ -1,10 +1,14 @@
 """What the CPU default (recipes/smollm2_sentiment_r8.yml) trains on and is scored on.
 
 `make data` without RECIPE/TASK: FPB split 80/20 (seeded, stratified, square-root class
-balanced), NWGI split likewise with a sample of its train rows added as 3-class news
-sentiment, FinLoRA's FiQA and TFNS test files; from the real files shipped in
-data/sources/ (offline), a local copy (SRC), or the hub (HUB=1). SYNTHETIC=1: the
-generated smoke-test set. The rows then go through finlora.data.pipeline.build.
+balanced) into the train file and the held-out set `fpb_heldout`; NWGI split likewise into
+`nwgi_heldout` (FinLoRA's seven levels) and a sample of its other rows added to the train file
+as 3-class news sentiment; FinLoRA's FiQA and TFNS test files as published. From the real
+files shipped in data/sources/ (offline), a local copy (SRC), or the hub (HUB=1). SYNTHETIC=1:
+the generated smoke-test set. The rows then go through finlora.data.pipeline.build.
+
+The CPU default is never scored on FinLoRA's own NWGI test file: 600 of its rows are in the
+train file. Its sets are the registry's `sentiment_cpu` (finlora.data.tasks).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from finlora.data import sources, synthetic
 from finlora.data.convert import Mapping
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build, say
 from finlora.data.sources import RawRow
-from finlora.data.tasks import TASKS, fold_nwgi
+from finlora.data.tasks import TASKS, TEST_SETS, fold_nwgi
 from finlora.errors import DataError
 from finlora.recipes import rel
 
@@ -26,6 +30,7 @@ from finlora.recipes import rel
 SHIPPED = DATA_DIR / "sources"
 SHIPPED_FILES = ("raw/financial_phrasebank_train.csv", "finlora/test/nwgi_test.jsonl",
                  "finlora/test/fiqa_test.jsonl", "finlora/test/tfns_test.jsonl")
+PUBLISHED = ("fiqa", "tfns")  # FinLoRA's test files the default is scored on as published
 DEFAULT_TRAIN = "sentiment_cpu_train.jsonl"
 SYNTHETIC_TRAIN = "synthetic_sentiment_train.jsonl"
 SYNTHETIC_TEST = "synthetic_sentiment_test.jsonl"
@@ -60,42 +65,60 @@ def _nwgi_split() -> dict:
     neutral (59% neutral); NWGI's news and FiQA's posts call mild news positive or
     negative (12% and 8% neutral), and the adapter trained on FPB alone answered
     "neutral" to 145 of 215 positive and negative FiQA rows."""
-    return dict(train_name=DEFAULT_TRAIN, test_name="nwgi_test.jsonl", test_fraction=TEST_FRACTION,
+    return dict(train_name=DEFAULT_TRAIN, test_name=TEST_SETS["nwgi_heldout"].file, test_fraction=TEST_FRACTION,
                 train_as=TASKS["sentiment"], train_labels=fold_nwgi, train_rows=NWGI_TRAIN_ROWS)
 
 
-def units_from_dir(src: Path) -> list[Unit]:
-    """FPB train/test (our own seeded, stratified 20% split), NWGI likewise (see
-    _nwgi_split), and FinLoRA's FiQA and TFNS test files (TFNS with its positive/neutral
-    swap repaired)."""
+def units_from_dir(src: Path) -> tuple[list[Unit], list[tuple[str, Path]]]:
+    """(FPB and NWGI, each split into train rows and our held-out set; FinLoRA's FiQA and TFNS
+    test files to write as published, as (set name, verified path))."""
+    from finlora.data.recipe_data import locate, verified
+
     src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"SRC={src}: no such folder")
     fpb = _fpb_raw(src)
     if fpb is None:
         raise DataError(f"{src}: no Financial PhraseBank file; expected raw/financial_phrasebank_train.csv, "
                         "raw/all-data.csv or raw/Sentences_50Agree.txt")
     info = sources.SourceInfo()
     units = [Unit(TASKS["fpb"], Mapping.of_format(fpb[1]), sources.read(fpb[1], fpb[0], info), rel(fpb[0]),
-                  DEFAULT_TRAIN, "fpb_test.jsonl", TEST_FRACTION, latin1=info, balance=True)]
-    for name, fix in [("fiqa", None), ("tfns", "tfns-swap")]:
-        p = src / "finlora" / "test" / f"{name}_test.jsonl"
-        if not p.is_file():
-            say(f"note: {rel(p)} not found: data/test/{name}_test.jsonl not written")
+                  DEFAULT_TRAIN, TEST_SETS["fpb_heldout"].file, TEST_FRACTION, latin1=info, balance=True)]
+    published = []
+    for name in PUBLISHED:
+        s = TEST_SETS[name]
+        p = locate(s.source, src)
+        if p is None:
+            say(f"note: {src}/finlora/{s.source.path} not found: data/test/{s.file} not written")
             continue
-        units.append(Unit.from_finlora(TASKS[name], p, fix, test_name=f"{name}_test.jsonl"))
-    nwgi = src / "finlora" / "test" / "nwgi_test.jsonl"
-    if nwgi.is_file():
+        published.append((name, verified(s.source, p)))
+    nwgi = locate(TEST_SETS["nwgi"].source, src)
+    if nwgi is not None:
         units.append(Unit.from_finlora(TASKS["nwgi"], nwgi, **_nwgi_split()))
     else:
-        say(f"note: {rel(nwgi)} not found: the train file is FPB alone, data/test/nwgi_test.jsonl not written")
-    return units
+        say(f"note: {src}/finlora/test/nwgi_test.jsonl not found: the train file is FPB alone, "
+            f"data/test/{TEST_SETS['nwgi_heldout'].file} not written")
+    return units, published
 
 
 def units_from_hub() -> list[Unit]:
-    return [Unit.from_hub(TASKS["fpb"], "train", train_name=DEFAULT_TRAIN, test_name="fpb_test.jsonl",
+    """The same sets read from the hub (FiQA and TFNS converted from their original hub sets)."""
+    return [Unit.from_hub(TASKS["fpb"], "train", train_name=DEFAULT_TRAIN, test_name=TEST_SETS["fpb_heldout"].file,
                           test_fraction=TEST_FRACTION, balance=True),
-            Unit.from_hub(TASKS["fiqa"], "test", test_name="fiqa_test.jsonl"),
-            Unit.from_hub(TASKS["tfns"], "validation", test_name="tfns_test.jsonl"),
+            Unit.from_hub(TASKS["fiqa"], "test", test_name=TEST_SETS["fiqa"].file),
+            Unit.from_hub(TASKS["tfns"], "validation", test_name=TEST_SETS["tfns"].file),
             Unit.from_hub(TASKS["nwgi"], "test", **_nwgi_split())]
+
+
+def _build_dir(src: Path, opts: Options) -> None:
+    from finlora.data.recipe_data import write_published
+
+    units, published = units_from_dir(src)
+    for name, path in published:
+        write_published(TEST_SETS[name], path, opts.out_dir, rel(path))
+        say(f"data: test/{TEST_SETS[name].file}: FinLoRA's file as published ({rel(path)}, sha256 checked)")
+    opts.against = [opts.out_dir / "test" / TEST_SETS[name].file for name, _ in published]
+    build(units, opts)
 
 
 def units_synthetic(seed: int = SEED) -> list[Unit]:
@@ -105,7 +128,7 @@ def units_synthetic(seed: int = SEED) -> list[Unit]:
 
 
 def prepare_default(src: str | Path | None = None, *, out_dir: str | Path | None = None, seed: int = SEED,
-                    recipe: str | None = None, skip_bad: bool = False, allow_overlap: bool = False,
+                    recipe=None, skip_bad: bool = False, allow_overlap: bool = False,
                     hub: bool = False, synthetic: bool = False) -> None:
     """Prepare what the default recipe reads, from (first that applies): `synthetic` (the
     generated smoke-test set, only when asked); `src` or $FINLORA_DATA_SRC; the hub when
@@ -123,7 +146,7 @@ def prepare_default(src: str | Path | None = None, *, out_dir: str | Path | None
     src = src or os.environ.get(ENV_SRC) or None
     if src:
         say(f"data: source {src} (local directory)")
-        build(units_from_dir(Path(src)), opts)
+        _build_dir(Path(src), opts)
         return
     if hub:
         say("data: source Hugging Face hub")
@@ -134,4 +157,4 @@ def prepare_default(src: str | Path | None = None, *, out_dir: str | Path | None
         raise DataError(f"the data shipped with the repository is missing ({', '.join(rel(SHIPPED / p) for p in missing)}); "
                         "restore it (git checkout -- data/sources), or give SRC=dir, HUB=1 or SYNTHETIC=1")
     say(f"data: source {rel(SHIPPED)} (shipped with the repository; see data/README.md)")
-    build(units_from_dir(SHIPPED), opts)
+    _build_dir(SHIPPED, opts)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from finlora.cli import flag
 from finlora import ROOT
 from finlora.atomic import write_json, write_jsonl
 from finlora.data import sources, stats
@@ -25,7 +26,7 @@ from finlora.data.split import dedupe, overlaps, oversample, stratified_split
 from finlora.data.tasks import FIXES, Task
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
 from finlora.errors import DataError
-from finlora.recipes import rel
+from finlora.recipes import Recipe, rel
 
 DATA_DIR = ROOT / "data"
 SEED = 42
@@ -87,7 +88,7 @@ class Part:
 @dataclass
 class Options:
     out_dir: Path = DATA_DIR
-    recipe: str | None = None
+    recipe: "Recipe | None" = None  # whose tokenizer and sequence_len bound the rows (None: the CPU default)
     seed: int = SEED
     skip_bad: bool = False
     allow_overlap: bool = False
@@ -234,7 +235,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         raise DataError("\n".join(
             [f"{len(problems)} bad row(s); nothing was written:"]
             + [f"  {p}" for p in problems]
-            + ["fix them, or pass --skip-bad to leave these rows out (they will be listed)"]))
+            + [f"fix them, or add {flag('--skip-bad')} to leave these rows out (they will be listed)"]))
     if problems:
         say(f"skipping {len(problems)} bad row(s) (--skip-bad):")
         for p in problems:
@@ -259,7 +260,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         elif not opts.allow_overlap:
             raise DataError("\n".join(
                 [f"{len(leaks)} train example(s) also in a test split (same text after folding case and "
-                 "white space); nothing was written:"] + lines + ["pass --allow-overlap to write them anyway"]))
+                 "white space); nothing was written:"] + lines + [f"add {flag('--allow-overlap')} to write them anyway"]))
         else:
             say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
             for line in lines:
@@ -271,7 +272,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         for old in sorted((opts.out_dir / "train").glob("*.jsonl")):
             if old.name in written or not old.is_file():
                 continue
-            shared = overlaps(_load_against([old]), [e for p in parts if p.split == "test" for e in p.examples])
+            shared = overlaps(_load_against([old]), tests)
             if shared:
                 say(f"warning: {len(shared)} row(s) of the existing {rel(old)} are in the test file(s) written now "
                     f"(e.g. {shared[0][1].where}); scores of an adapter trained on {old.name} on them are not held out")
@@ -303,7 +304,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             "bad_rows_skipped": [str(x) for x in p.skipped],
             "train_test_overlap": len([1 for a, _ in leaks if any(a is e for e in p.examples)]) if p.split == "train" else None,
             "train_test_overlap_left_out": p.left_out or None,
-            "tokenizer": str(check.tokenizer_path) if check.active else None,
+            "tokenizer": check.where if check.active else None,
             "sequence_len": check.sequence_len,
             "balanced_from": p.before_balance,
             "sources": p.merged or None,

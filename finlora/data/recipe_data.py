@@ -1,220 +1,179 @@
 """`make data RECIPE=x` / `make data TASK=t`: the files a recipe trains on and `make eval`
-scores it on, built as FinLoRA builds them.
+scores it on, as FinLoRA publishes them.
 
 Every generated recipe reads `./data/train/<task>_train.jsonl`; `make eval RECIPE=x` reads
-`data/test/<set>_test.jsonl` for the sets in `tasks.RECIPE_TASKS`. Each file comes from,
-in this order:
+the test sets the registry gives its task (`tasks.RECIPE_TASKS[task].test_sets`), under
+FinLoRA's file names. Each of FinLoRA's files comes, in this order, from:
 
-1. the local folder (`--src DIR`, `SRC=DIR`, `$FINLORA_DATA_SRC`), laid out as
-   `../shared/data`: `finlora/train/<task>_train.jsonl`, `finlora/test/<set>_test.jsonl`
-   (FinLoRA's `{"context", "target"}` JSONL);
-2. the registry's public source (`tasks.TASKS[...].hub`), when asked (`--hub`) or when no
-   folder is given and the hub is reachable;
-3. otherwise nothing is written, and the error names every missing file, the place to put
-   it and the public set it comes from.
+1. the local folder `SRC=dir` (`$FINLORA_DATA_SRC`): FinLoRA's own `data/` folder (a clone's
+   `data/`, holding `train/` and `test/`), or a folder with `finlora/train/`, `finlora/test/`;
+2. the copy already downloaded into data/cache/ by an earlier run;
+3. FinLoRA's repository at the commit pinned in the registry (raw.githubusercontent.com; the
+   Git LFS file through media.githubusercontent.com), when that host answers.
 
-All rows then go through `pipeline.build`: the same row-by-row validation (file:line),
-duplicate removal, train/test leakage check, stats and atomic writes as the default.
+Every file is checked against the content hash recorded in the registry (its sha256, else
+the git blob id FinLoRA's repository gives it) before it is used. A test file is written as
+published, byte for byte (the scorers read its rows as FinLoRA does; the strict scorer
+repairs TFNS's swapped labels itself), with `<name>.source.json` beside it naming source,
+commit, hash and licence. A training file goes through `pipeline.build`: row validation
+(file:line), duplicates, the length rule, the train/test leakage check, stats.
+When a file can be had from none of them, nothing is written and the error names each
+missing file, its URL and where to put it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import random
-from dataclasses import dataclass
-from functools import partial
+import shutil
+import socket
+import tempfile
+import urllib.request
 from pathlib import Path
-from typing import Callable, Iterable
+from urllib.parse import urlparse
 
 from finlora import recipes
-from finlora.data import sources
-from finlora.data.convert import Mapping
-from finlora.data.defaults import ENV_SRC, default_outputs
+from finlora.atomic import write_json
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Part, Unit, build, say
-from finlora.data.sources import RawRow
-from finlora.data.tasks import RECIPE_TASKS, TASKS, Task
+from finlora.data.tasks import RECIPE_TASKS, TASKS, FinLoRAFile, TestSet
 from finlora.errors import DataError, RecipeError
+from finlora.recipes import rel
 
-# FinLoRA's FPB test split (data/process_sentiment_train.py): datasets' train_test_split of
-# sentences_50agree with test_size 0.25 and seed 42.
-FPB_TEST_SIZE = 0.25
-FINLORA_SEED = 42
-# FinLoRA's FiNER batching (data/process_finer.py).
-FINER_PER_SENTENCE = 3
-FINER_PER_PROMPT = 4
-FINER_LIMIT = 10_000
+ENV_SRC = "FINLORA_DATA_SRC"
+CACHE = DATA_DIR / "cache" / "finlora"
 
 
-@dataclass
-class Need:
-    """One file a recipe task needs: where it goes, where it may come from."""
-
-    split: str                      # "train" | "test"
-    out_name: str                   # file name under data/<split>/
-    task: Task                      # registry task that validates its rows
-    local: tuple[str, ...]          # candidate paths inside the source folder (FinLoRA JSONL)
-    hub: Callable[..., Unit] | None  # the Unit (given its file names) from the public copy
-    fix: str | None = None          # a known labelling error of the local file to repair
-    keep_repeats: bool = False      # repeats are the source's own oversampling (FinLoRA's mix)
+def content_hash(f: FinLoRAFile, path: Path) -> tuple[str, str, str]:
+    """(kind, hash of the file at `path`, the registry's) for the strongest hash recorded."""
+    h = hashlib.sha256() if f.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return ("sha256", h.hexdigest(), f.sha256) if f.sha256 else ("git blob id", h.hexdigest(), f.blob)
 
 
-def _fpb_finlora_test(**kw) -> Unit:
-    fpb = TASKS["fpb"]
-    ds = sources.hub_dataset(fpb.hub, "train")
-    test = ds.train_test_split(test_size=FPB_TEST_SIZE, seed=FINLORA_SEED)["test"]
-    where = f"hf:{fpb.hub.where}[FinLoRA test split]"
-    return Unit(fpb, Mapping.of_hub(fpb), list(sources.hf_rows(test, where)), where, **kw)
+def verified(f: FinLoRAFile, path: Path) -> Path:
+    kind, got, want = content_hash(f, path)
+    if got != want:
+        raise DataError(f"{path}: {kind} {got}, but FinLoRA's {f.path} at {f.commit[:7]} has {want}: another "
+                        "version of the file (or a Git LFS pointer instead of its content); use FinLoRA's file at "
+                        "that commit")
+    return path
 
 
-def finer_batched(rows: Iterable[dict], tag_names: list[str], seed: int = FINLORA_SEED) -> list[dict]:
-    """FinLoRA's FiNER-139 prompts: the first FINER_PER_SENTENCE tagged words of each
-    sentence become questions "What is best tag for entity ...", FINER_PER_PROMPT to a
-    prompt that lists every US GAAP tag, answers comma-separated; at most FINER_LIMIT
-    prompts (plus one partial prompt of the leftover questions, as FinLoRA), shuffled.
-
-    `rows` are FiNER rows (`tokens`, `ner_tags` ids) in the order to use (FinLoRA shuffles
-    the split with seed 42 first). The tag list is in the order of the set's label names,
-    where FinLoRA's Python set order changes from run to run."""
-    bare = [n.split("-", 1)[1] if "-" in n else n for n in tag_names]
-    tag_list = ",".join(dict.fromkeys(b for b in bare[1:] if b))  # id 0 is "O", no tag
-
-    def prompt(batch: list[tuple[str, str, str]]) -> dict:
-        n = FINER_PER_PROMPT
-        questions = "\n".join(f'{i}. What is best tag for entity "{w}" in sentence: "{s}?"'
-                              for i, (s, w, _) in enumerate(batch, start=1))
-        return {"context": ("You are XBRL expert.  Here is a list of US GAAP tags options: " + tag_list + ". "
-                            f"Answer the following {n} independent questions by providing only  {n} US GAAP tags "
-                            "answers in the order of the questions. Each answer must be saperated by a comma (,).  "
-                            "Provide nothing else. \n" + questions + "\nOutput US GAAP tags:"),
-                "target": ",".join(t for _, _, t in batch)}
-
-    out: list[dict] = []
-    pending: list[tuple[str, str, str]] = []
-    for row in rows:
-        tokens, tags = row["tokens"], row["ner_tags"]
-        sentence = " ".join(tokens)
-        tagged = [i for i, t in enumerate(tags) if t != 0][:FINER_PER_SENTENCE]
-        pending += [(sentence, tokens[i], bare[tags[i]]) for i in tagged]
-        while len(pending) >= FINER_PER_PROMPT:
-            out.append(prompt(pending[:FINER_PER_PROMPT]))
-            pending = pending[FINER_PER_PROMPT:]
-        if len(out) > FINER_LIMIT:
-            break
-    if pending:
-        out.append(prompt(pending))
-    random.Random(seed).shuffle(out)
-    return out
+def locate(f: FinLoRAFile, src: Path | None) -> Path | None:
+    """`f` in a SRC folder laid out as FinLoRA's data/ (or with finlora/ or data/ above it), or in the cache."""
+    for base in ([src, src / "finlora", src / "data"] if src else []) + [CACHE / f.commit]:
+        if (base / f.path).is_file():
+            return base / f.path
+    return None
 
 
-def _finer_hub(split: str) -> Callable[..., Unit]:
-    def load(**kw) -> Unit:
-        finer = TASKS["finer"]
-        ds = sources.hub_dataset(finer.hub, split)
-        feature = ds.features.get("ner_tags")
-        names = getattr(getattr(feature, "feature", None), "names", None)
-        if not names:
-            raise DataError(f"hf:{finer.hub.where}[{split}]: ner_tags carries no tag names "
-                            "(expected a sequence of ClassLabel, as the set publishes it)")
-        where = f"hf:{finer.hub.where}[{split}] (FinLoRA batching)"
-        batched = finer_batched(ds.shuffle(seed=FINLORA_SEED), names)
-        return Unit(finer, Mapping(finlora=True), [RawRow(where, i, r) for i, r in enumerate(batched, start=1)], where,
-                    **kw)
-    return load
+def online(timeout: float = 3.0) -> bool:
+    """Whether FinLoRA's file host answers (a TCP connection, within `timeout`)."""
+    from finlora.data import tasks
+
+    url = urlparse(tasks.FINLORA_RAW)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
-def needs(task_name: str) -> list[Need]:
-    """The files of one recipe task: its train file, then its `make eval` test sets."""
-    if task_name not in RECIPE_TASKS:
-        raise DataError(f"unknown recipe task {task_name!r}; tasks are: {', '.join(RECIPE_TASKS)}")
-    reg_name, test_sets = RECIPE_TASKS[task_name]
-    reg = TASKS[reg_name]
-    out: list[Need] = []
-    train_local = (f"finlora/train/{task_name}_train.jsonl",)
-    if task_name == "sentiment":
-        train_local += ("finlora/train/finlora_sentiment_train.jsonl",)
-    if task_name == "finer":
-        train_local += ("finlora/train/finer_train_batched.jsonl",)
-        hub = _finer_hub("train")
-    else:
-        hub = partial(Unit.from_hub, reg, reg.hub.train_split) if reg.hub and reg.hub.train_split else None
-    out.append(Need("train", f"{task_name}_train.jsonl", reg, train_local, hub, keep_repeats=task_name == "sentiment"))
-    for name in test_sets:
-        t = TASKS[name]
-        if name == "fpb":
-            hub = _fpb_finlora_test
-        elif t.hub and t.hub.test_split:
-            hub = partial(Unit.from_hub, t, t.hub.test_split)
-        else:
-            hub = None
-        out.append(Need("test", f"{name}_test.jsonl", t, (f"finlora/test/{name}_test.jsonl",), hub,
-                        fix="tfns-swap" if name == "tfns" else None))
-    return out
+def download(f: FinLoRAFile) -> Path:
+    """FinLoRA's file at its pinned commit into data/cache/ (checked, then renamed into place)."""
+    dest = CACHE / f.commit / f.path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    say(f"data: downloading {f.url}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(f.url, timeout=60) as r:  # noqa: S310 - a pinned https URL
+            shutil.copyfileobj(r, out)
+        verified(f, Path(tmp))
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"cannot download {f.url}: {e}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
 
 
-def task_of_recipe(recipe: str) -> str | None:
-    """The recipe task whose files `recipe` reads; None when it reads the CPU default's file."""
-    r = recipes.Recipe.open(recipe)
-    found, default = set(), default_outputs()
+def fetch_all(files: list[FinLoRAFile], src: Path | None) -> dict[str, Path]:
+    """A verified local copy of every file; DataError naming each one that cannot be had."""
+    found = {f.path: locate(f, src) for f in files}
+    missing = [f for f in files if found[f.path] is None]
+    if missing and online():
+        for f in missing:
+            found[f.path] = download(f)
+        missing = []
+    if missing:
+        lines = [f"{len(missing)} of FinLoRA's file(s) are not on this machine and {urlparse(missing[0].url).hostname} "
+                 "does not answer; "
+                 "nothing was written:"]
+        lines += [f"  {f.path}: {f.url}" for f in missing]
+        lines.append("put them in a folder laid out as FinLoRA's data/ (train/, test/; a clone of "
+                     f"https://github.com/Open-Finance-Lab/FinLoRA has them, Git LFS for train/xbrl_extract_train.jsonl) "
+                     "and give it as SRC=dir")
+        raise DataError("\n".join(lines))
+    return {p: verified(f, found[p]) for f in files for p in [f.path]}
+
+
+def write_published(s: TestSet, path: Path, out_dir: Path, origin: str) -> None:
+    """A test set's file as published, and `<name>.source.json` beside it."""
+    from finlora.atomic import atomic_open
+
+    dest = out_dir / "test" / s.file
+    with open(path, "rb") as src, atomic_open(dest, "wb", encoding=None) as out:
+        shutil.copyfileobj(src, out)
+    kind, digest, _ = content_hash(s.source, dest)
+    write_json(dest.with_name(dest.name.removesuffix(".jsonl") + ".source.json"), {
+        "set": s.name, "file": s.file, "rows": sum(1 for line in dest.open("rb") if line.strip()),
+        "source": f"{s.source.url}", "read_from": origin, "commit": s.source.commit, kind.replace(" ", "_"): digest,
+        "licence": s.licence, "as_published": True})
+
+
+def task_of_recipe(recipe: recipes.Recipe | str) -> str:
+    """The recipe task whose files `recipe` reads (its data/train/<task>_train.jsonl)."""
+    r = recipe if isinstance(recipe, recipes.Recipe) else recipes.Recipe.open(recipe)
+    found = set()
     for d in r.get("datasets") or []:
-        p = recipes.resolve_path(str(d.get("path", "")))
-        if Path(os.path.abspath(p)) in default:
-            return None
-        stem = Path(p).name.removesuffix("_train.jsonl")
+        p = recipes.resolve_path(str((d or {}).get("path", "")))
+        stem = p.name.removesuffix("_train.jsonl")
         if p.parent.name != "train" or stem not in RECIPE_TASKS:
-            raise RecipeError(f"{r.path}: datasets path {d.get('path')} is not a file `make data` builds "
+            raise RecipeError(f"{r.where('datasets')}: datasets path {d.get('path')} is not a file `make data` builds "
                               f"(data/train/<task>_train.jsonl, tasks: {', '.join(RECIPE_TASKS)})")
         found.add(stem)
     if len(found) != 1:
-        raise RecipeError(f"{r.path}: expected one data/train/<task>_train.jsonl dataset, found "
+        raise RecipeError(f"{r.where('datasets')}: expected one data/train/<task>_train.jsonl dataset, found "
                           f"{sorted(found) or 'none'}")
     return found.pop()
 
 
-def units(task_name: str, src: Path | None, use_hub: bool) -> list[Unit]:
-    """The Unit of every file of `task_name`, from `src` first, then the hub when `use_hub`.
-    Raises DataError naming every file that has neither."""
-    plan = needs(task_name)
-    chosen, missing = [], []
-    for n in plan:
-        local = next((src / rel for rel in n.local if (src / rel).is_file()), None) if src else None
-        if local is not None:
-            chosen.append((n, local))
-        elif use_hub and n.hub is not None:
-            chosen.append((n, None))
-        else:
-            missing.append(n)
-    if missing:
-        where = src if src else "SRC"
-        lines = [f"make data TASK={task_name}: no source for {len(missing)} file(s); nothing was written:"]
-        for n in missing:
-            remote = (f"public copy: {n.task.hub.where}" if n.hub is not None
-                      else "no public copy known to the registry")
-            lines.append(f"  data/{n.split}/{n.out_name}: put FinLoRA's JSONL at {where}/{n.local[0]} ({remote})")
-        if use_hub:
-            hint = "the hub was tried only for the files with a public copy"
-        elif src:
-            hint = "or add HUB=1 (--hub) to fetch the files with a public copy"
-        else:
-            hint = "or run where the hub is reachable (files with a public copy)"
-        lines.append(f"a folder laid out as ../shared/data (finlora/train, finlora/test): make data TASK={task_name} "
-                     f"SRC=dir; {hint}")
-        raise DataError("\n".join(lines))
-    out = []
-    for n, local in chosen:
-        kw = {"keep_repeats": n.keep_repeats, f"{n.split}_name": n.out_name}
-        out.append(Unit.from_finlora(n.task, local, n.fix, **kw) if local is not None else n.hub(**kw))
-    return out
-
-
-def prepare_task(task: str, src: str | Path | None, *, hub: bool = False, out_dir: Path = DATA_DIR,
-                 recipe: str | None = None, seed: int = SEED, skip_bad: bool = False, allow_overlap: bool = False,
-                 token_check: bool = True, against: list[Path] | None = None) -> list[Part]:
+def prepare_task(task: str, src: str | Path | None, *, out_dir: Path = DATA_DIR, recipe: recipes.Recipe | None = None,
+                 seed: int = SEED, skip_bad: bool = False, allow_overlap: bool = False) -> list[Part]:
     """The files recipe task `task` trains on and `make eval` scores it on."""
-    src = src or os.environ.get(ENV_SRC) or None
-    use_hub = hub or (src is None and sources.hub_reachable())
-    said = [f"source {src} (local directory)" if src else "", "the hub" if use_hub else ""]
-    say(f"data: task {task}: " + (", then ".join(filter(None, said))
-                                   or "no local folder (SRC), and the hub is not reachable (or HF_HUB_OFFLINE is set)"))
-    opts = Options(out_dir=out_dir, recipe=recipe or f"{task}_r8", seed=seed, skip_bad=skip_bad,
-                   allow_overlap=allow_overlap, token_check=token_check, against=against or [], drop_overlap=True)
-    return build(units(task, Path(src) if src else None, use_hub), opts)
+    if task not in RECIPE_TASKS or RECIPE_TASKS[task].train is None:
+        raise DataError(f"unknown recipe task {task!r}; tasks are: "
+                        + ", ".join(t for t, r in RECIPE_TASKS.items() if r.train is not None))
+    rt = RECIPE_TASKS[task]
+    src = Path(src or os.environ.get(ENV_SRC) or "") if (src or os.environ.get(ENV_SRC)) else None
+    if src is not None and not src.is_dir():
+        raise DataError(f"SRC={src}: no such folder")
+    sets = [s for s in rt.test_sets if s.source is not None]
+    say(f"data: task {task}: train {rt.train.path}, test sets {', '.join(s.name for s in sets)} "
+        f"(from {'SRC=' + str(src) + ', then ' if src else ''}data/cache, then FinLoRA's repository)")
+    paths = fetch_all([rt.train, *(s.source for s in sets)], src)
+    tests = []
+    for s in sets:
+        write_published(s, paths[s.source.path], out_dir, rel(paths[s.source.path]))
+        tests.append(out_dir / "test" / s.file)
+        say(f"data: test/{s.file}: as published ({s.source.commit[:7]}), licence {s.licence}")
+    recipe = recipe or recipes.Recipe.open(recipes.recipe_name(task, "r8"))
+    opts = Options(out_dir=out_dir, recipe=recipe, seed=seed, skip_bad=skip_bad, allow_overlap=allow_overlap,
+                   against=tests, drop_overlap=True)
+    train = TASKS[rt.train_task]
+    unit = Unit.from_finlora(train, paths[rt.train.path], train_name=f"{task}_train.jsonl",
+                             keep_repeats=task == "sentiment")
+    return build([unit], opts)
+

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from finlora.cli import flag
 from finlora.errors import SourceError
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora", "hf")
@@ -46,7 +47,7 @@ class SourceInfo:
 def guess_format(path: str | Path) -> str:
     fmt = _BY_SUFFIX.get(Path(path).suffix.lower())
     if fmt is None:
-        raise SourceError(f"{path}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
+        raise SourceError(f"{path}: cannot tell the format from the name; add {flag('--format F')} ({', '.join(FORMATS)})")
     return fmt
 
 

@@ -1,0 +1,252 @@
+"""The two scorers of `make eval`, on the same predictions.
+
+`finlora`: FinLoRA's rules (Open-Finance-Lab/FinLoRA test/test_dataset.py and inference.py
+at 7e1cf82), re-implemented here:
+- the answer is the generated text after its last "Answer:" (the whole text when there is
+  none), stripped: FinLoRA decodes prompt + generation and splits on "Answer:", and every
+  prompt it scores ends in the only "Answer:" of its prompt;
+- the label set is the distinct targets of the scored rows (after a sample, and for FiNER /
+  FNXL after the comma split), lower-cased; an answer's label is the one found first as a
+  case-insensitive substring; no label found is wrong;
+- ties (two labels found at the same place: one is a prefix of the other, as FiNER's
+  `LongTermDebt` / `LongTermDebtFairValue` or formula's `0.0` / `0.05`) are decided by
+  Python's set order in FinLoRA, which changes from run to run; here the longer label wins,
+  and the number of rows a tie decided is reported (`ties`);
+- accuracy = correct / rows; weighted F1 by scikit-learn with the target as y_true and, as
+  prediction, the target where correct and the raw answer where wrong (so a wrong answer is
+  a false positive only where it equals a label exactly);
+- FiNER / FNXL: answer and target split on commas, each piece stripped of spaces and new
+  lines, the answer padded with "" or cut to the target's count, every tag scored alone;
+- free text (xbrl_term, financebench): BERTScore F1 with ProsusAI/finbert, layer 10 (what
+  bert-score's `model2layers` gives the `evaluate` call FinLoRA makes), no idf, no rescaling,
+  the mean over rows.
+
+`strict`: this project's view: the first task label as a whole word, TFNS's swapped labels
+repaired, NWGI both exactly (7 levels) and folded to 3, formula as a number rounded to 2
+decimals, free text by ROUGE-L F1; rows the data validator rejects are left out and counted.
+"""
+
+from __future__ import annotations
+
+import re
+
+from finlora.data.tasks import FIXES, NWGI7, SENTIMENT3, TASKS, TestSet, fold_nwgi
+
+FINBERT = "ProsusAI/finbert"
+FINBERT_LAYER = 10
+BOOTSTRAP = 1000
+SEED = 0
+
+
+# --------------------------------------------------------------------------- FinLoRA's rules
+
+def answer_text(generated: str) -> str:
+    return generated.split("Answer:")[-1].strip()
+
+
+def split_tags(text: str) -> list[str]:
+    return [x.strip().replace("\n", "") for x in text.split(",")]
+
+
+def first_label(answer: str, labels: list[str]) -> tuple[str | None, bool]:
+    """(the lower-cased label found first in `answer` as a substring, whether a tie decided it)."""
+    low = answer.lower()
+    hits = [(i, lab) for lab in labels if (i := low.find(lab)) != -1]
+    if not hits:
+        return None, False
+    first = min(i for i, _ in hits)
+    at = [lab for i, lab in hits if i == first]
+    return max(at, key=len), len(at) > 1
+
+
+def finlora_items(s: TestSet, answers: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
+    """The (answer, target) items FinLoRA scores: one per row, or one per tag for FiNER/FNXL."""
+    if s.scorer != "tags":
+        return list(answers), list(targets)
+    outs, tgts = [], []
+    for a, t in zip(answers, targets):
+        pa, pt = split_tags(a), split_tags(t)
+        outs += (pa + [""] * len(pt))[:len(pt)]
+        tgts += pt
+    return outs, tgts
+
+
+def finlora_labels(s: TestSet, answers: list[str], targets: list[str]) -> dict:
+    """FinLoRA's accuracy and weighted F1 of label-like answers (see the module text)."""
+    from sklearn.metrics import f1_score
+
+    outs, tgts = finlora_items(s, answers, targets)
+    labels = sorted({t.lower() for t in tgts})
+    correct, response, ties = [], [], 0
+    for x, y in zip(outs, tgts):
+        lab, tie = first_label(x, labels)
+        ok = lab == y.lower()
+        ties += tie
+        correct.append(ok)
+        response.append(y if ok else x)
+    n = len(tgts)
+    return {"n": n, "accuracy": sum(correct) / n, "f1_weighted": float(f1_score(tgts, response, average="weighted",
+                                                                                 zero_division=0)),
+            "ties": ties, "correct": correct, "response": response, "targets": tgts}
+
+
+def bertscore_f1(preds: list[str], refs: list[str], model: str = FINBERT) -> list[float]:
+    """Per-row BERTScore F1 as FinLoRA's `evaluate.load("bertscore")` call computes it: the
+    model's layer 10, no idf, no baseline rescaling, its slow tokenizer, batches of 64."""
+    from bert_score import BERTScorer
+
+    scorer = BERTScorer(model_type=model, num_layers=FINBERT_LAYER, idf=False, batch_size=64, lang=None,
+                        rescale_with_baseline=False, use_fast_tokenizer=False)
+    _, _, f1 = scorer.score(list(preds), [[r] for r in refs], batch_size=64)
+    return [float(x) for x in f1]
+
+
+def rouge_l(preds: list[str], refs: list[str]) -> list[float]:
+    """ROUGE-L F1 by rouge-score. Its tokenizer is passed in although it is the default one:
+    built without it, RougeScorer logs through absl, whose first log() adds a root logging
+    handler bound to the sys.stderr of that moment (rouge-score 0.1.2, absl-py 2.5.1)."""
+    from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    scorer = RougeScorer(["rougeL"], tokenizer=DefaultTokenizer())
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
+
+
+def finlora_text(answers: list[str], targets: list[str], model: str = FINBERT) -> dict:
+    try:
+        values, metric, note = bertscore_f1(answers, targets, model), "bertscore_f1", f"BERTScore, {model} layer 10"
+    except Exception as e:  # noqa: BLE001 - the model cannot be had here: say which metric stands in
+        values, metric = rouge_l(answers, targets), "rougeL_f1"
+        note = f"BERTScore unavailable ({type(e).__name__}: {str(e)[:120]}); ROUGE-L F1 instead"
+    return {"n": len(values), metric: sum(values) / len(values), "metric": metric, "note": note, "values": values}
+
+
+# --------------------------------------------------------------------------- our rules
+
+def whole_word_label(text: str, labels: tuple[str, ...]) -> str | None:
+    """The label whose first whole-word, case-insensitive occurrence comes first (the longer
+    one at the same place: "strong negative" over "negative")."""
+    low, best, best_pos = text.lower(), None, None
+    for lab in sorted(labels, key=len, reverse=True):
+        m = re.search(r"\b" + re.escape(lab.lower()) + r"\b", low)
+        if m and (best_pos is None or m.start() < best_pos):
+            best, best_pos = lab, m.start()
+    return best
+
+
+_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    m = _NUMBER.search(text)
+    try:
+        return float(m.group().replace("$", "").replace(",", "").replace(" ", "")) if m else None
+    except ValueError:
+        return None
+
+
+def strict_target(s: TestSet, target: str) -> str:
+    """The target the strict block scores: TFNS's swapped labels repaired."""
+    if s.fix:
+        a, b = FIXES[s.fix]
+        return b if target == a else a if target == b else target
+    return target
+
+
+def strict_blocks(s: TestSet, generated: list[str], targets: list[str]) -> dict[str, dict]:
+    """{row name: scores}: one row per set, two for NWGI (exact 7 levels and folded to 3)."""
+    from sklearn.metrics import f1_score
+
+    task = TASKS[s.task]
+    targets = [strict_target(s, t) for t in targets]
+    if s.scorer == "text":
+        values = rouge_l(generated, targets)
+        return {s.name: {"n": len(values), "rougeL_f1": sum(values) / len(values), "metric": "rougeL_f1",
+                         "values": values}}
+    if task.answer_type == "number":
+        preds = [first_number(g) for g in generated]
+        ok = [p is not None and f"{p:.2f}" == f"{float(t.replace(',', '')):.2f}" for p, t in zip(preds, targets)]
+        return {s.name: {"n": len(ok), "accuracy": sum(ok) / len(ok), "unparsed": sum(p is None for p in preds),
+                         "metric": "accuracy", "correct": ok}}
+    if not task.labels:  # tags and extraction: the whole answer (each tag) equal, case and spaces folded
+        outs, tgts = finlora_items(s, [answer_text(g) for g in generated], targets)
+        ok = [" ".join(o.lower().split()) == " ".join(t.lower().split()) for o, t in zip(outs, tgts)]
+        return {s.name: {"n": len(ok), "accuracy": sum(ok) / len(ok), "metric": "accuracy", "correct": ok}}
+    views = [(s.name, task.labels, lambda x: x)]
+    if task.labels == NWGI7:
+        views = [(f"{s.name} (7 levels)", NWGI7, lambda x: x), (f"{s.name} (folded to 3)", SENTIMENT3, fold_nwgi)]
+    out = {}
+    for name, labels, fold in views:
+        canon = {lab.lower(): lab for lab in labels}
+        y_true = [canon[fold(t).lower()] for t in targets]
+        preds = [whole_word_label(g, labels) for g in generated]
+        y_pred = [p if p is not None else "<none>" for p in preds]
+        ok = [a == b for a, b in zip(y_true, y_pred)]
+        out[name] = {"n": len(ok), "accuracy": sum(ok) / len(ok), "metric": "accuracy", "correct": ok,
+                     "f1_weighted": float(f1_score(y_true, y_pred, labels=list(labels), average="weighted",
+                                                   zero_division=0)),
+                     "unparsed": sum(p is None for p in preds), "y_true": y_true, "y_pred": y_pred}
+    return out
+
+
+def strict_valid(s: TestSet, target: str) -> bool:
+    """Whether the strict validator takes the row: its target is one of the task's labels, or a number."""
+    task = TASKS[s.task]
+    if task.labels:
+        return target.lower() in {lab.lower() for lab in task.labels}
+    if task.answer_type == "number":
+        try:
+            float(target.replace(",", ""))
+        except ValueError:
+            return False
+    return bool(target.strip())
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+def weighted_f1(y_true, y_pred, idx) -> "np.ndarray":
+    """scikit-learn's weighted F1 (labels: the union of both; no support, no weight; 0 where a
+    label is neither true nor predicted) of every resample `idx` [rounds, rows] at once:
+    per label F1 = 2 TP / (support + predicted). tests/test_scoring.py pins it to scikit-learn."""
+    import numpy as np
+
+    codes = {v: i for i, v in enumerate(dict.fromkeys([*y_true, *y_pred]))}
+    t, p = np.array([codes[v] for v in y_true])[idx], np.array([codes[v] for v in y_pred])[idx]
+    rounds, k = idx.shape[0], len(codes)
+    off = np.arange(rounds)[:, None] * k
+
+    def counts(x):
+        return np.bincount((x + off).ravel(), minlength=rounds * k).reshape(rounds, k)
+
+    support, predicted = counts(t), counts(p)
+    tp = np.bincount((t + off)[t == p], minlength=rounds * k).reshape(rounds, k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
+    return (support * f1).sum(axis=1) / support.sum(axis=1)
+
+
+def bootstrap(block: dict, other: dict | None = None, rounds: int = BOOTSTRAP, seed: int = SEED) -> dict:
+    """95% percentile intervals of the block's metrics over resampled rows; with `other` (the
+    same rows scored for another model), the interval of the paired difference block - other."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, block["n"], size=(rounds, block["n"]))
+
+    def metrics(b: dict) -> dict:
+        out = {}
+        if "correct" in b:
+            out["accuracy"] = np.asarray(b["correct"], dtype=float)[idx].mean(axis=1)
+        if "values" in b:
+            out[b["metric"]] = np.asarray(b["values"])[idx].mean(axis=1)
+        if "f1_weighted" in b:
+            out["f1_weighted"] = weighted_f1(b.get("targets") or b["y_true"], b.get("response") or b["y_pred"], idx)
+        return out
+
+    mine, theirs = metrics(block), metrics(other) if other is not None else None
+    return {k: [float(np.percentile(v if theirs is None else v - theirs[k], q)) for q in (2.5, 97.5)]
+            for k, v in mine.items() if theirs is None or k in theirs}
+
+
+def public(block: dict) -> dict:
+    """A block as metrics.json keeps it: the figures, not the per-row lists."""
+    return {k: v for k, v in block.items() if k not in ("correct", "response", "targets", "values", "y_true", "y_pred")}
