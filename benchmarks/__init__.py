@@ -4,6 +4,7 @@
     python -m benchmarks.gpu     # `make bench-gpu`: Axolotl's trainer on the GPU recipes; --cpu: tiny model
     python -m benchmarks.merge   # finlora.merge vs `axolotl merge-lora` vs PEFT's merge_and_unload
     python -m benchmarks.eval    # `make eval`'s generation vs one prompt at a time
+    python -m benchmarks.gpu_wheels  # what scripts/gpu_check.sh carries to the GPU device (docs/GPU_CHECK.md)
 
 `benchmarks.measure` holds what they share: the token counts, the step recorder, the
 memory probe and the one Axolotl plugin that instruments Axolotl's own Trainer.

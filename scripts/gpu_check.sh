@@ -1,93 +1,136 @@
 #!/usr/bin/env bash
-# One prepared GPU check, at most 8 minutes on one H200 (issue 14, item 7). NOT RUN YET: no
-# GPU was lent to the session that wrote it.
+# The prepared GPU check for the device's H200 (issue 22 item 3): one `run` call, nothing
+# fetched there, at most 10 minutes. NOT RUN YET: no GPU was lent to the session that wrote it.
 #
-#   OUT=/some/folder bash scripts/gpu_check.sh
+#   here:   python3 -m benchmarks.gpu_wheels          # .whl/: the wheels the image lacks + smoke inputs
+#   device: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
-# 1. `make smoke RECIPE=x` for ner_r8, ner_r4, ner_r8_bf16 on the real CUDA stack (tiny random
-#    model of the recipe's architecture, Axolotl's trainer, merge and eval).
-# 2. benchmarks/gpu.py on the full-size Llama 3.1 8B architecture (random weights), the same
-#    three recipes: tokens/s, MFU, load and training peak memory beside `make plan`.
-# 3. `make plan` for each recipe with the benchmark's JSON: planned beside measured.
-# Everything it reports is written under $OUT (flat: log files and bench_gpu.json).
-#
-# Python: $PY, else .venv/bin/python, else python3. Packages missing from the machine's image
-# (Axolotl, bitsandbytes, ...) can travel as wheels in ./.whl (see the device notes); they
-# are installed into /tmp/site first. Each phase has its own time limit so that a hang in one
-# still leaves the others' figures.
+# docs/GPU_CHECK.md says what travels, why, and what the Python 3.12 proof on a CPU showed.
+# Phases, the most valuable first; each has its own time limit, and starts only while the
+# time left of BUDGET_S (default 560 s, from the script's start) holds its minimum:
+#   0. environment (~30 s): nvidia-smi, .whl installed into /tmp/site, versions, imports
+#      (axolotl.cli.train, finlora.axolotl_plugin, bitsandbytes on CUDA); stops here if any fails
+#   1. ner_r8 at the full Llama-3.1-8B shape, random weights (benchmarks.gpu: 4 optimizer steps
+#      of 8 x 8 rows of 512 tokens, 1 untimed): tokens/s, MFU, load and training peak memory,
+#      then `make plan RECIPE=ner_r8` with that measurement beside it (limit 300 s)
+#   2. `make smoke RECIPE=x` for ner_r8, ner_r4, ner_r8_bf16 on the CUDA stack (110 s each)
+#   3. with what is left (>= 200 s): the same benchmark for ner_r4 (FinLoRA publishes its figure)
+# PHASES="bench smoke more" (default) picks phases for a rerun, e.g. PHASES=smoke BUDGET_S=300.
+# Files in $OUT (flat, at most 8): env.txt summary.txt bench_gpu.log bench_gpu.json plan.txt
+# smoke.log bench_more.log bench_more.json. `make X` targets are run as the Makefile runs them
+# (python scripts/X.py), since the image may have no make.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_check}
+BUDGET_S=${BUDGET_S:-560}
+PHASES=${PHASES:-bench smoke more}
+START=$SECONDS
 mkdir -p "$OUT"
-START=$(date +%s)
-export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+left() { echo $(( BUDGET_S - (SECONDS - START) )); }
+say() { echo "gpu_check: $*" | tee -a "$OUT/summary.txt"; }
+# limited SECONDS LOG CMD...: CMD under `timeout`, which leads its own process group; whatever the
+# command leaves behind in that group (accelerate's and Axolotl's children) is killed after it.
+limited() {
+  local limit=$1 log=$2; shift 2
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1 &
+  local pid=$!
+  wait $pid
+  local rc=$?
+  kill -KILL -- -$pid 2>/dev/null
+  return $rc
+}
+: >"$OUT/summary.txt"
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}
-# The Makefile runs $(BIN)/python: point BIN at the folder of the interpreter chosen here (a
-# venv's bin/ has `python`; a symlink to it elsewhere could lose the venv).
-BIN=$(cd "$(dirname "$(command -v "$PY")")" && pwd)
-if [ ! -x "$BIN/python" ]; then
-  BIN=$(mktemp -d) && ln -s "$(command -v python3)" "$BIN/python"
-fi
-MAKE_ARGS=(-o .venv/.installed "BIN=$BIN")
-
-{
-  echo "gpu_check: $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" - <<'EOF'
-import importlib, sys
-print("python", sys.version.split()[0])
-missing = []
-for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "axolotl", "datasets"):
+# 0. environment
+(
+  echo "gpu_check: $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || echo "no nvidia-smi"
+  df -h /tmp | tail -1
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/ (python3 -m benchmarks.gpu_wheels here, carry .whl)"; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+  # smoke inputs: SmolLM2's tokenizer (`make base-model` here) and FinLoRA NER rows (../shared here)
+  mkdir -p outputs/base && [ -e outputs/base/SmolLM2-135M-Instruct ] || cp -r .whl/smoke/SmolLM2-135M-Instruct outputs/base/
+  ner=../shared/data/finlora/test/ner_test.jsonl
+  [ -e "$ner" ] || { mkdir -p "$(dirname "$ner")" && cp .whl/smoke/ner_test.jsonl "$ner"; } \
+    || { mkdir -p data/train && cp .whl/smoke/ner_test.jsonl data/train/ner_train.jsonl; }
+  true  # a missing smoke input fails the smokes, not the benchmark
+) >"$OUT/env.txt" 2>&1 || { cat "$OUT/env.txt"; exit 2; }
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
+"$PY" - >>"$OUT/env.txt" 2>&1 <<'EOF'
+import importlib.metadata as md, sys, time
+print("python", sys.version.split()[0], sys.executable)
+for d in ("torch", "transformers", "accelerate", "huggingface_hub", "tokenizers", "safetensors", "peft", "axolotl",
+          "bitsandbytes", "trl", "datasets", "pydantic", "triton", "numpy"):
     try:
-        mod = importlib.import_module(m)
-        print(f"{m} {getattr(mod, '__version__', '?')}")
-    except Exception as e:  # any import failure is what this check must report
-        missing.append(f"{m} ({type(e).__name__}: {e})")
+        print(f"{d} {md.version(d)} {md.distribution(d).locate_file('')}")
+    except md.PackageNotFoundError:
+        print(f"{d} MISSING")
+t = time.time()
 import torch
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import axolotl.cli.train, finlora.axolotl_plugin  # the train path's imports, as proven on Python 3.12 here
+import bitsandbytes as bnb
+from bitsandbytes.cextension import lib
+print(f"imports ok in {time.time() - t:.1f} s; bitsandbytes loaded {getattr(getattr(lib, '_lib', None), '_name', lib)}")
+print("cuda", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 if not torch.cuda.is_available():
-    missing.append("a CUDA device")
-if missing:
-    print("missing: " + "; ".join(missing))
-    sys.exit(2)
+    sys.exit("no CUDA device")
+try:  # reported, not fatal: the phases' own logs say more
+    x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+    y = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).cuda()(x)
+    print("bitsandbytes int8 matmul on CUDA:", tuple(y.shape), y.dtype)
+except Exception as e:
+    print(f"bitsandbytes int8 matmul on CUDA FAILED: {type(e).__name__}: {e}")
 EOF
-} 2>&1 | tee "$OUT/env.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: environment incomplete (see env.txt); stopping"; exit 2; }
-
-status=0
-# 1. smoke: ~70 s each (Axolotl start-up, 2-3 steps of a tiny model, merge, eval)
-for r in ner_r8 ner_r4 ner_r8_bf16; do
-  t0=$(date +%s)
-  timeout 100 make "${MAKE_ARGS[@]}" smoke RECIPE=$r >"$OUT/smoke_$r.log" 2>&1
-  rc=$?
-  echo "gpu_check: make smoke RECIPE=$r -> status $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
-  [ $rc -eq 0 ] || status=1
-done
-
-# 2. benchmark with what is left of 8 minutes (minus 30 s for step 3)
-left=$(( 480 - ($(date +%s) - START) - 30 ))
-if [ $left -lt 120 ]; then
-  echo "gpu_check: only $left s left: benchmark skipped" | tee -a "$OUT/summary.txt"
-  exit 1
-fi
-timeout $left "$PY" -m benchmarks.gpu --task ner --steps 8 --warmup 2 --timeout-s $(( left / 3 )) \
-  --workdir /tmp/bench_gpu_work --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.log" 2>&1
 rc=$?
-echo "gpu_check: bench_gpu -> status $rc" | tee -a "$OUT/summary.txt"
-[ $rc -eq 0 ] || status=1
-grep -v "it/s\]" "$OUT/bench_gpu.log" | grep -E "^(==|   |bench_gpu|error)" >>"$OUT/summary.txt"
+tail -4 "$OUT/env.txt" | tee -a "$OUT/summary.txt"
+[ $rc -eq 0 ] || { say "environment incomplete (status $rc, see env.txt): stopping"; exit 2; }
+status=0
 
-# 3. the plan with the measurements beside it
-if [ -s "$OUT/bench_gpu.json" ]; then
+# bench RECIPE LOG JSON LIMIT: benchmarks.gpu on the full-size model, then the plan beside it
+bench() {
+  local r=$1 log=$2 json=$3 limit=$4 t0=$SECONDS
+  limited "$limit" "$log" "$PY" -m benchmarks.gpu --recipes "$r" --steps 4 --warmup 1 --timeout-s $(( limit - 30 )) \
+    --workdir /tmp/bench_gpu_work --json "$json"
+  local rc=$?
+  say "benchmarks.gpu $r -> status $rc in $(( SECONDS - t0 )) s (limit $limit s)"
+  [ $rc -eq 0 ] || status=1
+  grep -v "it/s\]" "$log" | grep -E "^(==|   |bench_gpu|error)" | tee -a "$OUT/summary.txt"
+  { echo "---- Axolotl's log of $r (progress bars left out)"
+    tr '\r' '\n' </tmp/bench_gpu_work/$r/train.log | grep -vE "it/s\]|s/it\]" | tail -400; } >>"$log" 2>/dev/null
+  { echo "==== make plan RECIPE=$r"; "$PY" scripts/plan.py "$r" $( [ -s "$json" ] && echo --measured "$json" ); } \
+    >>"$OUT/plan.txt" 2>&1
+}
+
+# 1. the most valuable figure: ner_r8 at full size
+case " $PHASES " in *" bench "*)
+  l=$(( $(left) - 10 )); [ $l -gt 300 ] && l=300
+  if [ $l -ge 120 ]; then bench ner_r8 "$OUT/bench_gpu.log" "$OUT/bench_gpu.json" $l
+  else say "only $(left) s left: ner_r8 benchmark skipped"; status=1; fi ;;
+esac
+
+# 2. smokes: tiny random model of each recipe's architecture through make train/merge/eval's code
+case " $PHASES " in *" smoke "*)
   for r in ner_r8 ner_r4 ner_r8_bf16; do
-    "$PY" scripts/plan.py $r --measured "$OUT/bench_gpu.json"
-  done >"$OUT/plan.txt" 2>&1
-fi
-echo "gpu_check: done in $(( $(date +%s) - START )) s, status $status" | tee -a "$OUT/summary.txt"
+    l=$(( $(left) - 5 )); [ $l -gt 110 ] && l=110
+    if [ $l -lt 60 ]; then say "only $(left) s left: smoke $r skipped"; status=1; continue; fi
+    t0=$SECONDS
+    echo "==== make smoke RECIPE=$r (limit $l s)" >>"$OUT/smoke.log"
+    limited $l "$OUT/smoke.log" "$PY" scripts/smoke.py $r
+    rc=$?
+    say "make smoke RECIPE=$r -> status $rc in $(( SECONDS - t0 )) s"
+    [ $rc -eq 0 ] || status=1
+  done
+  grep -E "^(smoke: (ner|trained|PASS)|error)" "$OUT/smoke.log" | tee -a "$OUT/summary.txt" ;;
+esac
+
+# 3. with what is left: the 4-bit recipe at full size
+case " $PHASES " in *" more "*)
+  l=$(( $(left) - 10 ))
+  if [ $l -ge 200 ]; then bench ner_r4 "$OUT/bench_more.log" "$OUT/bench_more.json" $l
+  else say "$(left) s left: ner_r4 benchmark not started (needs 200 s)"; fi ;;
+esac
+rm -rf /tmp/bench_gpu_work
+say "done in $(( SECONDS - START )) s, status $status"
 exit $status
