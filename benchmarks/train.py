@@ -21,7 +21,7 @@ Not a test: the figures depend on the machine. One run, one process tree:
    recipe's); the same tokenisation as Axolotl's (checked row for row against Axolotl's
    prepared dataset and printed).
 3. held-out loss: both final adapters (and the base model) scored on the same
-   `--eval-rows` rows of data/test/fpb_test.jsonl with one function
+   `--eval-rows` rows of data/test/fpb_heldout_test.jsonl with one function
    (`benchmarks.measure.answer_losses`): mean cross-entropy over the answer tokens
    (target + EOS), teacher-forced.
 
@@ -57,7 +57,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("AXOLOTL_DO_NOT_TRACK", "1"), ("WANDB_M
     os.environ.setdefault(_k, _v)
 
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
-TEST_DATA = ROOT / "data" / "test" / "fpb_test.jsonl"
+TEST_DATA = ROOT / "data" / "test" / "fpb_heldout_test.jsonl"
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (default 2)")
     ap.add_argument("--rows", type=int, default=0, help="train on the first N rows only (0: all)")
-    ap.add_argument("--eval-rows", type=int, default=128, help="held-out rows of data/test/fpb_test.jsonl")
+    ap.add_argument("--eval-rows", type=int, default=128, help="held-out rows of data/test/fpb_heldout_test.jsonl")
     ap.add_argument("--eval-base", action="store_true", help="also score the base model without an adapter")
     ap.add_argument("--baseline-batch", default="8x2", help="baseline micro batch x accumulation (default 8x2)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.dry_run:
         for path, _ in delete:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        # an output folder emptied by ALL=1 goes too
-        for top in OUTPUTS.iterdir():
-            if top.is_dir() and top.name != "smoke" and not any(top.iterdir()):
+        # a run folder or outputs/base this emptied goes too (an empty folder of the user's stays)
+        for top in {path.parent for path, _ in delete} - {OUTPUTS}:
+            if top.is_dir() and not any(top.iterdir()):
                 top.rmdir()
     print(f"clean: {len(delete)} deleted, {len(keep)} kept" if not a.dry_run else f"clean: {len(delete)} to delete")
     return 0

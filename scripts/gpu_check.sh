@@ -2,7 +2,7 @@
 # The prepared GPU check for the device's H200 (issue 22 item 3): one `run` call, nothing
 # fetched there, at most 10 minutes. NOT RUN YET: no GPU was lent to the session that wrote it.
 #
-#   here:   python3 -m benchmarks.gpu_wheels          # .whl/: the wheels the image lacks + smoke inputs
+#   here:   python3 -m benchmarks.gpu_wheels          # .whl/: the wheels the image lacks
 #   device: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
 # docs/GPU_CHECK.md says what travels, why, and what the Python 3.12 proof on a CPU showed.
@@ -50,12 +50,6 @@ limited() {
   df -h /tmp | tail -1
   ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/ (python3 -m benchmarks.gpu_wheels here, carry .whl)"; exit 2; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
-  # smoke inputs: SmolLM2's tokenizer (`make base-model` here) and FinLoRA NER rows (../shared here)
-  mkdir -p outputs/base && [ -e outputs/base/SmolLM2-135M-Instruct ] || cp -r .whl/smoke/SmolLM2-135M-Instruct outputs/base/
-  ner=../shared/data/finlora/test/ner_test.jsonl
-  [ -e "$ner" ] || { mkdir -p "$(dirname "$ner")" && cp .whl/smoke/ner_test.jsonl "$ner"; } \
-    || { mkdir -p data/train && cp .whl/smoke/ner_test.jsonl data/train/ner_train.jsonl; }
-  true  # a missing smoke input fails the smokes, not the benchmark
 ) >"$OUT/env.txt" 2>&1 || { cat "$OUT/env.txt"; exit 2; }
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 "$PY" - >>"$OUT/env.txt" 2>&1 <<'EOF'

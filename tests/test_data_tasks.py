@@ -362,3 +362,18 @@ def test_train_names_the_make_data_command_for_a_recipe_without_data(tmp_path):
     recipe = Recipe.open("ner_r8", ["--datasets", '[{"path": "%s"}]' % (tmp_path / "data/train/ner_train.jsonl")])
     with pytest.raises(RecipeError, match=r"run `make data RECIPE=ner_r8`"):
         ensure_inputs(recipe)
+
+
+def test_make_data_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """A file of the user's where `make data` would write: refused, nothing written, the file intact;
+    a file `make data` wrote (its stats beside it) is replaced as before."""
+    out = tmp_path / "d"
+    mine = out / "test" / "fpb_heldout_test.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own rows\n")
+    rc, _, err = run(capsys, "--out-dir", out)
+    assert rc == 1 and f"{mine} exists and `make data` did not write it" in err
+    assert mine.read_text() == "my own rows\n" and not (out / "train").exists()
+    mine.unlink()
+    assert run(capsys, "--out-dir", out)[0] == 0
+    assert run(capsys, "--out-dir", out)[0] == 0  # its own files: replaced

@@ -15,7 +15,7 @@ LAYERS = [
     {"data"},
     {"params", "plan", "scoring"},
     {"check", "train", "evaluate", "infer", "merge", "merge_io", "smoke", "base_model", "models", "gpu_install",
-     "clean"},
+     "clean", "seeds"},
     {"generate"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -59,3 +59,16 @@ def test_no_module_imports_one_above_it():
                 upward.append(f"{p.relative_to(ROOT)}:{line}: {me} (layer {LAYER[me]}) imports {module} "
                               f"(layer {LAYER[them]})")
     assert not upward, "\n".join(upward)
+
+
+def test_the_product_never_reads_the_shared_folder_beside_the_checkout():
+    """Users clone without ../shared: no product code, script or benchmark names it (the tests
+    may, through conftest.SHARED, and skip without it)."""
+    import re
+
+    named = []
+    for folder in ("finlora", "scripts", "benchmarks"):
+        for p in sorted((ROOT / folder).rglob("*")):
+            if p.suffix in (".py", ".sh") and re.search(r"ROOT\.parent|\.\./shared|\"shared\"", p.read_text()):
+                named.append(str(p.relative_to(ROOT)))
+    assert named == [], named

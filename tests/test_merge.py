@@ -317,7 +317,7 @@ def test_killed_merge_leaves_no_destination(tiny_run, tmp_path, capsys):
     base, adapter, out = tiny_run["base"], tiny_run["out"], tmp_path / "merged"
     k = kill_between_shards([sys.executable, "-c", OURS_PAUSED, str(base), str(adapter), str(out), "50MB"], out)
     assert k == {"destination_exists": False, "files": [], "hidden_temp": [k["hidden_temp"][0]]}, k
-    assert (tmp_path / k["hidden_temp"][0] / "model-00001-of-00011.safetensors").is_file()  # shard 1 was done
+    assert len(list((tmp_path / k["hidden_temp"][0]).glob("model-00001-of-*.safetensors"))) == 1  # shard 1 was done
     assert run_merge(base, adapter, out, "--max-shard-size", "50MB") == 0  # the next run removes the leftover
     assert "left by an interrupted merge" in capsys.readouterr().out
     assert not list(tmp_path.glob(".merged.*")) and (out / "merge_info.json").exists()

@@ -250,10 +250,10 @@ def test_loss_log_callback_interrupted_keeps_previous(tmp_path, monkeypatch):
 def test_data_preparation_killed_keeps_previous_files(tmp_path, monkeypatch):
     """`make data` writes tests, train, then stats: an exception while writing the
     train file leaves every earlier file of the previous run as it was."""
-    from finlora.data import prepare
+    from finlora.data import defaults
 
     out = tmp_path / "data"
-    prepare.prepare_default(out_dir=out, hub=False)
+    defaults.prepare_default(out_dir=out, hub=False)
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
     assert any(p.parent.name == "train" for p in files)
 
@@ -275,7 +275,7 @@ def test_data_preparation_killed_keeps_previous_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "write_examples", dying)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_default(out_dir=out, hub=False, seed=7)  # a different split: different bytes
+        defaults.prepare_default(out_dir=out, hub=False, seed=7)  # a different split: different bytes
     assert calls["n"] >= 1
     for p, data in files.items():
         if p.parent.name == "train" or p.parent.name == "stats":
@@ -290,7 +290,7 @@ def test_atomic_dir_interrupted_keeps_previous(tmp_path):
     with atomic_dir(dest) as d:
         (d / "model.safetensors").write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with atomic_dir(dest, force=True) as d:
+        with atomic_dir(dest, replace=lambda p: None) as d:
             (d / "model.safetensors").write_bytes(b"new, half")
             raise RuntimeError("killed")
     assert (dest / "model.safetensors").read_bytes() == b"old"

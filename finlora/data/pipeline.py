@@ -25,7 +25,7 @@ from finlora.data.sources import RawRow
 from finlora.data.split import dedupe, overlaps, oversample, stratified_split
 from finlora.data.tasks import FIXES, Task
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
-from finlora.errors import DataError
+from finlora.errors import DataError, RefusedError
 from finlora.recipes import Recipe, rel
 
 DATA_DIR = ROOT / "data"
@@ -107,6 +107,18 @@ def say(msg: str = "") -> None:
 def write_examples(path: Path, examples: Iterable[Example]) -> int:
     """UTF-8, LF, one `{"context", "target"}` per line; temp file then rename."""
     return write_jsonl(path, (e.row() for e in examples))
+
+
+def not_ours(out_dir: Path, split: str, name: str) -> str | None:
+    """Why `out_dir/split/name` may not be replaced, or None: a file is replaced only when it is
+    absent or `make data` wrote it (its stats file, or its `.source.json`, is beside it)."""
+    dest = out_dir / split / name
+    stem = Path(name).stem
+    if not (dest.exists() or dest.is_symlink()) or (out_dir / "stats" / f"{stem}.json").is_file() \
+            or dest.with_name(f"{stem}.source.json").is_file():
+        return None
+    return (f"{dest} exists and `make data` did not write it (no {out_dir.name}/stats/{stem}.json beside it); "
+            "nothing was written: move it away, or choose another --out-dir")
 
 
 def atomic_symlink(link: Path, target: str) -> None:
@@ -311,7 +323,12 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         }
     say(stats.table([(f"{p.split}/{p.name}" + ("  [SYNTHETIC]" if p.unit.synthetic else ""), p.stats) for p in parts]))
 
-    # 6. write: tests first, then train, then the link, then the stats
+    # 6. write: tests first, then train, then the link, then the stats; nothing a user put there is replaced
+    refused = [why for p in parts if (why := not_ours(opts.out_dir, p.split, p.name))]
+    if link is not None and (why := not_ours(opts.out_dir, "train", link[0])):
+        refused.append(why)
+    if refused:
+        raise RefusedError("\n".join(refused))
     for p in sorted(parts, key=lambda p: p.split != "test"):
         write_examples(opts.out_dir / p.split / p.name, p.examples)
     if link is not None:

@@ -36,7 +36,7 @@ from finlora import recipes
 from finlora.atomic import write_json
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Part, Unit, build, say
 from finlora.data.tasks import RECIPE_TASKS, TASKS, FinLoRAFile, TestSet
-from finlora.errors import DataError, RecipeError
+from finlora.errors import DataError, RecipeError, RefusedError
 from finlora.recipes import rel
 
 ENV_SRC = "FINLORA_DATA_SRC"
@@ -122,8 +122,11 @@ def fetch_all(files: list[FinLoRAFile], src: Path | None) -> dict[str, Path]:
 def write_published(s: TestSet, path: Path, out_dir: Path, origin: str) -> None:
     """A test set's file as published, and `<name>.source.json` beside it."""
     from finlora.atomic import atomic_open
+    from finlora.data.pipeline import not_ours
 
     dest = out_dir / "test" / s.file
+    if why := not_ours(out_dir, "test", s.file):
+        raise RefusedError(why)
     with open(path, "rb") as src, atomic_open(dest, "wb", encoding=None) as out:
         shutil.copyfileobj(src, out)
     kind, digest, _ = content_hash(s.source, dest)
