@@ -54,10 +54,9 @@ $(STAMP): requirements.txt constraints.txt $(if $(GPU),requirements-gpu.txt cons
 	$(BIN)/python -m pip install --quiet --upgrade pip
 ifneq ($(GPU),)
 	# Wheels only (CUDA torch, triton, bitsandbytes), no flash-attn (recipes use SDPA); then
-	# DeepSpeed's source distribution without build isolation, against that torch: it
-	# compiles nothing. constraints-gpu.txt is the GPU lock (finlora/gpu_install.py).
-	$(BIN)/pip install -r requirements-gpu.txt -c constraints-gpu.txt
-	$(BIN)/pip install --no-build-isolation -r requirements-gpu.txt -c constraints-gpu.txt deepspeed
+	# DeepSpeed's source distribution without build isolation, against that torch: it compiles
+	# nothing. finlora/gpu_install.py holds the two pip calls (and checks them with pip's resolver).
+	PYTHONPATH=. $(BIN)/python -m finlora.gpu_install --install
 else
 	$(BIN)/pip install -r requirements.txt -c constraints.txt
 endif

@@ -167,14 +167,17 @@ def _token_counts(ds) -> list[int]:
 
 
 def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
-    """(the dataset's name, one {"file", "line", "tokens"} per row of `ds` over `limit` tokens).
+    """(the dataset's name, one {"file", "line", "tokens"} per row of `ds` over `limit` tokens,
+    by the one length rule, finlora.lengths.too_long, on Axolotl's own token counts).
 
     `ds` is one dataset as Axolotl tokenised it (file order: Axolotl shuffles only when
     it merges, or when `shards` is set; then the row index is given instead of a line).
     """
+    from finlora.lengths import too_long
+
     name = str(dataset_config.get("path") or "dataset")
     counts = _token_counts(ds)
-    over = [(i, n) for i, n in enumerate(counts) if n > limit]
+    over = too_long(counts, limit)
     if not over:
         return name, []
     from finlora import recipes
@@ -188,67 +191,72 @@ def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
     return name, [{"file": name, "line": lines[i] if lines else None, "row": i, "tokens": n} for i, n in over]
 
 
-_LONG_ROWS: list[dict] = []  # this process's long rows, all datasets (one report file)
-_CLEARED: set[str] = set()   # output folders whose previous list this process has removed
+class LongRows:
+    """What this process found over sequence_len, across its datasets: one report file."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.cleared: set[str] = set()  # output folders whose previous list this process removed
+
+    def seen(self, cfg, dataset, dataset_config, split: str) -> None:
+        out = cfg.get("output_dir")
+        if out and out not in self.cleared and os.environ.get("RANK", "0") == "0":
+            # This run tokenises the data afresh: a previous run's list must not pass for its
+            # own. (When Axolotl reuses its prepared cache, this is never called and the list
+            # made with that cache stays, as it should.)
+            Path(str(out), "long_rows.jsonl").unlink(missing_ok=True)
+            self.cleared.add(out)
+        limit = cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len") \
+            else cfg.get("sequence_len")
+        name, rows = long_rows(dataset, dataset_config, int(limit))
+        if rows:
+            self.report(cfg, name, rows, len(dataset), int(limit))
+
+    def report(self, cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
+        import sys
+
+        strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
+        where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
+                 f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
+        shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
+        head = (f"{len(rows)} of {total} rows of {name} are longer than sequence_len {limit} "
+                "(Axolotl's token counts, EOS included; it cuts a long prompt at sequence_len first)")
+        if strategy == "raise":
+            raise ValueError(f"{head}; excess_length_strategy: raise stops the run:\n" + "\n".join(shown))
+        action = "cut to sequence_len" if strategy == "truncate" else "left out of training"
+        out_dir = Path(str(cfg.get("output_dir") or "."))
+        listed = ""
+        try:
+            from finlora.atomic import write_jsonl
+
+            self.rows.extend(rows)
+            write_jsonl(out_dir / "long_rows.jsonl", self.rows)
+            listed = f"; all listed in {out_dir / 'long_rows.jsonl'}"
+        except OSError:
+            pass
+        print(f"finlora: warning: {head}: {action} (excess_length_strategy: {strategy}){listed}:\n"
+              + "\n".join(shown), file=sys.stderr, flush=True)
 
 
 def report_long_rows() -> None:
-    """Wrap Axolotl's per-dataset loader so that rows over sequence_len are listed (or refused)."""
+    """Wrap Axolotl's per-dataset loader (PATCHES) so that rows over sequence_len are listed (or refused)."""
     import axolotl.utils.data.sft as sft
 
     original = sft._load_and_process_single_dataset
     if getattr(original, "_finlora_long_rows", False):
         return
+    found = LongRows()
 
     def load_and_process_single_dataset(*args, **kwargs):
         dataset, prompter = original(*args, **kwargs)
         cfg, dataset_config = kwargs.get("cfg"), kwargs.get("dataset_config")
-        if cfg is None or dataset_config is None or kwargs.get("streaming") or \
-                "input_ids" not in (getattr(dataset, "column_names", None) or []):
-            return dataset, prompter
-        out = cfg.get("output_dir")
-        if out and out not in _CLEARED and os.environ.get("RANK", "0") == "0":
-            # This run tokenises the data afresh: a previous run's list must not pass for its
-            # own. (When Axolotl reuses its prepared cache, this is never called and the list
-            # made with that cache stays, as it should.)
-            Path(str(out), "long_rows.jsonl").unlink(missing_ok=True)
-            _CLEARED.add(out)
-        split = kwargs.get("split", "train")
-        limit = cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len") \
-            else cfg.get("sequence_len")
-        name, rows = long_rows(dataset, dataset_config, int(limit))
-        if rows:
-            _report(cfg, name, rows, len(dataset), int(limit))
+        if cfg is not None and dataset_config is not None and not kwargs.get("streaming") and \
+                "input_ids" in (getattr(dataset, "column_names", None) or []):
+            found.seen(cfg, dataset, dataset_config, kwargs.get("split", "train"))
         return dataset, prompter
 
     load_and_process_single_dataset._finlora_long_rows = True
     sft._load_and_process_single_dataset = load_and_process_single_dataset
-
-
-def _report(cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
-    import sys
-
-    strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
-    where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
-             f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
-    shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
-    head = (f"{len(rows)} of {total} rows of {name} are longer than sequence_len {limit} "
-            "(Axolotl's token counts, EOS included; it cuts a long prompt at sequence_len first)")
-    if strategy == "raise":
-        raise ValueError(f"{head}; excess_length_strategy: raise stops the run:\n" + "\n".join(shown))
-    action = "cut to sequence_len" if strategy == "truncate" else "left out of training"
-    out_dir = Path(str(cfg.get("output_dir") or "."))
-    listed = ""
-    try:
-        from finlora.atomic import write_jsonl
-
-        _LONG_ROWS.extend(rows)
-        write_jsonl(out_dir / "long_rows.jsonl", _LONG_ROWS)
-        listed = f"; all listed in {out_dir / 'long_rows.jsonl'}"
-    except OSError:
-        pass
-    print(f"finlora: warning: {head}: {action} (excess_length_strategy: {strategy}){listed}:\n"
-          + "\n".join(shown), file=sys.stderr, flush=True)
 
 
 def _flag(env, name: str) -> bool:
@@ -259,28 +267,23 @@ def _flag(env, name: str) -> bool:
 
 
 def check_cpu_launch(env, deepspeed: bool = False) -> None:
-    """Refuse a multi-process CPU launch that would silently train each process alone:
-    Accelerate's shared state, made before the Trainer asks for the CPU, finds no GPU and
-    falls back to "not distributed" unless ACCELERATE_USE_CPU is set (measured here).
-    With DeepSpeed it is the other way round: Accelerate drops DeepSpeed without a word
-    whenever it is told to use the CPU (ACCELERATE_USE_CPU or TrainingArguments.use_cpu),
-    and the processes run plain DDP (seen here: no ZeRO checkpoint shards were written)."""
+    """Refuse a multi-process CPU launch that lacks the environment `launch.cpu_launch` names
+    (a user's own `torchrun` / `accelerate launch`): without it each process would train alone
+    on the whole data set, or Accelerate would drop DeepSpeed and run plain DDP (seen here: no
+    ZeRO checkpoint shards were written)."""
+    from finlora.launch import cpu_launch
+
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not on_cpu():
         return
-    if deepspeed:
-        if _flag(env, "ACCELERATE_USE_CPU"):
-            raise LaunchError(
-                "DeepSpeed on a machine without CUDA, but ACCELERATE_USE_CPU is set: Accelerate would drop "
-                "DeepSpeed silently and run plain DDP. Unset it (ACCELERATE_USE_CPU=0) and set DS_ACCELERATOR=cpu.")
-        if env.get("DS_ACCELERATOR") != "cpu":
-            raise LaunchError("DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu")
+    wrong = [f"{k}={v}" for k, v in cpu_launch(world, deepspeed).items()
+             if (_flag(env, k) != (v == "1") if k == "ACCELERATE_USE_CPU" else env.get(k) != v)]
+    if not wrong:
         return
-    if not _flag(env, "ACCELERATE_USE_CPU"):
-        raise LaunchError(
-            f"{world} training processes on a machine without CUDA, but ACCELERATE_USE_CPU is not set: "
-            "each process would train alone on the whole data set. Set ACCELERATE_USE_CPU=1 for "
-            "`torchrun`/`accelerate launch`, or use `make train GPUS=n`, which sets it.")
+    what = ("DeepSpeed on a machine without CUDA needs DeepSpeed's CPU accelerator, and Accelerate drops "
+            "DeepSpeed silently when told to use the CPU" if deepspeed else
+            f"{world} training processes on a machine without CUDA would each train alone on the whole data set")
+    raise LaunchError(f"{what}: set {' '.join(wrong)} (`make train GPUS=n` sets it)")
 
 
 def deepspeed_on_cpu_backend() -> None:

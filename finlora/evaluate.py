@@ -197,49 +197,60 @@ def model_key(*paths: str | None) -> str:
 
 # --- report --------------------------------------------------------------------
 
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+def fmt(metric: str, v: float) -> str:
+    return f"{100 * v:.2f}" if metric == "accuracy" else f"{v:.3f}"
 
 
-def cell(block: dict | None, metric: str) -> str:
+def cell(block: dict | None, metric: str, key: str = "ci", value: float | None = None) -> str:
+    """`value [low, high]` of a block's metric (or of `value`, with the interval under `key`)."""
     if not block or metric not in block:
         return "-"
-    v, ci = block[metric], block.get("ci", {}).get(metric)
-    fmt = pct if metric == "accuracy" else (lambda x: f"{x:.3f}")
-    return fmt(v) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+    v, ci = block[metric] if value is None else value, block.get(key, {}).get(metric)
+    return fmt(metric, v) + (f" [{fmt(metric, ci[0])}, {fmt(metric, ci[1])}]" if ci else "")
 
 
 def report_table(doc: dict) -> str:
     """The FinLoRA-shaped table: per set and metric, base, tuned, the gain with its paired
-    interval, FinLoRA's published base and same-variant figures, then the strict block."""
+    interval, FinLoRA's published base and same-variant figures, then the strict block(s)."""
     models = list(doc["results"])
     tuned = models[-1] if len(models) > 1 else None
     variant = doc["meta"].get("variant") or "r8"
-    head = ["set", "rows", "metric", "base", tuned or "", f"{tuned} - base" if tuned else "",
-            "FinLoRA base", f"FinLoRA {variant}", "strict: base", f"strict: {tuned}" if tuned else ""]
-    lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
+    head = ["set", "rows", "metric", "base", tuned or "-", "gain", "FinLoRA base", f"FinLoRA {variant}",
+            "strict: base", f"strict: {tuned or '-'}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, info in doc["sets"].items():
-        res = {m: doc["results"][m].get(name) for m in models}
-        first = next(r for r in res.values() if r)
-        metric = first["finlora"]["metric"]
-        pub = info.get("published") or {}
-        for k, m in enumerate([metric] + (["f1_weighted"] if "f1_weighted" in first["finlora"] else [])):
-            b, a = (res.get("base") or {}).get("finlora"), (res.get(tuned) or {}).get("finlora") if tuned else None
+        res = {m: doc["results"][m][name] for m in models}
+        fin = {m: r["finlora"] for m, r in res.items()}
+        first = next(iter(fin.values()))
+        for k, metric in enumerate([first["metric"]] + (["f1_weighted"] if "f1_weighted" in first else [])):
+            b, a = fin.get("base"), fin.get(tuned)
             gain = "-"
-            if a and b and m in a and m in b:
-                d, ci = a[m] - b[m], a.get("ci_minus_base", {}).get(m)
-                fmt = pct if m == "accuracy" else (lambda x: f"{x:.3f}")
-                gain = f"{'+' if d >= 0 else ''}{fmt(d)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
-            published = [pub.get(c) for c in ("base", variant)]
-            pubcells = ["-" if p is None else (f"{p[0]:.2f}" if m == "accuracy" and p[0] is not None else
-                                               f"{p[1]:.3f}" if m != "accuracy" else "-") for p in published]
-            strict = ["; ".join(f"{sn}: {cell(sb, sb['metric'] if m != 'f1_weighted' else m)}"
-                                for sn, sb in ((res.get(mm) or {}).get("strict") or {}).items() if m in sb or k == 0)
-                      or "-" for mm in ("base", tuned)]
-            n = f"{first['finlora']['n']}" + (f" ({info['scored']} rows)" if first["finlora"]["n"] != info["scored"] else "")
-            lines.append("| " + " | ".join([name if k == 0 else "", n if k == 0 else "", m, cell(b, m), cell(a, m),
-                                             gain, *pubcells, *strict]) + " |")
+            if a and b and metric in b:
+                gain = ("+" if a[metric] >= b[metric] else "") + cell(a, metric, "ci_minus_base", a[metric] - b[metric])
+            pub = [(info.get("published") or {}).get(c) for c in ("base", variant)]
+            pub = ["-" if p is None or (metric == "accuracy" and p[0] is None) else
+                   f"{p[0]:.2f}" if metric == "accuracy" else f"{p[1]:.3f}" for p in pub]
+            strict = ["; ".join(f"{sn}: {cell(sb, metric if metric in sb else sb['metric'])}"
+                                for sn, sb in res[m]["strict"].items()) if m in res else "-" for m in ("base", tuned)]
+            lines.append("| " + " | ".join([name if k == 0 else "", str(first["n"]) if k == 0 else "", metric,
+                                             cell(b, metric), cell(a, metric), gain, *pub, *strict]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report_notes(doc: dict, sets: list[TestSet]) -> str:
+    """What a reader of the table must know per set: the TFNS labels, ties, the free-text metric."""
+    notes = []
+    for s in sets:
+        fin = next(iter(doc["results"].values()))[s.name]["finlora"]
+        if s.fix:
+            notes.append(f"- {s.name}: `finlora` scores the file as published, with FinLoRA's swapped labels "
+                         "(the number comparable with FinLoRA's table); `strict` with them repaired.")
+        if fin.get("ties"):
+            notes.append(f"- {s.name}: {fin['ties']} answer(s) decided by a tie between labels found at the same "
+                         "place (the longer wins; FinLoRA's pick depends on Python's set order).")
+        if fin.get("note"):
+            notes.append(f"- {s.name}: FinLoRA's free-text metric: {fin['note']}.")
+    return "\n".join(notes) + ("\n" if notes else "")
 
 
 def bar_chart(doc: dict, out: Path) -> None:
@@ -427,9 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in doc["warnings"]:
         print(f"eval: warning: {w}")
     write_json(out / "metrics.json", doc)
-    table = report_table(doc)
-    notes = "".join(f"- {s.name}: FinLoRA's scoring used {r['finlora'].get('note')}\n"
-                    for s in sets for r in [next(iter(doc['results'].values()))[s.name]] if r["finlora"].get("note"))
+    table, notes = report_table(doc), report_notes(doc, sets)
     write_text(out / "report.md", f"# Evaluation\n\nbase: `{a.base}`  \n"
                + (f"{models[-1][0]}: `{tuned}`\n\n" if tuned else "\n")
                + "FinLoRA's scoring (`finlora`), with 95% bootstrap intervals; the gain's interval is a paired "

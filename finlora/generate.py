@@ -8,6 +8,7 @@ the training path imports it.
 from __future__ import annotations
 
 import io
+import string
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -75,158 +76,46 @@ def _section(title: str) -> list[Item]:
     return [("#", ""), ("#", f"--- {title} " + "-" * max(3, 73 - len(title)))]
 
 
-def build_items(task: str, variant: str, m: dict) -> list[Item]:
-    t = m["tasks"][task]
-    v = m["variants"][variant]
-    c = m["common"]
-    model = m["models"][v["model"]]
-    name = recipe_name(task, variant)
-    bits = v["bits"]
-    is_70b = "70b" in v["model"]
-    rslora = bool(v.get("rslora", False))
-    dora = bool(v.get("dora", False))
-    ds = v.get("deepspeed")
-    ref_gpus = int(m["reference_gpus"])
-    # FinLoRA's accumulation is per GPU on `ref_gpus` GPUs; one process reaches the same
-    # global batch by accumulating ref_gpus times as many micro batches.
-    accum = t["gradient_accumulation_steps"] * ref_gpus
-    global_batch = t["micro_batch_size"] * accum
-    scale = v["lora_alpha"] / v["lora_r"]
+def _fill(value, ctx: dict, fmt: string.Formatter = string.Formatter()):
+    """A template value with its `{...}` filled from `ctx`: a string that is one placeholder
+    keeps the placeholder's type (an int, a list, None); strings that YAML must quote
+    (`<|eot_id|>`, `{instruction}`) are written in double quotes; lists and mappings recursively."""
+    if isinstance(value, dict):
+        return {k: _fill(v, ctx) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, ctx) for v in value]
+    if not isinstance(value, str):
+        return value
+    parsed = list(fmt.parse(value))
+    if len(parsed) == 1 and parsed[0][0] == "" and parsed[0][1] and not parsed[0][2]:
+        return fmt.get_field(parsed[0][1], (), ctx)[0]
+    text = value.format_map(ctx)
+    return dq(text) if "<" in text or "{" in text else text
 
-    it: list[Item] = [
-        ("#", HEADER[2:]),
-        ("#", ""),
-        ("#", f"{name}: {v['summary']}."),
-        ("#", f"Model {model['label']}, task {task}. GPU recipe (SDPA attention, bitsandbytes);"),
-        ("#", "the CPU default is recipes/smollm2_sentiment_r8.yml."),
-        ("#", f"Run:    make train RECIPE={name} [GPUS=n] [NODES=m]   (after `make setup GPU=1`)"),
-        ("#", f"Memory: make plan RECIPE={name} GPUS=n     Trainable parameters: make params RECIPE={name}"),
-        ("#", f"Global batch {global_batch} = micro_batch_size {t['micro_batch_size']} x gradient_accumulation_steps "
-              f"{accum} on one GPU, FinLoRA's {t['micro_batch_size']} x {t['gradient_accumulation_steps']} x {ref_gpus} GPUs;"),
-        ("#", "`make train GPUS=n` divides the accumulation by n to keep it (and says so when it cannot)."),
-    ]
-    it += _section("model")
-    it += [
-        ("base_model", model["base_model"], "gated on the hub: accept the license, then `hf auth login`"),
-        ("model_type", "LlamaForCausalLM", None),
-        ("tokenizer_type", "AutoTokenizer", None),
-        ("trust_remote_code", False, "plain Llama architecture: no remote code needed"),
-        ("load_in_8bit", bits == 8, "LLM.int8 frozen base: half the memory of bf16" if bits == 8 else None),
-        ("load_in_4bit", bits == 4,
-         "NF4 + double quantization (Axolotl's qlora defaults), bf16 compute" if bits == 4 else None),
-        ("special_tokens", {"eos_token": dq("<|eot_id|>"), "pad_token": dq("<|finetune_right_pad_id|>")},
-         "Instruct turns end in <|eot_id|>; 128004 is Llama 3.1's reserved pad"),
-    ]
-    it += _section("LoRA")
-    adapter_why = ("Axolotl builds the 4-bit bitsandbytes config only for adapter: qlora"
-                   if bits == 4 else "LoRA on a frozen base")
-    it += [
-        ("adapter", "qlora" if bits == 4 else "lora", adapter_why),
-        ("lora_r", v["lora_r"], None),
-        ("lora_alpha", v["lora_alpha"],
-         f"alpha/sqrt(r) = {v['lora_alpha'] / v['lora_r'] ** 0.5:.2f} (rsLoRA scaling)" if rslora
-         else f"scale alpha/r = {scale:g}, as in the reference recipe" if scale == 2
-         else f"scale alpha/r = {scale:g}: FinLoRA's {v['lora_r']}-rank configs keep alpha {v['lora_alpha']}"),
-        ("lora_dropout", c["lora_dropout"], None),
-        ("lora_target_modules", list(c["lora_target_modules"]), c["why_targets"]),
-        ("lora_fan_in_fan_out", False, "Llama stores Linear weights as (out, in)"),
-        ("peft_use_rslora", rslora, "rank-stabilised scaling alpha/sqrt(r)" if rslora else None),
-        ("peft_use_dora", dora,
-         "adds a magnitude vector per output channel; slower: recomputes the weight norm each step"
-         if dora else None),
-        # Axolotl 0.19 turns its fused Triton LoRA kernels on for non-8-bit LoRA unless told
-        # not to; they are CUDA-only and none has run under these recipes (or with ZeRO-3).
-        ("lora_qkv_kernel", False, "Axolotl's fused LoRA kernels: off until proven with these recipes"),
-        ("lora_o_kernel", False, None),
-        ("lora_mlp_kernel", False, None),
-        ("lora_embedding_kernel", False, None),
-    ]
-    it += _section("data")
-    it += [
-        ("#", f"FinLoRA {{\"context\", \"target\"}} JSONL at ./data/train/{task}_train.jsonl. The"),
-        ("#", "context ends in \"Answer: \", so the prompt is the context as is and the loss"),
-        ("#", "covers only the answer tokens (train_on_inputs: false)."),
-        ("datasets", [{
-            "path": f"./data/train/{task}_train.jsonl",
-            "ds_type": "json",
-            "type": {
-                "field_instruction": "context",
-                "field_output": "target",
-                "format": dq("{instruction}"),
-                "no_input_format": dq("{instruction}"),
-            },
-        }], None),
-        ("dataset_prepared_path", f"./outputs/{name}/prepared", None),
-        ("val_set_size", 0.0, "held-out scoring is `make eval`'s job"),
-        ("train_on_inputs", False, None),
-        ("sequence_len", t["sequence_len"], t["why_len"]),
-        ("excess_length_strategy", "drop",
-         "a longer row is left out, and the finlora plugin lists it (file:line, tokens); `raise` stops the run"),
-        ("sample_packing", False, f"one example per row keeps the global batch = {global_batch} examples"),
-        ("pad_to_sequence_len", False, None),
-        ("shuffle_merged_datasets", True, None),
-    ]
-    it += _section("optimisation")
-    opt_why = {
-        "adamw_bnb_8bit": "8-bit AdamW states (bitsandbytes), as in the reference recipe",
-        "paged_adamw_8bit": "QLoRA's optimizer: 8-bit states, paged to CPU on memory spikes",
-    }.get(v["optimizer"])
-    it += [
-        ("seed", 42, None),
-        ("num_epochs", t["num_epochs"], f"FinLoRA {t['finlora']}"),
-        ("micro_batch_size", t["micro_batch_size"], "per GPU, FinLoRA's batch_size"),
-        ("gradient_accumulation_steps", accum,
-         f"FinLoRA's {t['gradient_accumulation_steps']} x its {ref_gpus} GPUs: global batch {global_batch} on one GPU"),
-        ("optimizer", v["optimizer"], opt_why),
-        ("learning_rate", c["learning_rate"], "every FinLoRA config"),
-        ("lr_scheduler", "cosine", "FinLoRA's template"),
-        ("warmup_steps", c["warmup_steps"], "FinLoRA's template"),
-        ("weight_decay", 0.0, None),
-        ("max_grad_norm", 1.0, None),
-    ]
-    it += _section("precision and speed")
-    it += [
-        ("bf16", "auto", "bf16 on Ampere or newer GPUs; fp16 on older ones"),
-        ("fp16", False, None),
-        ("tf32", False, "matmuls run in bf16; tf32 would only touch the fp32 LoRA math"),
-        ("gradient_checkpointing", True,
-         f"recompute activations in backward: {'80' if is_70b else '32'} layers x {t['sequence_len']} tokens"),
-        ("gradient_checkpointing_kwargs", {"use_reentrant": True},
-         "QLoRA + ZeRO-3 fails with non-reentrant checkpointing" if ds and "zero3" in ds
-         else "Axolotl's default, written out"),
-        ("attn_implementation", "sdpa",
-         "torch SDPA (its flash/mem-efficient kernels on CUDA): no flash-attn build to install"),
-        ("dataloader_num_workers", 0, "data is tokenised up front; collation is cheap"),
-    ]
-    it += _section("multi-GPU")
-    if ds and "zero3" in ds:
-        it += [
-            ("#", "ZeRO-3 shards the frozen 4-bit base over the GPUs (70B NF4 is ~37 GB + bf16"),
-            ("#", "embeddings). QLoRA + ZeRO-3 needs the 4-bit weights stored in a float dtype so"),
-            ("#", "DeepSpeed can partition them: Axolotl sets bnb_4bit_quant_storage=bfloat16, and"),
-            ("#", "skips prepare_model_for_kbit_training (no fp32 upcast of embeddings/norms)."),
-            ("#", "On one 80 GB+ GPU ZeRO-3 adds nothing but works; needs `make setup GPU=1` (deepspeed)."),
-            ("deepspeed", ds, None),
-        ]
-    else:
-        it += [
-            ("#", "Plain DDP when GPUS>1: every GPU holds the whole frozen base. FinLoRA's template"),
-            ("#", "names ZeRO-1, which would shard only the LoRA optimizer state (tens of MB"),
-            ("#", "here); use recipes/deepspeed/zero3.json to shard the base itself."),
-            ("deepspeed", ds, None),
-        ]
-    it += _section("outputs")
-    it += [
-        ("output_dir", f"./outputs/{name}", None),
-        ("save_safetensors", True, None),
-        ("save_strategy", "epoch", "an adapter per epoch (a few MB each)"),
-        ("save_total_limit", 2, None),
-        ("logging_steps", 10, None),
-        ("use_tensorboard", False, None),
-        ("plugins", ["finlora.axolotl_plugin.FinLoRAPlugin"],
-         "on a GPU only the loss log and curve (loss_log.jsonl, loss.png)"),
-    ]
-    return it
+
+def build_items(task: str, variant: str, m: dict) -> list[Item]:
+    """The recipe of `task` x `variant` as the matrix's `recipe:` template writes it."""
+    import json
+
+    t, v, model = m["tasks"][task], m["variants"][variant], m["models"][m["variants"][variant]["model"]]
+    accum = t["gradient_accumulation_steps"] * int(m["reference_gpus"])
+    config = json.loads((ROOT / model["config_dir"] / "config.json").read_text())
+    ctx = {"header": HEADER[2:], "name": recipe_name(task, variant), "task_name": task, "task": t, "variant": v,
+           "model": model, "common": m["common"], "reference_gpus": m["reference_gpus"], "accum": accum,
+           "global_batch": t["micro_batch_size"] * accum, "scale": v["lora_alpha"] / v["lora_r"],
+           "rs_scale": v["lora_alpha"] / v["lora_r"] ** 0.5, "layers": config["num_hidden_layers"]}
+    items: list[Item] = []
+    for entry in m["recipe"]:
+        if "only" in entry and variant not in entry["only"]:
+            continue
+        if "#" in entry:
+            items.append(("#", entry["#"].format_map(ctx)))
+        elif "section" in entry:
+            items += _section(entry["section"])
+        else:
+            value, why = v.get("keys", {}).get(entry["key"], (entry.get("value"), entry.get("why")))
+            items.append((entry["key"], _fill(value, ctx), why.format_map(ctx) if why else None))
+    return items
 
 
 def generate(matrix: dict | None = None) -> dict[str, str]:

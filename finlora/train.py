@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     # Arguments, then the recipe, before anything is built or loaded.
     gpus, nodes = launch.check_launch(a.gpus, a.nodes)
     recipe = Recipe.open(a.recipe, a.axolotl_args)
+    values = [f"error: {recipe.where(k)}: {k}: {why}" for k, why in recipe.value_problems()]
+    if values:  # before Axolotl's imports, and before a base model is downloaded for a run that cannot start
+        raise CheckFailed("\n".join(values).removeprefix("error: ") + "; nothing was started")
     from finlora import check
 
     result = None

@@ -69,6 +69,8 @@ CASES = [
     ("params lora_r 0", "params.py", lambda t: [recipe(t, lora_r=0)], 1, "lora_r: 0 must be at least 1", False),
     ("plan lora_r -4", "plan.py", lambda t: [recipe(t, lora_r=-4)], 1, "lora_r: -4 must be at least 1", False),
     ("recipe name with .yml", "params.py", lambda t: ["sentiment_r8.yml"], 0, "", True),
+    ("train: lora_r eight, base not built", "train.py", lambda t: [recipe(t, lora_r="eight", base_model=f"{t}/no-base")],
+     2, "lora_r: 'eight' is not a whole number", False),
     ("merge: missing base", "merge.py", lambda t: ["--base", f"{t}/nope", "--adapter", f"{t}/nope", "--out", f"{t}/o"], 1,
      f"no such folder", False),
     ("merge: unknown recipe", "merge.py", lambda t: ["--recipe", "sentimnet_r8"], 1, "no recipe named 'sentimnet_r8'", False),

@@ -21,7 +21,7 @@ from finlora import ROOT, cli
 from finlora.data import defaults, pipeline
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
-from finlora.data.sources import read_hf
+from finlora.data.sources import hf_rows, load_hf
 from conftest import SHARED, needs_shared
 from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label, fold_nwgi
 
@@ -98,7 +98,7 @@ def test_hub_code_path_on_local_files(tmp_path, capsys):
     """The hub reader is datasets.load_dataset; the same call reads a local JSON file."""
     src = tmp_path / "in.jsonl"
     _write("jsonl", src)
-    rows = list(read_hf("json", split="train", data_files=str(src)))
+    rows = list(hf_rows(load_hf("json", split="train", data_files=str(src)), "mem"))
     assert [r.data["content"] for r in rows] == [t for t, _ in ROWS] and rows[0].line == 1
 
 

@@ -95,7 +95,7 @@ def test_cpu_launch_without_accelerate_use_cpu_is_refused():
 
     if torch.cuda.is_available():
         pytest.skip("the check applies only where there is no CUDA device")
-    with pytest.raises(LaunchError, match="ACCELERATE_USE_CPU is not set"):
+    with pytest.raises(LaunchError, match="would each train alone.*set ACCELERATE_USE_CPU=1"):
         check_cpu_launch({"WORLD_SIZE": "2"})
     with pytest.raises(LaunchError, match="make train GPUS=n"):
         check_cpu_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # `accelerate launch` without --cpu

@@ -12,15 +12,21 @@ from packaging.requirements import Requirement
 from finlora import gpu_install as gi
 
 
-def test_make_setup_gpu_line_has_no_flash_attn_and_builds_deepspeed_against_torch():
-    cmds = gi.make_gpu_commands()
-    text = "\n".join(" ".join(c) for c in cmds)
+def test_make_setup_gpu_runs_the_two_steps_with_no_flash_attn_and_deepspeed_against_torch():
+    import subprocess
+
+    from finlora import ROOT
+
+    dry = subprocess.run(["make", "-n", "-B", "setup", "GPU=1"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "-m finlora.gpu_install --install" in dry  # the Makefile runs the module's steps
+    text = "\n".join(" ".join(c) for c in gi.STEPS)
     assert "flash-attn" not in text and "flash_attn" not in text
     assert not [ln for ln in gi.REQUIREMENTS_GPU.read_text().splitlines()
                 if "flash" in ln.split("#")[0]]
     # step 1: binary-only requirements with the GPU lock; step 2: deepspeed, no build isolation
-    assert cmds[0][2:] == ["-r", "requirements-gpu.txt", "-c", "constraints-gpu.txt"]
-    assert "--no-build-isolation" in cmds[-1] and cmds[-1][-1] == "deepspeed"
+    assert gi.STEPS[0] == ["-r", "requirements-gpu.txt", "-c", "constraints-gpu.txt"]
+    assert "--no-build-isolation" in gi.STEPS[-1] and gi.STEPS[-1][-1] == "deepspeed"
+    assert all(a in gi.STEPS[-1] for a in gi.STEPS[0])
     lines = [ln.split("#")[0].strip() for ln in gi.REQUIREMENTS_GPU.read_text().splitlines()]
     assert "--only-binary :all:" in lines
     assert "deepspeed" in gi.source_dists_allowed()

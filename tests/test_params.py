@@ -136,7 +136,8 @@ def test_published_16bit_figure_is_an_fp32_base_not_bf16():
     assert cal["measured_per_row"] == 0
     fp32 = 4 * params.count(LLAMA_8B, 8, QKV).total_params / planner.GiB + planner.ALLOCATOR_OVERHEAD_GIB
     assert fp32 == pytest.approx(cal["measured_b8"], rel=0.03)
-    assert plan("ner_r8_bf16").allocator_gib < 0.75 * cal["measured_b8"]
+    # at the published run's batch and row length (the recipe's sequence_len may differ)
+    assert cal["planned_b8"] < 0.75 * cal["measured_b8"]
 
 
 def test_70b_zero3_load_peak_is_the_whole_quantised_model_on_every_rank():

@@ -136,9 +136,9 @@ def test_cpu_deepspeed_launch_is_refused_where_accelerate_would_drop_deepspeed(m
 
     if torch.cuda.is_available():
         pytest.skip("the CPU launch rules apply only without CUDA")
-    with pytest.raises(LaunchError, match="drop DeepSpeed silently"):
+    with pytest.raises(LaunchError, match="drops DeepSpeed silently.*set ACCELERATE_USE_CPU=0"):
         check_cpu_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1", "DS_ACCELERATOR": "cpu"}, deepspeed=True)
-    with pytest.raises(LaunchError, match="DS_ACCELERATOR=cpu"):
+    with pytest.raises(LaunchError, match="set DS_ACCELERATOR=cpu"):
         check_cpu_launch({"WORLD_SIZE": "2"}, deepspeed=True)
     check_cpu_launch({"WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"}, deepspeed=True)
 
@@ -148,7 +148,8 @@ def test_cpu_deepspeed_launch_is_refused_where_accelerate_would_drop_deepspeed(m
         FinLoRAPlugin().register({"deepspeed": "recipes/deepspeed/zero3.json"})
     assert e.value.code == 1
     err = capsys.readouterr().err  # importing the plugin may log torch's import noise before it
-    assert err.splitlines()[-1] == "error: DeepSpeed on a machine without CUDA needs DS_ACCELERATOR=cpu"
+    assert err.splitlines()[-1].startswith("error: DeepSpeed on a machine without CUDA needs DeepSpeed's CPU") and \
+        err.splitlines()[-1].endswith("set DS_ACCELERATOR=cpu (`make train GPUS=n` sets it)")
 
 
 @pytest.mark.slow

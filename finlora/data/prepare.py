@@ -29,8 +29,6 @@ from finlora.data.convert import Mapping
 from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build, say
 from finlora.errors import DataError
 
-FORMATS = tuple(f for f in sources.FORMATS if f != "hf")
-
 
 def _parser() -> argparse.ArgumentParser:
     from finlora.data.tasks import FIXES, LABEL_MAPS, RECIPE_TASKS, TASKS
@@ -51,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true", help="the generated smoke-test set (invented headlines)")
     g = p.add_argument_group("one source (--task T --input FILE)")
     g.add_argument("--input", action="append", default=[], type=Path, help="input file (repeatable)")
-    g.add_argument("--format", choices=FORMATS,
+    g.add_argument("--format", choices=sources.FORMATS,
                    help="default: from the suffix (.jsonl without --text-col: finlora). all-data-csv: FPB's "
                         "label,content CSV; fpb-txt: FPB's sentence@label files; fiqa-json: FiQA task 1 JSON")
     g.add_argument("--text-col", help="column with the input text (default: text)")
@@ -160,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.task:
             p.error("--input needs --task")
         if not a.input and not a.hub:
-            p.error(f"--task {a.task} is a registry task: give --input FILE (or --hub)")
+            hint = flag("--input FILE", 'ARGS="--input FILE"')
+            p.error(f"--task {a.task} is a registry task: give {hint} (or --hub)")
         opts = Options(out_dir=a.out_dir, recipe=recipe, token_check=not a.no_token_check, against=a.against, **common)
         build(_one_source(a, p), opts)
         return 0

@@ -17,17 +17,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 from finlora.cli import flag
 from finlora.errors import SourceError
 
-FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora", "hf")
+FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora")
 _BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "fpb-txt"}
 
 
@@ -103,22 +100,10 @@ def read_delimited(path: Path, delimiter: str = ",", header: list[str] | None = 
 def read_all_data_csv(path: Path, info: SourceInfo | None = None) -> Iterator[RawRow]:
     """The widely shared Financial PhraseBank `all-data.csv`: `label,content`, with or
     without a header line, Latin-1 bytes here and there."""
-    info = info if info is not None else SourceInfo()
-    text = _read_text(path, info)
-    first = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+    with open(path, "rb") as f:
+        first = next(csv.reader([f.readline().decode("latin-1")]), [])
     has_header = [c.strip().lower() for c in first] == ["label", "content"]
-    reader = csv.reader(io.StringIO(text, newline=""))
-    prev_end = 0
-    for record in reader:
-        start, prev_end = prev_end + 1, reader.line_num
-        if has_header and start == 1:
-            continue
-        if not record or all(not c.strip() for c in record):
-            continue
-        if len(record) != 2:
-            yield RawRow(str(path), start, error=f"{len(record)} fields, expected 2 (label,content)")
-            continue
-        yield RawRow(str(path), start, {"label": record[0], "content": record[1]})
+    return read_delimited(path, ",", header=None if has_header else ["label", "content"], info=info)
 
 
 def read_fpb_txt(path: Path, info: SourceInfo | None = None) -> Iterator[RawRow]:
@@ -268,25 +253,6 @@ def hf_rows(ds, where: str) -> Iterator[RawRow]:
         yield RawRow(where, i, dict(row))
 
 
-def read_hf(name: str, config: str | None = None, split: str = "train", data_files=None,
-            revision: str | None = None) -> Iterator[RawRow]:
-    """Rows of `load_hf(...)`: the hub path, and the same code on local files with
-    `name="json"|"csv"|"parquet"` and `data_files=`."""
-    ds = load_hf(name, config, split, data_files, revision)
-    return hf_rows(ds, f"hf:{name}" + (f"/{config}" if config else "") + f"[{split}]")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def hub_dataset(hub, split: str):
     """One split of a registry source (`tasks.HubSource`) as a `datasets.Dataset`; SourceError
     when it cannot be loaded (offline, missing, renamed)."""
@@ -306,25 +272,17 @@ def hub_rows(hub, split: str) -> list[RawRow]:
 
 
 def read(fmt: str, path: str | Path, info: SourceInfo | None = None) -> Iterator[RawRow]:
-    """Rows of a local file in one of FORMATS (all but `hf`)."""
+    """Rows of a local file in one of FORMATS."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
+    if fmt not in FORMATS:
+        raise SourceError(f"unknown format {fmt!r}; formats are: {', '.join(FORMATS)}")
     info = info if info is not None else SourceInfo()
-    if fmt == "csv":
-        return read_delimited(path, ",", info=info)
-    if fmt == "tsv":
-        return read_delimited(path, "\t", info=info)
-    if fmt in ("jsonl", "finlora"):
-        return read_jsonl(path, info)
-    if fmt == "json":
-        return read_json(path, info)
     if fmt == "parquet":
         return read_parquet(path)
-    if fmt == "fpb-txt":
-        return read_fpb_txt(path, info)
-    if fmt == "all-data-csv":
-        return read_all_data_csv(path, info)
-    if fmt == "fiqa-json":
-        return read_fiqa_json(path, info)
-    raise SourceError(f"unknown format {fmt!r}; formats are: {', '.join(FORMATS)}")
+    if fmt in ("csv", "tsv"):
+        return read_delimited(path, "," if fmt == "csv" else "\t", info=info)
+    readers = {"jsonl": read_jsonl, "finlora": read_jsonl, "json": read_json, "fpb-txt": read_fpb_txt,
+               "all-data-csv": read_all_data_csv, "fiqa-json": read_fiqa_json}
+    return readers[fmt](path, info)

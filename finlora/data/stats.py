@@ -1,4 +1,4 @@
-"""Per-file statistics: rows, label counts, token-length percentiles."""
+"""Per-file statistics: rows, label counts, token-length percentiles; `make lengths`."""
 
 from __future__ import annotations
 
@@ -40,3 +40,43 @@ def table(entries: list[tuple[str, dict]]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make lengths [SRC=dir]`: per recipe task, the token lengths (Llama 3's tokenizer, prompt +
+    answer + EOS) of FinLoRA's train and test files that this machine has (SRC, data/cache, or
+    a download where FinLoRA's host answers), against the task's sequence_len."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from finlora.data import recipe_data
+    from finlora.data.tasks import RECIPE_TASKS
+    from finlora.lengths import Lengths, too_long, tokenizer_for
+    from finlora.recipes import Recipe
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--src", type=Path, help="a folder laid out as FinLoRA's data/ (as make data's SRC)")
+    p.add_argument("--download", action="store_true", help="fetch the files not found from FinLoRA's repository")
+    a = p.parse_args(argv)
+    print("| task | file | rows | p50 | p95 | p99 | max | sequence_len | rows over it |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rt in RECIPE_TASKS.items():
+        if rt.train is None:
+            continue
+        recipe = Recipe.open(f"{name}_r8")
+        seq = recipe.number("sequence_len", None)
+        found = tokenizer_for(recipe.base_model, None)
+        lengths = Lengths.load(found.path, found.where)
+        for f in [rt.train, *(s.source for s in rt.test_sets if s.source)]:
+            path = recipe_data.locate(f, a.src)
+            if path is None and a.download and recipe_data.online():
+                path = recipe_data.download(f)
+            if path is None:
+                print(f"| {name} | {f.path} | not measured here (not on this machine) | | | | | {seq} | |")
+                continue
+            rows = [json.loads(line) for line in recipe_data.verified(f, path).read_text().splitlines() if line.strip()]
+            n = sorted(lengths.trained_lengths([r["context"] + str(r["target"]) for r in rows]))
+            print(f"| {name} | {f.path} | {len(n):,} | {percentile(n, 50):,} | {percentile(n, 95):,} | "
+                  f"{percentile(n, 99):,} | {n[-1]:,} | {seq:,} | {len(too_long(n, seq)):,} |", flush=True)
+    return 0
