@@ -28,6 +28,24 @@ needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(),
                                   reason=f"real data not found at {SHARED} (FINLORA_SHARED_DATA)")
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
 
+
+@pytest.fixture(scope="session")
+def finlora_scorer() -> dict:
+    """FinLoRA's own `evaluate_accuracy` and `process_batched`, read from the checkout that
+    FINLORA_REPO names (never copied here): only those two pure functions are compiled, as its
+    module imports CUDA-side packages at the top."""
+    import ast
+
+    if not os.environ.get("FINLORA_REPO"):
+        pytest.skip("FINLORA_REPO (a checkout of Open-Finance-Lab/FinLoRA) is not set: FinLoRA's own scorer "
+                    "is not on this machine")
+    src = Path(os.environ["FINLORA_REPO"]) / "test" / "test_dataset.py"
+    ns: dict = {}
+    for node in ast.parse(src.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("evaluate_accuracy", "process_batched"):
+            exec(compile(ast.Module([node], []), str(src), "exec"), ns)
+    return ns
+
 SENTIMENT_PROMPT = (
     "Instruction: What is the sentiment of this news? Please choose an answer from "
     "{{negative/neutral/positive}}.\nInput: {text}\nAnswer: "

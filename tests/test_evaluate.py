@@ -154,21 +154,12 @@ def test_merged_model_answers_as_the_adapter_does_in_fp32(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FINLORA_REPO"), reason="FINLORA_REPO (a checkout of Open-Finance-Lab/FinLoRA) "
-                                                              "is not set: FinLoRA's own scorer is not on this machine")
-def test_finloras_own_functions_give_the_finlora_block(tiny_run, tmp_path):
-    """Re-score the written predictions with FinLoRA's test/test_dataset.py functions (read from
-    the checkout, never copied here): the same accuracy and F1 to the last digit."""
-    import ast
-
+def test_finloras_own_functions_give_the_finlora_block(finlora_scorer, tiny_run, tmp_path):
+    """Re-score the written predictions with FinLoRA's test/test_dataset.py functions: the same
+    accuracy and F1 to the last digit."""
     import sklearn.metrics
 
-    src = Path(os.environ["FINLORA_REPO"]) / "test" / "test_dataset.py"
-    tree = ast.parse(src.read_text())
-    ns: dict = {}
-    for node in tree.body:  # only its two pure functions; the module imports CUDA-side packages
-        if isinstance(node, ast.FunctionDef) and node.name in ("evaluate_accuracy", "process_batched"):
-            exec(compile(ast.Module([node], []), str(src), "exec"), ns)
+    ns = finlora_scorer
     _tiny_set(tmp_path)
     out = tmp_path / "eval"
     assert main(["--base", str(tiny_run["base"]), "--adapter", str(tiny_run["out"]), "--datasets", "fpb",

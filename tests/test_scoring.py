@@ -208,3 +208,48 @@ def test_strict_validator_leaves_out_rows_with_unknown_labels():
     assert scoring.strict_valid(s, "person") and not scoring.strict_valid(s, "Not mentioned")
     assert not scoring.strict_valid(TEST_SETS["formula"], "n/a")
     assert math.isclose(scoring.strict_blocks(s, ["person"], ["person"])["ner"]["accuracy"], 1.0)
+
+
+# Label pools without a prefix pair (so no tie, where FinLoRA's result would follow Python's set
+# order): sentiment words, FinLoRA's NER, XBRL-like tags, formula-like numbers.
+POOLS = {"label": ["positive", "negative", "neutral", "Yes", "No", "PER", "ORG", "LOC", "12.5", "0.57", "2"],
+         "tags": ["Revenues", "NetIncomeLoss", "Assets", "DebtInstrumentFaceAmount", "EffectiveIncomeTaxRate"]}
+
+
+def _crafted(rng: random.Random, pool: list[str], target: str) -> str:
+    """An answer of one of the shapes a model gives: the label, its case changed, inside text,
+    inside another word, two labels, nothing of the pool, empty, a repeated Answer: marker."""
+    other = rng.choice(pool)
+    return rng.choice([target, target.upper(), f"The answer is {target.lower()}.", f"un{target}ly",
+                       f"{other} or {target}", f"{target}, {other}", "I cannot tell", "",
+                       f"{other}\nAnswer: {target}", f"  {other}  "])
+
+
+@pytest.mark.parametrize("name", [n for n, s in TEST_SETS.items() if s.scorer != "text"])
+def test_finlora_block_equals_finloras_own_functions(finlora_scorer, name):
+    """Per registry set (its scorer kind), 400 rows of crafted answers: accuracy and weighted F1
+    from FinLoRA's `evaluate_accuracy` (+ `process_batched` for FiNER/FNXL) and sklearn, as its
+    `test_fin_tasks` calls them, equal ours to the last digit. No answer holds a tie."""
+    from sklearn.metrics import f1_score
+
+    s = TEST_SETS[name]
+    rng = random.Random(name)
+    pool = POOLS["tags" if s.scorer == "tags" else "label"]
+    if s.scorer == "tags":
+        targets = [", ".join(rng.choices(pool, k=rng.randint(1, 4))) for _ in range(400)]
+        gens = [", ".join(_crafted(rng, pool, t) for t in tgt.split(", ")[:rng.randint(1, 5)]) for tgt in targets]
+    else:
+        labels = rng.sample(pool, 4)
+        targets = [rng.choice(labels) for _ in range(400)]
+        gens = [_crafted(rng, labels, t) for t in targets]
+    answers = [scoring.answer_text(g) for g in gens]  # FinLoRA's inference(): after the last Answer:, stripped
+    outs, tgts = answers, targets
+    if s.scorer == "tags":
+        outs, tgts = finlora_scorer["process_batched"](answers, targets)
+    acc, response = finlora_scorer["evaluate_accuracy"](outs, tgts, list(set(tgts)))
+    ours = scoring.finlora_labels(s, answers, targets)
+    assert ours["ties"] == 0
+    assert ours["n"] == len(tgts)
+    assert ours["accuracy"] == acc
+    assert ours["f1_weighted"] == f1_score(tgts, response, average="weighted")
+    assert ours["response"] == response
