@@ -12,8 +12,10 @@ Each run is `make train`'s code (scripts/train.py) with those keys as overrides,
 `make eval`'s code on the held-out FPB split and FinLoRA's FiQA-SA file; per run it records
 the loss curve's first and last values, train seconds, the training process tree's peak RSS,
 the adapter's size, and both scorers' accuracy and weighted F1 with 95% intervals. The JSON
-goes to outputs/variants/variants.json; a Markdown table is printed (docs/RESULTS.md holds the
-last one, with the CPU that made it). Not a test: the figures depend on the machine.
+goes to outputs/variants/variants.json (a run replaces its own variant and seed there and keeps
+the others); a Markdown table of every run in it is printed (`--table` prints it alone;
+docs/RESULTS.md holds the last one, with the CPU that made it), beside FinLoRA's published
+Llama-3.1-8B figures for the same variant. Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -90,11 +92,20 @@ def one(variant: str, seed: int, eval_args: list[str]) -> dict:
                        for s in SETS.split(",")}}
 
 
+def finlora_published(variant: str) -> str:
+    """FinLoRA's Llama-3.1-8B FPB and FiQA-SA accuracy for the same variant (the registry's)."""
+    from finlora.data.tasks import TEST_SETS
+
+    cells = [TEST_SETS[s].published.get(variant) for s in ("fpb", "fiqa")]
+    return " / ".join(f"{c[0]:.2f}" for c in cells) if all(cells) else "-"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| variant | seed | loss first -> last | train s | peak RSS MiB | adapter KB | FPB held-out acc [95% CI] "
-            "| FPB F1 | FiQA-SA acc [95% CI] | FiQA F1 | strict FPB / FiQA |")
+            "| FPB F1 | FiQA-SA acc [95% CI] | FiQA F1 | strict FPB / FiQA | base FPB / FiQA "
+            "| FinLoRA 8B FPB / FiQA |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["seed"])):
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['seed']} | {r['error']} |")
             continue
@@ -104,7 +115,9 @@ def table(rows: list[dict]) -> str:
                      f"{r['train_seconds']:.0f} | {r['peak_rss_mib']:,} | {r['adapter_bytes'] / 1024:,.0f} | "
                      f"{100 * a('fpb_heldout')['accuracy']:.1f} {ci('fpb_heldout')} | {a('fpb_heldout')['f1_weighted']:.3f} | "
                      f"{100 * a('fiqa')['accuracy']:.1f} {ci('fiqa')} | {a('fiqa')['f1_weighted']:.3f} | "
-                     f"{100 * r['strict']['fpb_heldout']['adapter']:.1f} / {100 * r['strict']['fiqa']['adapter']:.1f} |")
+                     f"{100 * r['strict']['fpb_heldout']['adapter']:.1f} / {100 * r['strict']['fiqa']['adapter']:.1f} | "
+                     f"{100 * a('fpb_heldout', 'base')['accuracy']:.1f} / {100 * a('fiqa', 'base')['accuracy']:.1f} | "
+                     f"{finlora_published(r['variant'])} |")
     return "\n".join(lines)
 
 
@@ -115,15 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="42")
     p.add_argument("--eval-args", default="", help="extra `make eval` arguments, e.g. '--sample 0.5'")
+    p.add_argument("--table", action="store_true", help="print the table of the runs in variants.json; run nothing")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(json.loads((OUT / "variants.json").read_text())))
+        return 0
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = []
+    done = OUT / "variants.json"
+    # earlier runs of other variants or seeds stay: the table is every (variant, seed) run here
+    rows = json.loads(done.read_text()) if done.is_file() else []
     for seed in [int(s) for s in a.seeds.split(",")]:
         for v in a.variants.split(","):
             t0 = time.perf_counter()
-            rows.append(one(v.strip(), seed, a.eval_args.split()))
+            row = one(v.strip(), seed, a.eval_args.split())
+            rows = [r for r in rows if (r["variant"], r["seed"]) != (row["variant"], seed)] + [row]
             print(f"variants: {v} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-            write_json(OUT / "variants.json", rows)
+            write_json(done, rows)
     print(table(rows))
     return 0
 
