@@ -65,7 +65,8 @@ PATCHES = {
     "axolotl.cli.config.prepare_debug_log, axolotl.utils.tee._file_handle": ("axolotl", "0.19.0", "redact_debug_log"),
     "axolotl.utils.data.sft._load_and_process_single_dataset": ("axolotl", "0.19.0", "report_long_rows"),
     "accelerate.state.PartialState._prepare_backend": ("accelerate", "1.13.0", "deepspeed_on_cpu_backend"),
-    "peft.tuners.lora.dora.dequantize_module_weight": ("peft", "0.20.0", "CpuInt8DoraPlugin (smoke only)"),
+    "peft.tuners.lora.dora.dequantize_module_weight": ("peft", "0.20.0", "keep_int8_scale_on_cpu (CPU only: the "
+                                                       "smoke's and bench-variants' plugin, eval of 8-bit DoRA)"),
 }
 
 
@@ -407,13 +408,19 @@ def keep_int8_scale(dequantize):
     return wrapped
 
 
+def keep_int8_scale_on_cpu() -> None:
+    """Install `keep_int8_scale` (PATCHES) where the bug is: without CUDA. Training (the plugin
+    below) and `make eval --bits 8` of a DoRA adapter (finlora.models) both go through here."""
+    if torch.cuda.is_available():
+        return
+    import peft.tuners.lora.dora as dora
+
+    if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
+        dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)
+
+
 class CpuInt8DoraPlugin(BasePlugin):
     """Listed in a smoke recipe (never in a generated one) for 8-bit DoRA on a CPU."""
 
     def register(self, cfg):
-        if torch.cuda.is_available():
-            return
-        import peft.tuners.lora.dora as dora
-
-        if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
-            dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)
+        keep_int8_scale_on_cpu()

@@ -69,11 +69,16 @@ def load_base(path: str, dtype: str = "float32", quant: str | None = None, for_g
 def load_model(base: str, adapter: str | None = None, merged: str | None = None, dtype: str = "float32",
                quant: str | None = None, allow_base_mismatch: bool = False):
     """(model, tokenizer): the base, the base + one adapter (PeftModel), or a merged model."""
-    if adapter:
-        check_adapter(adapter, base, allow_base_mismatch)
+    config = check_adapter(adapter, base, allow_base_mismatch) if adapter else {}
     model, tok = load_base(merged or base, dtype=dtype, quant=quant)
     if adapter:
         from peft import PeftModel
+
+        if quant == "8bit" and config.get("use_dora"):
+            # 8-bit DoRA fails at its second forward without CUDA (peft 0.20 + bitsandbytes 0.50)
+            from finlora.axolotl_plugin import keep_int8_scale_on_cpu
+
+            keep_int8_scale_on_cpu()
 
         model = PeftModel.from_pretrained(model, adapter)
         model.eval()

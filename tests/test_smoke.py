@@ -190,3 +190,34 @@ def test_cpu_int8_dora_needs_the_smokes_workaround(tmp_path):
         assert all(math.isfinite(x) for x in train_two_steps())
     finally:
         dora.dequantize_module_weight = original
+
+
+@pytest.mark.slow
+def test_cpu_int8_dora_adapter_is_scored_on_an_8bit_base(tmp_path):
+    """`make eval --bits 8` of a DoRA adapter (as bench-variants scores r8_dora) loads it through
+    finlora.models.load_model, which installs the same workaround: two generations run where
+    plain PEFT fails at the second forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import peft.tuners.lora.dora as dora
+    from finlora.models import load_model
+    from finlora.smoke import tiny_model, tokenizer_dir
+
+    if torch.cuda.is_available():
+        pytest.skip("the failure is on the CPU path only")
+    base = tiny_model(ROOT / "recipes" / "models" / "llama-3.1-8b", tmp_path / "tiny",
+                      tokenizer=tokenizer_dir("meta-llama/Llama-3.1-8B-Instruct"))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], use_dora=True))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    original = dora.dequantize_module_weight
+    try:
+        model, tok = load_model(str(base), adapter=str(tmp_path / "adapter"), quant="8bit")
+        assert getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False)
+        ids = tok("Operating profit rose", return_tensors="pt").input_ids
+        for _ in range(2):
+            assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    finally:
+        dora.dequantize_module_weight = original
