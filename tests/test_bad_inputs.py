@@ -72,7 +72,7 @@ CASES = [
     ("train: lora_r eight, base not built", "train.py", lambda t: [recipe(t, lora_r="eight", base_model=f"{t}/no-base")],
      2, "lora_r: 'eight' is not a whole number", False),
     ("merge: missing base", "merge.py", lambda t: ["--base", f"{t}/nope", "--adapter", f"{t}/nope", "--out", f"{t}/o"], 1,
-     f"no such folder", False),
+     "no such folder", False),
     ("merge: unknown recipe", "merge.py", lambda t: ["--recipe", "sentimnet_r8"], 1, "no recipe named 'sentimnet_r8'", False),
     ("data: out-dir is a file", "prepare_data.py", lambda t: ["--out-dir", str(Path(t, "f.txt"))], 1,
      "cannot write there", False),
