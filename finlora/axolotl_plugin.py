@@ -1,44 +1,16 @@
 """Axolotl plugin: what Axolotl 0.19 lacks for training on a CPU, plus the loss log.
 
-Recipes list it under `plugins:`. On a GPU node it only writes the loss log and
-curve; everything else applies only when no CUDA device is present:
-
-- `bf16: auto` resolves to bf16 when the CPU has native bf16 instructions (AMX or
-  AVX512-BF16), else fp32. Axolotl's own `auto` checks only for a GPU and would
-  fall back to fp16, which CPUs do not train in. bf16 matmuls ran ~4.7x faster
-  than fp32 on this project's AMX machine.
-- Transformers' Trainer accepts bf16 on a CPU only with `use_cpu=True`, which
-  Axolotl does not pass; we pass it through `get_training_args`.
-- With several CPU processes (torchrun / accelerate, gloo), Axolotl sets
-  `device_map={"": LOCAL_RANK}`, which transformers reads as a CUDA index; the
-  model is kept on the CPU instead. Such a launch without `ACCELERATE_USE_CPU=1`
-  (which `make train GPUS=n` sets) is refused with that fix named: without it every
-  process would train alone on the whole data set. A recipe with `deepspeed:` runs on
-  DeepSpeed's CPU accelerator instead (`deepspeed_on_cpu_backend`; launch with
-  ACCELERATE_USE_CPU=0 DS_ACCELERATOR=cpu): Accelerate drops DeepSpeed on the CPU.
-
-On every host it also seeds the RNGs with the recipe's `seed` right before the LoRA
-matrices are created (`pre_lora_load`): Axolotl 0.19 seeds only when the Trainer is
-built, after the adapter exists, so A's random initialisation differed between two
-runs of one recipe. Seeded, a run resumed from a checkpoint reproduces an
-uninterrupted run (tests/test_reliability.py).
-
-With `answer_logits_only: true` in a recipe (a key this plugin adds to Axolotl's
-schema, default false), training computes the output head's logits only at the
-positions that carry a loss target (`finlora.answer_logits`): the same loss and
-gradients, ~20% less work per CPU step for short-answer tasks.
-
-Rows longer than `sequence_len` never vanish unseen: Axolotl's default
-`excess_length_strategy: drop` leaves them out with one anonymous count in its log
-(and `raise` names no row). The plugin measures every tokenised row of each dataset
-as Axolotl tokenised it, before the datasets are merged and shuffled, and lists the
-long ones by file:line and token count: printed, and all of them in
-`<output_dir>/long_rows.jsonl`. Under `excess_length_strategy: raise` the run stops
-there with that list.
-
-It also keeps secrets out of Axolotl's `debug.log` (a tee of
-stdout/stderr into the output folder): the tee's file is wrapped so that values of
-secret-named environment variables are written as `[REDACTED]` (`finlora.redact`).
+Recipes list it under `plugins:`. docs/GPU.md tells each behaviour with its measurements;
+each function below says why. On every host: the loss log and curve (`LossLogCallback`), the
+RNGs seeded before the LoRA matrices exist (`pre_lora_load`: Axolotl 0.19 seeds only when the
+Trainer is built, so A's initialisation differed between runs and a resumed run did not
+reproduce an uninterrupted one), rows over `sequence_len` listed by file:line
+(`report_long_rows`), secrets kept out of Axolotl's `debug.log` (`redact_debug_log`), and
+`answer_logits_only` (a key this plugin adds, `finlora.answer_logits`). Without CUDA only:
+`bf16: auto` resolved by the CPU's native bf16, `use_cpu` passed to the Trainer, the model kept
+on the CPU under several processes, a multi-process launch without the CPU launch contract
+refused (`check_cpu_launch`), and DeepSpeed started on its CPU accelerator
+(`deepspeed_on_cpu_backend`). The private internals patched are listed in finlora.patches.
 """
 
 from __future__ import annotations
@@ -54,20 +26,6 @@ from pydantic import BaseModel
 
 from finlora.cli import exit_on_error
 from finlora.errors import LaunchError
-
-
-# The private internals of libraries this project patches at run time: each one where no
-# public hook exists (Axolotl's plugin API has no per-dataset hook, no debug-log hook; the
-# others are inside the libraries' own control flow), with the version it was written for.
-# tests/test_patches.py fails, naming the patch, when an installed version differs or the
-# patched name is gone: read the library's new code before changing the pin.
-PATCHES = {
-    "axolotl.cli.config.prepare_debug_log, axolotl.utils.tee._file_handle": ("axolotl", "0.19.0", "redact_debug_log"),
-    "axolotl.utils.data.sft._load_and_process_single_dataset": ("axolotl", "0.19.0", "report_long_rows"),
-    "accelerate.state.PartialState._prepare_backend": ("accelerate", "1.13.0", "deepspeed_on_cpu_backend"),
-    "peft.tuners.lora.dora.dequantize_module_weight": ("peft", "0.20.0", "keep_int8_scale_on_cpu (CPU only: the "
-                                                       "smoke's and bench-variants' plugin, eval of 8-bit DoRA)"),
-}
 
 
 class FinLoRAArgs(BaseModel):
@@ -382,45 +340,10 @@ class FinLoRAPlugin(BasePlugin):
         return [LossLogCallback(cfg.output_dir)]
 
 
-# --------------------------------------------------------------------------- CPU-only workaround
-
-def keep_int8_scale(dequantize):
-    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU.
-
-    peft 0.20 (utils/integrations.py) re-wraps an 8-bit weight after dequantizing it *only
-    when the weight is on the CPU* (`if is_cpu: module.weight = module.weight.to(device)`).
-    bitsandbytes 0.50's `Int8Params.to` then sets CB (the int8 data) but not SCB (its row
-    scales, which the layer's first forward moved into `state`), so the next forward's
-    `init_8bit_state` copies SCB=None into the state and the int8 matmul fails. DoRA calls
-    this on every forward, so 8-bit DoRA cannot take a step on a CPU. On a GPU the weight
-    is never re-wrapped and the state keeps its scales. The wrapper clears the stale CB
-    (the state already holds the same int8 data), which is what the GPU path leaves."""
-
-    def wrapped(module):
-        out = dequantize(module)
-        w, state = getattr(module, "weight", None), getattr(module, "state", None)
-        if (type(w).__name__ == "Int8Params" and w.CB is not None and w.SCB is None
-                and state is not None and state.SCB is not None):
-            w.CB = None
-        return out
-
-    wrapped._finlora_keeps_int8_scale = True
-    return wrapped
-
-
-def keep_int8_scale_on_cpu() -> None:
-    """Install `keep_int8_scale` (PATCHES) where the bug is: without CUDA. Training (the plugin
-    below) and `make eval --bits 8` of a DoRA adapter (finlora.models) both go through here."""
-    if torch.cuda.is_available():
-        return
-    import peft.tuners.lora.dora as dora
-
-    if not getattr(dora.dequantize_module_weight, "_finlora_keeps_int8_scale", False):
-        dora.dequantize_module_weight = keep_int8_scale(dora.dequantize_module_weight)
-
-
 class CpuInt8DoraPlugin(BasePlugin):
     """Listed in a smoke recipe (never in a generated one) for 8-bit DoRA on a CPU."""
 
     def register(self, cfg):
+        from finlora.patches import keep_int8_scale_on_cpu
+
         keep_int8_scale_on_cpu()

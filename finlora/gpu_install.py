@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -57,16 +56,6 @@ class Resolved:
     @property
     def is_wheel(self) -> bool:
         return self.url.split("#", 1)[0].endswith(".whl")
-
-
-def source_dists_allowed(path: Path = REQUIREMENTS_GPU) -> set[str]:
-    """The packages requirements-gpu.txt lets pip build from source (its --no-binary line)."""
-    names: set[str] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"--no-binary[ =](\S+)", line.split("#", 1)[0].strip())
-        if m:
-            names |= {canonicalize_name(n) for n in m.group(1).split(",") if n}
-    return names
 
 
 def pins(path: Path) -> dict[str, str]:

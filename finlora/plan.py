@@ -1,54 +1,10 @@
 """`make plan RECIPE=x GPUS=n`: estimated peak GPU memory per GPU for a recipe.
 
-Everything comes from the recipe and the model's config.json (built on the meta
-device, see finlora.params); no weights, no GPU. Bytes, then GiB (2**30). The same
-formulas, with worked numbers, are in recipes/PLANNER.md.
-
-Symbols: N GPUs (data-parallel ranks), Z the ZeRO stage of the recipe's DeepSpeed
-config (0: none, plain DDP), T trainable LoRA parameters, P_lin base parameters in the
-decoder's nn.Linear layers (the ones bitsandbytes quantizes), P_oth the rest
-(embeddings, lm_head, norms), sum_out the summed output rows of those Linear layers,
-L layers, h hidden size, h_kv = kv_heads * head_dim, i MLP intermediate size, a heads,
-V vocabulary, s sequence_len (the longest batch: no packing, no padding to length),
-b micro_batch_size, t number of LoRA target modules.
-
-1. Frozen base weights
-     16-bit: 2 * (P_lin + P_oth)
-     8-bit (LLM.int8): 1 * P_lin + 4 * sum_out (fp32 row scales) + c * P_oth
-     4-bit (NF4, double quant; blocks of 64, absmax 8-bit, 2nd-level blocks of 256
-            in fp32): (0.5 + 1/64 + 4/(64*256)) * P_lin = 0.51587 * P_lin, + c * P_oth
-   c = 4 for 8/4-bit without ZeRO-3 (PEFT's prepare_model_for_kbit_training upcasts
-   every non-quantized parameter to fp32), else 2. ZeRO-3: divided by N.
-2. LoRA weights: 4 * T (fp32). ZeRO-3: / N.
-3. Gradients:    4 * T (fp32). ZeRO-2/3: / N. DDP (Z=0, N>1) adds 4 * T of buckets.
-4. Optimizer state: AdamW 8 * T (two fp32 moments); 8-bit optimizers (adamw_bnb_8bit,
-   paged_adamw_8bit, ...) 2 * T. ZeRO-1/2/3: / N; 0 when the DeepSpeed config offloads
-   the optimizer to CPU.
-5. Activations, 16-bit, per token and layer, without checkpointing:
-     act_layer = 2 * (6h + 2h_kv + 4i) + 3 * t * h
-   (attention: norm input, q/k/v input, q, k, v, attention output -> 4h + 2h_kv;
-   MLP: norm input, gate/up input, gate, up, silu(gate), product -> 2h + 4i; per LoRA
-   target its dropout output (2 bytes) and mask (1 byte) of the input, 3h).
-   Without flash attention add 4 * a * s per token and layer (scores and softmax).
-     no checkpointing:   s * b * L * act_layer
-     with checkpointing: s * b * L * 2h (each layer's input) + s * b * act_layer
-                         (one layer recomputed at a time in backward)
-   plus the loss head: s * b * V * 10 (bf16 logits 2 + fp32 upcast for the
-   cross-entropy 4 + fp32 logits gradient 4). Data parallelism does not shard these.
-   DoRA adds 4 * max(in * out) over the targets (the 16-bit weight it re-materialises
-   to take the column norm, and W + BA).
-6. ZeRO-3 gather buffer: max(2 layers' frozen weights (the layer in use and the one
-   prefetched), the largest parameter whole in 16-bit (embedding / lm_head) + 1 layer).
-7. Allocator overhead: 0.55 GiB inside PyTorch's allocator, calibrated on FinLoRA's
-   published NER figures (recipes/measured.json; recipes/PLANNER.md).
-8. CUDA context: 0.6 GiB outside PyTorch's allocator (an allowance).
-
-Training peak = 1 + ... + 8. Load peak: the whole frozen weights on every rank for a
-bitsandbytes model (quantised while loading, not under zero.Init, so not yet sharded by
-ZeRO-3) + the largest 16-bit Linear being quantised + 7 + 8; an unquantised ZeRO-3 model
-loads partitioned (weights / N + the largest parameter). A card must hold the larger.
-It is an estimate for sizing cards: the loss head and activations assume the longest
-batch unless `row_tokens` says otherwise.
+Everything comes from the recipe and the model's config.json (built on the meta device, see
+finlora.params); no weights, no GPU. Bytes, then GiB (2**30). recipes/PLANNER.md owns the
+formulas, their symbols (the names used below) and a worked example; `estimate` follows its
+numbered components 1-8, the load peak after them. It is an estimate for sizing cards: the
+loss head and activations assume the longest batch unless `row_tokens` says otherwise.
 """
 
 from __future__ import annotations

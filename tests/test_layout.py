@@ -9,7 +9,7 @@ import ast
 from finlora import ROOT
 
 LAYERS = [
-    {"finlora", "errors", "cli", "atomic", "redact", "llama_tokenizer"},
+    {"finlora", "errors", "cli", "atomic", "redact", "llama_tokenizer", "patches"},
     {"recipes", "lengths"},
     {"axolotl_config", "launch", "axolotl_plugin", "answer_logits", "loss_curve"},
     {"data"},

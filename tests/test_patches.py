@@ -1,4 +1,4 @@
-"""Every private library internal the project patches (finlora.axolotl_plugin.PATCHES): the
+"""Every private library internal the project patches (finlora.patches.PATCHES): the
 installed version is the one the patch was written for, and the patched names still exist. A
 failure names the patch: read that library's new code before moving the pin."""
 
@@ -9,7 +9,7 @@ import importlib.metadata
 
 import pytest
 
-from finlora.axolotl_plugin import PATCHES
+from finlora.patches import PATCHES
 
 
 @pytest.mark.parametrize("names", list(PATCHES))

@@ -155,14 +155,14 @@ def test_cpu_deepspeed_launch_is_refused_where_accelerate_would_drop_deepspeed(m
 @pytest.mark.slow
 def test_cpu_int8_dora_needs_the_smokes_workaround(tmp_path):
     """8-bit DoRA cannot take two forward passes on a CPU with peft 0.20 + bitsandbytes 0.50
-    (finlora.axolotl_plugin.keep_int8_scale says why); with the workaround it trains. When this test
+    (finlora.patches.keep_int8_scale says why); with the workaround it trains. When this test
     fails at its first `raises`, the libraries fixed it and the workaround can go."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import peft.tuners.lora.dora as dora
-    from finlora.axolotl_plugin import keep_int8_scale
+    from finlora.patches import keep_int8_scale
     from finlora.smoke import tiny_model, tokenizer_dir
 
     if torch.cuda.is_available():
