@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from finlora import ROOT, cli
-from finlora.data import defaults, pipeline
+from finlora.data import defaults, pipeline, recipe_data
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
-from finlora.data.sources import hf_rows, load_hf
+from finlora.data.sources import hub_rows
 from conftest import SHARED, needs_shared
 from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label, fold_nwgi
+from finlora.data.tasks import HubSource
 
 TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
 # The token checks need the real tokenizer: build the base model (offline) rather than skip,
@@ -35,7 +36,7 @@ needs_tokenizer = pytest.mark.usefixtures("base_model_dir")
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(defaults.ENV_SRC, raising=False)
+    monkeypatch.delenv(recipe_data.ENV_SRC, raising=False)
 
 
 def news(text: str) -> str:
@@ -98,7 +99,7 @@ def test_hub_code_path_on_local_files(tmp_path, capsys):
     """The hub reader is datasets.load_dataset; the same call reads a local JSON file."""
     src = tmp_path / "in.jsonl"
     _write("jsonl", src)
-    rows = list(hf_rows(load_hf("json", split="train", data_files=str(src)), "mem"))
+    rows = hub_rows(HubSource("json", data_files=(("train", str(src)),)), "train")
     assert [r.data["content"] for r in rows] == [t for t, _ in ROWS] and rows[0].line == 1
 
 
@@ -402,7 +403,7 @@ def test_synthetic_when_asked_makes_a_symlink(tmp_path, capsys):
 def test_default_from_shared_data(tmp_path, capsys, monkeypatch):
     out = tmp_path / "data"
     defaults.prepare_default(None, out_dir=out, synthetic=True)  # synthetic first: the real run must replace the link
-    monkeypatch.setenv(defaults.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
+    monkeypatch.setenv(recipe_data.ENV_SRC, str(SHARED))  # src None -> $FINLORA_DATA_SRC
     defaults.prepare_default(None, out_dir=out)
     printed = capsys.readouterr().out
     train = out / "train/sentiment_cpu_train.jsonl"

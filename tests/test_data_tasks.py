@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yml") if p.stem != "
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(defaults.ENV_SRC, raising=False)
+    monkeypatch.delenv(recipe_data.ENV_SRC, raising=False)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

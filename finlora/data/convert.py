@@ -1,59 +1,21 @@
 """Turn one source row into a FinLoRA example, or say exactly what is wrong with it.
 
-Labels are mapped right at the source (`Mapping.label_map`: TFNS ids 0/1/2 ->
-negative/positive/neutral; FiQA scores -> labels by FinGPT's thresholds), known
-labelling errors are repaired on request (`Mapping.swap`), and the result is checked
-against the task: a label inside the task's set, a number for numeric answers, a
-non-empty string otherwise.
+Labels are mapped at the source (`Mapping.label_map`, FiQA's score thresholds), known
+labelling errors repaired on request (`Mapping.swap`), and the answer checked against the
+task (docs/DATA.md, Validation).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from finlora.cli import flag
 from finlora.data.sources import RawRow
-from finlora.data.tasks import LABEL_MAPS, Task, fiqa_label
+from finlora.data.tasks import Mapping, Task, fiqa_label
 
 _INPUT_RE = re.compile(r"\nInput: (.*)\nAnswer: ?$", re.DOTALL)
-
-
-@dataclass
-class Mapping:
-    """How a source's columns fill the task's template and answer."""
-
-    text_col: str | None = "text"
-    label_col: str | None = "label"
-    score_col: str | None = None           # continuous score -> label (FiQA thresholds)
-    kind_col: str | None = None            # column choosing a template variant
-    fields: dict[str, str] = field(default_factory=dict)  # placeholder -> column
-    label_map: dict[str, str] | None = None  # raw label/id -> task label
-    swap: tuple[str, str] | None = None    # repair: swap these two labels
-    finlora: bool = False                  # rows already are {"context", "target"}
-
-    @classmethod
-    def of_format(cls, fmt: str) -> "Mapping":
-        """The columns of a file format's rows (sources.FORMATS)."""
-        if fmt == "all-data-csv":
-            return cls(text_col="content", label_col="label")
-        if fmt == "fpb-txt":
-            return cls(text_col="sentence", label_col="label")
-        if fmt == "fiqa-json":
-            return cls(text_col="sentence", label_col=None, score_col="sentiment_score", kind_col="type")
-        if fmt == "finlora":
-            return cls(finlora=True)
-        return cls()
-
-    @classmethod
-    def of_hub(cls, task: Task) -> "Mapping":
-        """The columns of the task's registry source (`task.hub`)."""
-        h = task.hub
-        if h.finlora_rows:
-            return cls(finlora=True)
-        return cls(text_col=h.text_col, label_col=h.label_col, score_col=h.score_col, kind_col=h.kind_col,
-                   fields=dict(h.fields), label_map=LABEL_MAPS.get(h.label_map) if h.label_map else None)
 
 
 @dataclass
@@ -69,11 +31,8 @@ class Example:
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
-    def row(self) -> dict:
-        return {"context": self.context, "target": self.target}
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Problem:
     file: str
     line: int
@@ -142,7 +101,7 @@ def _target(task: Task, m: Mapping, data: dict) -> str:
     return raw.strip() if task.answer_type == "label" else raw
 
 
-def _check_target(task: Task, m: Mapping, target: str) -> str:
+def check_target(task: Task, m: Mapping, target: str) -> str:
     if task.answer_type == "label":
         canon = {lab.casefold(): lab for lab in task.labels}
         if target.casefold() not in canon:
@@ -181,7 +140,7 @@ def convert_row(task: Task, m: Mapping, raw: RawRow) -> Example | Problem:
                     raise RowError(f"no column for the template's {{{name}}} (add {flag(f'--field {name}=COLUMN')})")
             kind = str(data.get(m.kind_col)) if m.kind_col and data.get(m.kind_col) is not None else None
             context = task.render(values, kind)
-        target = _check_target(task, m, _target(task, m, data))
+        target = check_target(task, m, _target(task, m, data))
     except RowError as e:
         return Problem(raw.file, raw.line, str(e))
     return Example(context, target, text, raw.file, raw.line)

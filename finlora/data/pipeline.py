@@ -1,11 +1,8 @@
 """The pipeline of `make data`: sources in, validated FinLoRA JSONL out, in one order.
 
-`build` converts and validates every row of every `Unit` (a source bound for a train
-file, a test file, or both), splits, removes duplicates, checks train/test leakage,
-balances classes where asked, prints the stats, and only then writes: each file to a
-temporary name renamed into place, tests first, so a failed or interrupted run leaves
-the previous files as they were. Which sources feed it: finlora.data.defaults (the CPU
-default), finlora.data.recipe_data (a recipe's task), finlora.data.prepare (one source).
+`build` converts and validates every row of every `Unit` (a source bound for a train file, a
+test file, or both), splits, removes duplicates, checks train/test leakage, balances classes
+where asked, prints the stats, and only then writes, tests first, each file renamed into place.
 """
 
 from __future__ import annotations
@@ -21,10 +18,10 @@ from finlora import ROOT
 from finlora.atomic import write_json, write_jsonl
 from finlora.data import sources, stats
 from finlora.data.convert import Example, Mapping, Problem, input_text
-from finlora.data.sources import RawRow
+from finlora.data.sources import RawRow, say
 from finlora.data.split import dedupe, overlaps, oversample, stratified_split
-from finlora.data.tasks import FIXES, Task
-from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, sort_problems, too_long
+from finlora.data.tasks import Task
+from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, too_long
 from finlora.errors import DataError, RefusedError
 from finlora.recipes import Recipe, rel
 
@@ -46,7 +43,6 @@ class Unit:
     test_name: str | None = None
     test_fraction: float = 0.0
     synthetic: bool = False
-    latin1: sources.SourceInfo | None = None
     balance: bool = False  # oversample the train split by class (after dedupe and leakage checks)
     # The train split's rows re-rendered as this task, their labels through `train_labels`
     # (NWGI trains as 3-class news sentiment: FPB's wording, levels folded as FinLoRA scores them).
@@ -58,13 +54,13 @@ class Unit:
     @classmethod
     def from_hub(cls, task: Task, split: str, **kw) -> "Unit":
         """One split of the task's registry source (`task.hub`), read through `datasets`."""
-        return cls(task, Mapping.of_hub(task), sources.hub_rows(task.hub, split), f"hf:{task.hub.where}[{split}]", **kw)
+        return cls(task, replace(task.hub.columns), sources.hub_rows(task.hub, split), f"hf:{task.hub.where}[{split}]",
+                   **kw)
 
     @classmethod
-    def from_finlora(cls, task: Task, path: Path, fix: str | None = None, **kw) -> "Unit":
-        """A FinLoRA `{"context", "target"}` JSONL file, a known labelling error repaired (tasks.FIXES)."""
-        return cls(task, Mapping(finlora=True, swap=FIXES[fix] if fix else None), sources.read("finlora", path),
-                   rel(path) + (f" (--fix {fix})" if fix else ""), **kw)
+    def from_finlora(cls, task: Task, path: Path, **kw) -> "Unit":
+        """A FinLoRA `{"context", "target"}` JSONL file."""
+        return cls(task, Mapping(finlora=True), sources.read("finlora", path), rel(path), **kw)
 
 
 @dataclass
@@ -99,14 +95,9 @@ class Options:
     drop_overlap: bool = False
 
 
-def say(msg: str = "") -> None:
-    """Progress on stdout, flushed: it interleaves with the errors on stderr in order."""
-    print(msg, flush=True)
-
-
 def write_examples(path: Path, examples: Iterable[Example]) -> int:
     """UTF-8, LF, one `{"context", "target"}` per line; temp file then rename."""
-    return write_jsonl(path, (e.row() for e in examples))
+    return write_jsonl(path, ({"context": e.context, "target": e.target} for e in examples))
 
 
 def not_ours(out_dir: Path, split: str, name: str) -> str | None:
@@ -124,8 +115,7 @@ def not_ours(out_dir: Path, split: str, name: str) -> str | None:
 def atomic_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` (relative): a temporary link renamed over it."""
     tmp = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     try:
         os.replace(tmp, link)
@@ -201,24 +191,14 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         say(f"warning: {check.note}")
 
     # 1. convert and validate every row of every source, in one pass
-    converted, per_unit, problems = [], [], []
-    for u in units:
-        examples, probs = convert_all(u.task, u.mapping, u.rows)
-        count_tokens(check, examples)
-        converted.append(examples)
-        per_unit.append(probs)
-        problems += probs
-        if u.latin1 is not None and u.latin1.latin1_lines:
-            lines = u.latin1.latin1_lines
-            say(f"note: {u.source}: {len(lines)} line(s) not UTF-8, read as Latin-1 (lines {', '.join(map(str, lines[:10]))}"
-                f"{' ...' if len(lines) > 10 else ''})")
-    bad_at = {(p.file, p.line) for p in problems}
+    converted = [convert_all(u.task, u.mapping, u.rows) for u in units]
+    problems = [p for _, probs in converted for p in probs]
 
     # 2. split, dedupe; the rows that go to training are checked against sequence_len (the
     # trainer's limit: evaluation has none), after any re-rendering, which changes their length
     parts: list[Part] = []
-    for u, examples, skipped in zip(units, converted, per_unit):
-        examples = [e for e in examples if (e.file, e.line) not in bad_at]
+    for u, (examples, skipped) in zip(units, converted):
+        count_tokens(check, examples)
         if u.train_name and u.test_name:
             train, test = stratified_split(examples, u.test_fraction, opts.seed)
             splits = [(u.train_name, "train", train), (u.test_name, "test", test)]
@@ -231,7 +211,7 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
                 ex = _train_rows(u, ex, check, opts.seed)
                 long = too_long(check, ex)
                 problems += long
-                skipped = sort_problems(skipped + long)
+                skipped = sorted(skipped + long)
                 ex = _without(ex, long)
             kept, dups = dedupe(ex)
             if u.keep_repeats:
@@ -242,16 +222,14 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             if dups:
                 first = dups[0]
                 say(f"{name}: removed {len(dups)} duplicate row(s) (e.g. {first[0].where} repeats {first[1].where})")
-    problems = sort_problems(problems)
+    problems = sorted(problems)
     if problems and not opts.skip_bad:
         raise DataError("\n".join(
             [f"{len(problems)} bad row(s); nothing was written:"]
             + [f"  {p}" for p in problems]
             + [f"fix them, or add {flag('--skip-bad')} to leave these rows out (they will be listed)"]))
     if problems:
-        say(f"skipping {len(problems)} bad row(s) (--skip-bad):")
-        for p in problems:
-            say(f"  {p}")
+        say("\n".join([f"skipping {len(problems)} bad row(s) (--skip-bad):"] + [f"  {p}" for p in problems]))
 
     # 3. leakage: no input text of a train file may appear in a test file
     tests = [e for p in parts if p.split == "test" for e in p.examples] + _load_against(opts.against)
@@ -260,23 +238,19 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         lines = [f"  {a.where} (train) = {b.where} (test): {a.text[:70]!r}" for a, b in leaks[:MAX_LISTED]]
         if len(leaks) > MAX_LISTED:
             lines.append(f"  ... and {len(leaks) - MAX_LISTED} more")
-        if opts.drop_overlap and not opts.allow_overlap:
-            say(f"{len(leaks)} train row(s) left out, their input is in a test file:")
-            for line in lines:
-                say(line)
+        if opts.allow_overlap:
+            say("\n".join([f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):"] + lines))
+        elif opts.drop_overlap:
+            say("\n".join([f"{len(leaks)} train row(s) left out, their input is in a test file:"] + lines))
             leaked = {id(a) for a, _ in leaks}
             for p in parts:
                 if p.split == "train":
                     p.left_out = [e.where for e in p.examples if id(e) in leaked]
                     p.examples = [e for e in p.examples if id(e) not in leaked]
-        elif not opts.allow_overlap:
+        else:
             raise DataError("\n".join(
                 [f"{len(leaks)} train example(s) also in a test split (same text after folding case and "
                  "white space); nothing was written:"] + lines + [f"add {flag('--allow-overlap')} to write them anyway"]))
-        else:
-            say(f"warning: {len(leaks)} train example(s) also in a test split (--allow-overlap):")
-            for line in lines:
-                say(line)
     # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl): say when a
     # new one holds rows that a train file already there, and not rewritten now, trains on.
     written = {p.name for p in parts if p.split == "train"}
@@ -289,10 +263,8 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
                 say(f"warning: {len(shared)} row(s) of the existing {rel(old)} are in the test file(s) written now "
                     f"(e.g. {shared[0][1].where}); scores of an adapter trained on {old.name} on them are not held out")
 
-    # 4. class balance: a small model trained for a few dozen steps on FPB's natural mix
-    # (59% neutral) learns to answer "neutral" (measured: 112 of 205 held-out positives
-    # and 59 of 92 negatives, 73.1%), and on equal counts it over-answers the small classes
-    # (126 of 429 neutrals called positive, 71.9%). Square-root balancing sits between.
+    # 4. class balance: on FPB's natural mix (59% neutral) a small model learns to answer "neutral",
+    # on equal counts it over-answers the small classes; square-root sits between (docs/RESULTS.md)
     for p in parts:
         if p.split == "train" and p.unit.balance and p.task.labels:
             p.before_balance = {lab: sum(e.target == lab for e in p.examples) for lab in p.task.labels}

@@ -4,15 +4,9 @@
     python scripts/prepare_data.py --recipe ner_r8          # what a GPU recipe needs (FinLoRA's files)
     python scripts/prepare_data.py --task tfns --input tfns.jsonl --split test --fix tfns-swap --name mine
 
-Every run reads and converts all its input, validates every row (JSON, fields, types,
-labels; training rows' token length against the recipe's sequence_len), removes duplicates
-from training files, checks train/test leakage, and only then writes: each file to a
-temporary name renamed into place, so a failed or interrupted run leaves the previous files
-as they were. Nothing is dropped silently: bad rows fail the run unless --skip-bad, which
-lists them.
-
-This module is the command line; the steps are finlora.data.pipeline, the default's
-sources finlora.data.defaults, a recipe task's finlora.data.recipe_data.
+What every run checks before it writes anything: docs/DATA.md (Validation). This module is
+the command line; the steps are finlora.data.pipeline, the default's sources
+finlora.data.defaults, a recipe task's finlora.data.recipe_data.
 """
 
 from __future__ import annotations
@@ -25,14 +19,15 @@ from finlora import recipes
 from finlora.atomic import writable
 from finlora.cli import flag
 from finlora.data import sources
-from finlora.data.convert import Mapping
-from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build, say
+from finlora.data.defaults import prepare_default
+from finlora.data.pipeline import DATA_DIR, SEED, Options, Unit, build
+from finlora.data.recipe_data import prepare_task, task_of_recipe
+from finlora.data.sources import say
+from finlora.data.tasks import FIXES, LABEL_MAPS, RECIPE_TASKS, TASKS, Mapping, get_task
 from finlora.errors import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from finlora.data.tasks import FIXES, LABEL_MAPS, RECIPE_TASKS, TASKS
-
     p = argparse.ArgumentParser(
         prog="prepare_data.py",
         description="Convert financial data sets to FinLoRA {context, target} JSONL under data/train and data/test, "
@@ -75,8 +70,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list_tasks() -> None:
-    from finlora.data.tasks import RECIPE_TASKS, TASKS
-
     for t in TASKS.values():
         say(f"{t.name:16} {t.family:10} {('/'.join(t.labels) if t.labels else t.answer_type)[:48]:48} "
             f"{t.hub.where if t.hub else '-'}")
@@ -86,11 +79,9 @@ def _list_tasks() -> None:
 
 
 def _one_source(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Unit]:
-    from finlora.data.tasks import FIXES, LABEL_MAPS, get_task
-
     task = get_task(a.task)
     name = a.name or task.name
-    label_map = LABEL_MAPS.get(task.hub.label_map) if task.hub and task.hub.label_map else None
+    label_map = task.hub.columns.label_map if task.hub else None
     if a.label_map:
         try:
             label_map = LABEL_MAPS.get(a.label_map) or {str(k): str(v) for k, v in json.loads(a.label_map).items()}
@@ -119,9 +110,6 @@ def _one_source(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Unit]
         for u in units:
             u.mapping.swap = swap
         return units
-    missing = [str(i) for i in a.input if not i.is_file()]
-    if missing:
-        raise DataError(f"--input {missing[0]}: no such file")
     fmt = a.format or sources.guess_format(a.input[0])
     if fmt == "jsonl" and not (a.text_col or a.label_col or a.score_col):
         fmt = "finlora"
@@ -131,17 +119,12 @@ def _one_source(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Unit]
     if a.score_col:
         m.score_col, m.label_col = a.score_col, None
     m.fields, m.label_map, m.swap = fields, label_map, swap
-    info = sources.SourceInfo()
-    rows = [r for inp in a.input for r in sources.read(fmt, inp, info)]
+    rows = [r for inp in a.input for r in sources.read(fmt, inp)]
     source = ", ".join(map(str, a.input)) + f" ({fmt}" + (f", {a.fix}" if a.fix else "") + ")"
-    return [Unit(task, m, rows, source, latin1=info, **names)]
+    return [Unit(task, m, rows, source, **names)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finlora.data.defaults import prepare_default
-    from finlora.data.recipe_data import prepare_task, task_of_recipe
-    from finlora.data.tasks import RECIPE_TASKS
-
     p = _parser()
     a = p.parse_args(argv)
     if a.list_tasks:
@@ -150,24 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     why = writable(a.out_dir)
     if why:
         raise DataError(f"--out-dir {a.out_dir}: cannot write there ({why})")
-    if a.src is not None and not a.src.is_dir():
-        raise DataError(f"{flag('--src', 'SRC=dir')}: {a.src} does not exist (or is not a folder)")
-    common = dict(seed=a.seed, skip_bad=a.skip_bad, allow_overlap=a.allow_overlap)
     recipe = recipes.Recipe.open(a.recipe) if a.recipe else None
+    options = dict(out_dir=a.out_dir, recipe=recipe, seed=a.seed, skip_bad=a.skip_bad, allow_overlap=a.allow_overlap,
+                   token_check=not a.no_token_check)
     if a.input or (a.task and a.task not in RECIPE_TASKS):
         if not a.task:
             p.error("--input needs --task")
         if not a.input and not a.hub:
             hint = flag("--input FILE", 'ARGS="--input FILE"')
             p.error(f"--task {a.task} is a registry task: give {hint} (or --hub)")
-        opts = Options(out_dir=a.out_dir, recipe=recipe, token_check=not a.no_token_check, against=a.against, **common)
-        build(_one_source(a, p), opts)
+        build(_one_source(a, p), Options(against=a.against, **options))
         return 0
     task = a.task or task_of_recipe(recipe or recipes.Recipe.open(recipes.DEFAULT_RECIPE))
     if task == "sentiment_cpu":
-        prepare_default(a.src, out_dir=a.out_dir, recipe=recipe, hub=a.hub, synthetic=a.synthetic, **common)
-        return 0
-    if a.synthetic:
+        prepare_default(a.src, hub=a.hub, synthetic=a.synthetic, **options)
+    elif a.synthetic:
         p.error(f"--synthetic is the CPU default's smoke-test set; {a.recipe or a.task} trains on {task} data")
-    prepare_task(task, a.src, out_dir=a.out_dir, recipe=recipe, **common)
+    else:
+        prepare_task(task, a.src, **options)
     return 0

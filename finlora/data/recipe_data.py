@@ -1,24 +1,9 @@
 """`make data RECIPE=x` / `make data TASK=t`: the files a recipe trains on and `make eval`
-scores it on, as FinLoRA publishes them.
+scores it on, as FinLoRA publishes them (docs/DATA.md, "Data for any recipe").
 
-Every generated recipe reads `./data/train/<task>_train.jsonl`; `make eval RECIPE=x` reads
-the test sets the registry gives its task (`tasks.RECIPE_TASKS[task].test_sets`), under
-FinLoRA's file names. Each of FinLoRA's files comes, in this order, from:
-
-1. the local folder `SRC=dir` (`$FINLORA_DATA_SRC`): FinLoRA's own `data/` folder (a clone's
-   `data/`, holding `train/` and `test/`), or a folder with `finlora/train/`, `finlora/test/`;
-2. the copy already downloaded into data/cache/ by an earlier run;
-3. FinLoRA's repository at the commit pinned in the registry (raw.githubusercontent.com; the
-   Git LFS file through media.githubusercontent.com), when that host answers.
-
-Every file is checked against the content hash recorded in the registry (its sha256, else
-the git blob id FinLoRA's repository gives it) before it is used. A test file is written as
-published, byte for byte (the scorers read its rows as FinLoRA does; the strict scorer
-repairs TFNS's swapped labels itself), with `<name>.source.json` beside it naming source,
-commit, hash and licence. A training file goes through `pipeline.build`: row validation
-(file:line), duplicates, the length rule, the train/test leakage check, stats.
-When a file can be had from none of them, nothing is written and the error names each
-missing file, its URL and where to put it.
+Each of FinLoRA's files comes from SRC=dir, else data/cache/, else FinLoRA's repository at the
+commit the registry pins, and is checked against the registry's hash before it is used. A
+test file is written as published, byte for byte; a training file goes through `pipeline.build`.
 """
 
 from __future__ import annotations
@@ -33,8 +18,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from finlora import recipes
-from finlora.atomic import write_json
-from finlora.data.pipeline import DATA_DIR, SEED, Options, Part, Unit, build, say
+from finlora.atomic import atomic_open, write_json
+from finlora.cli import flag
+from finlora.data import tasks
+from finlora.data.pipeline import DATA_DIR, Options, Part, Unit, build, not_ours
+from finlora.data.sources import say
 from finlora.data.tasks import RECIPE_TASKS, TASKS, FinLoRAFile, TestSet
 from finlora.errors import DataError, RecipeError, RefusedError
 from finlora.recipes import rel
@@ -43,12 +31,20 @@ ENV_SRC = "FINLORA_DATA_SRC"
 CACHE = DATA_DIR / "cache" / "finlora"
 
 
+def source_folder(src: str | Path | None) -> Path | None:
+    """SRC=dir, else $FINLORA_DATA_SRC, else None; DataError when it is not a folder."""
+    given = flag("--src", "SRC=dir") if src else ENV_SRC
+    src = src or os.environ.get(ENV_SRC)
+    if src and not Path(src).is_dir():
+        raise DataError(f"{given}: {src} does not exist (or is not a folder)")
+    return Path(src) if src else None
+
+
 def content_hash(f: FinLoRAFile, path: Path) -> tuple[str, str, str]:
     """(kind, hash of the file at `path`, the registry's) for the strongest hash recorded."""
     h = hashlib.sha256() if f.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+        hashlib.file_digest(fh, lambda: h)
     return ("sha256", h.hexdigest(), f.sha256) if f.sha256 else ("git blob id", h.hexdigest(), f.blob)
 
 
@@ -71,8 +67,6 @@ def locate(f: FinLoRAFile, src: Path | None) -> Path | None:
 
 def online(timeout: float = 3.0) -> bool:
     """Whether FinLoRA's file host answers (a TCP connection, within `timeout`)."""
-    from finlora.data import tasks
-
     url = urlparse(tasks.FINLORA_RAW)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -103,37 +97,33 @@ def fetch_all(files: list[FinLoRAFile], src: Path | None) -> dict[str, Path]:
     """A verified local copy of every file; DataError naming each one that cannot be had."""
     found = {f.path: locate(f, src) for f in files}
     missing = [f for f in files if found[f.path] is None]
-    if missing and online():
-        for f in missing:
-            found[f.path] = download(f)
-        missing = []
-    if missing:
+    if missing and not online():
         lines = [f"{len(missing)} of FinLoRA's file(s) are not on this machine and {urlparse(missing[0].url).hostname} "
-                 "does not answer; "
-                 "nothing was written:"]
+                 "does not answer; nothing was written:"]
         lines += [f"  {f.path}: {f.url}" for f in missing]
+        lfs = ", ".join(f.path for f in tasks.FILES.values() if f.lfs)
         lines.append("put them in a folder laid out as FinLoRA's data/ (train/, test/; a clone of "
-                     f"https://github.com/Open-Finance-Lab/FinLoRA has them, Git LFS for train/xbrl_extract_train.jsonl) "
-                     "and give it as SRC=dir")
+                     f"https://github.com/{tasks.FINLORA_REPO} has them, Git LFS for {lfs}) and give it as SRC=dir")
         raise DataError("\n".join(lines))
-    return {p: verified(f, found[p]) for f in files for p in [f.path]}
+    for f in missing:
+        found[f.path] = download(f)
+    return {f.path: verified(f, found[f.path]) for f in files}
 
 
-def write_published(s: TestSet, path: Path, out_dir: Path, origin: str) -> None:
-    """A test set's file as published, and `<name>.source.json` beside it."""
-    from finlora.atomic import atomic_open
-    from finlora.data.pipeline import not_ours
-
-    dest = out_dir / "test" / s.file
-    if why := not_ours(out_dir, "test", s.file):
+def write_published(s: TestSet, path: Path, opts: Options) -> None:
+    """A test set's file as published, `<name>.source.json` beside it; the train rows are checked against it."""
+    dest = opts.out_dir / "test" / s.file
+    if why := not_ours(opts.out_dir, "test", s.file):
         raise RefusedError(why)
     with open(path, "rb") as src, atomic_open(dest, "wb", encoding=None) as out:
         shutil.copyfileobj(src, out)
     kind, digest, _ = content_hash(s.source, dest)
     write_json(dest.with_name(dest.name.removesuffix(".jsonl") + ".source.json"), {
         "set": s.name, "file": s.file, "rows": sum(1 for line in dest.open("rb") if line.strip()),
-        "source": f"{s.source.url}", "read_from": origin, "commit": s.source.commit, kind.replace(" ", "_"): digest,
+        "source": f"{s.source.url}", "read_from": rel(path), "commit": s.source.commit, kind.replace(" ", "_"): digest,
         "licence": s.licence, "as_published": True})
+    opts.against.append(dest)
+    say(f"data: test/{s.file}: FinLoRA's file as published ({rel(path)}, {s.source.commit[:7]}), licence {s.licence}")
 
 
 def task_of_recipe(recipe: recipes.Recipe | str) -> str:
@@ -153,28 +143,22 @@ def task_of_recipe(recipe: recipes.Recipe | str) -> str:
     return found.pop()
 
 
-def prepare_task(task: str, src: str | Path | None, *, out_dir: Path = DATA_DIR, recipe: recipes.Recipe | None = None,
-                 seed: int = SEED, skip_bad: bool = False, allow_overlap: bool = False) -> list[Part]:
-    """The files recipe task `task` trains on and `make eval` scores it on."""
+def prepare_task(task: str, src: str | Path | None, **options) -> list[Part]:
+    """The files recipe task `task` trains on and `make eval` scores it on; `options` are the pipeline's `Options`."""
     if task not in RECIPE_TASKS or RECIPE_TASKS[task].train is None:
         raise DataError(f"unknown recipe task {task!r}; tasks are: "
                         + ", ".join(t for t, r in RECIPE_TASKS.items() if r.train is not None))
     rt = RECIPE_TASKS[task]
-    src = Path(src or os.environ.get(ENV_SRC) or "") if (src or os.environ.get(ENV_SRC)) else None
-    if src is not None and not src.is_dir():
-        raise DataError(f"SRC={src}: no such folder")
+    src = source_folder(src)
+    opts = Options(**options)
     sets = [s for s in rt.test_sets if s.source is not None]
     say(f"data: task {task}: train {rt.train.path}, test sets {', '.join(s.name for s in sets)} "
         f"(from {'SRC=' + str(src) + ', then ' if src else ''}data/cache, then FinLoRA's repository)")
     paths = fetch_all([rt.train, *(s.source for s in sets)], src)
-    tests = []
     for s in sets:
-        write_published(s, paths[s.source.path], out_dir, rel(paths[s.source.path]))
-        tests.append(out_dir / "test" / s.file)
-        say(f"data: test/{s.file}: as published ({s.source.commit[:7]}), licence {s.licence}")
-    recipe = recipe or recipes.Recipe.open(recipes.recipe_name(task, "r8"))
-    opts = Options(out_dir=out_dir, recipe=recipe, seed=seed, skip_bad=skip_bad, allow_overlap=allow_overlap,
-                   against=tests, drop_overlap=True)
+        write_published(s, paths[s.source.path], opts)
+    opts.recipe = opts.recipe or recipes.Recipe.open(recipes.recipe_name(task, "r8"))
+    opts.drop_overlap = True
     train = TASKS[rt.train_task]
     unit = Unit.from_finlora(train, paths[rt.train.path], train_name=f"{task}_train.jsonl",
                              keep_repeats=task == "sentiment")

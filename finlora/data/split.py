@@ -29,8 +29,6 @@ def dedupe(examples: list[Example]) -> tuple[list[Example], list[tuple[Example, 
 
 def stratified_split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded split stratified by target, grouping identical input texts; source order kept."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test fraction must be in [0, 1), got {test_fraction}")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(examples):
         groups[normalise(e.text)].append(i)

@@ -1,9 +1,6 @@
-"""A small synthetic financial-sentiment set, generated offline from templates.
-
-Written only when asked for (`make data SYNTHETIC=1`, `--synthetic`): for tests and for
-trying the pipeline; the default trains on the real data shipped in data/sources/. The headlines are invented
-and their sentiment is unambiguous by construction; the file names say `synthetic`.
-It is a smoke-test set, not a benchmark.
+"""A small synthetic financial-sentiment set, generated offline from templates: `make data
+SYNTHETIC=1` (docs/DATA.md). Invented headlines whose sentiment is unambiguous by construction:
+a smoke-test set, not a benchmark.
 """
 
 from __future__ import annotations

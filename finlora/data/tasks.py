@@ -1,16 +1,15 @@
-"""The FinLoRA task registry: prompt template, label set, answer type and public source.
+"""The registry: tasks (prompt template, label set, answer type, public source), FinLoRA's files
+(commit, hashes), the test sets and the recipe tasks.
 
-Every prepared example is FinLoRA's `{"context", "target"}` pair. The context is the
-task's template with the input filled in; for the classification tasks it ends in
-"Answer: " and the target is one of the task's labels.
-
-Templates are plain strings with `{name}` placeholders (only the names in
-`Task.fields` are substituted, so literal braces such as
-`{negative/neutral/positive}` need no escaping). `{text}` is always the main input.
+Every prepared example is FinLoRA's `{"context", "target"}` pair: the task's template with the
+input filled in. Templates are plain strings with `{name}` placeholders (only `Task.fields` are
+substituted, so literal braces such as `{negative/neutral/positive}` need no escaping). `{text}`
+is always the main input.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from finlora.errors import DataError
@@ -21,17 +20,17 @@ NWGI7 = (
     "mildly positive", "moderately positive", "strong positive",
 )
 
-_SENT = "What is the sentiment of this {kind}? Please choose an answer from {{negative/neutral/positive}}."
-SENTIMENT_NEWS = "Instruction: " + _SENT.format(kind="news") + "\nInput: {text}\nAnswer: "
-SENTIMENT_TWEET = "Instruction: " + _SENT.format(kind="tweet") + "\nInput: {text}\nAnswer: "
-NWGI_TEMPLATE = (
-    "Instruction: What is the sentiment of this news? Please choose an answer from "
-    "{strong negative/moderately negative/mildly negative/neutral/mildly positive/moderately positive/strong positive}."
-    "\nInput: {text}\nAnswer: "
-)
-# takala/financial_phrasebank is a loading script; the hub's own parquet conversion of its
-# sentences_50agree config (ref refs/convert/parquet, "Update parquet files" 6082a20) has the
-# same 4,846 rows in the script's order, label ids 0 negative, 1 neutral, 2 positive.
+
+def _sentiment(kind: str, labels: tuple[str, ...]) -> str:
+    return (f"Instruction: What is the sentiment of this {kind}? Please choose an answer from "
+            "{" + "/".join(labels) + "}.\nInput: {text}\nAnswer: ")
+
+
+SENTIMENT_NEWS = _sentiment("news", SENTIMENT3)
+SENTIMENT_TWEET = _sentiment("tweet", SENTIMENT3)
+NWGI_TEMPLATE = _sentiment("news", NWGI7)
+# The hub's own parquet conversion of takala/financial_phrasebank's sentences_50agree config (ref
+# refs/convert/parquet, "Update parquet files" 6082a20) has the loading script's 4,846 rows in its order.
 FPB_PARQUET = ("hf://datasets/takala/financial_phrasebank@refs%2Fconvert%2Fparquet/"
                "sentences_50agree/train/0000.parquet")
 
@@ -42,31 +41,48 @@ SENTIMENT_MIX = SENTIMENT3 + tuple(x for x in NWGI7 if x != "neutral")
 INSTRUCTION_TEMPLATE = "Instruction: {instruction}\nInput: {text}\nAnswer: "
 
 
+@dataclass
+class Mapping:
+    """How a source's columns fill the task's template and answer."""
+
+    text_col: str | None = "text"
+    label_col: str | None = "label"
+    score_col: str | None = None           # continuous score -> label (FiQA thresholds)
+    kind_col: str | None = None            # column choosing a template variant (FiQA: type)
+    fields: dict[str, str] = field(default_factory=dict)  # placeholder -> column
+    label_map: dict[str, str] | None = None  # raw label/id -> task label (LABEL_MAPS)
+    swap: tuple[str, str] | None = None    # repair: swap these two labels
+    finlora: bool = False                  # rows already are {"context", "target"}
+
+    @classmethod
+    def of_format(cls, fmt: str) -> "Mapping":
+        """The columns of a file format's rows (sources.FORMATS)."""
+        return cls(**_FORMAT_COLUMNS.get(fmt, {}))
+
+
+_FORMAT_COLUMNS = {"all-data-csv": {"text_col": "content"}, "fpb-txt": {"text_col": "sentence"},
+                   "fiqa-json": {"text_col": "sentence", "label_col": None, "score_col": "sentiment_score",
+                                 "kind_col": "type"},
+                   "finlora": {"finlora": True}}
+
+
 @dataclass(frozen=True)
 class HubSource:
     """Where `datasets.load_dataset` finds the original set, and how to read it.
 
     `name` is a hub repository that `datasets` 4.x loads as is (parquet, CSV or JSON files,
-    no loading script), or a packaged builder ("parquet", "json") with `data_files`
-    naming the exact files (split -> URL, pinned to a commit or the hub's parquet
-    conversion) for sets whose own repository is a loading script, which `datasets`
-    4.x refuses ("Dataset scripts are no longer supported")."""
+    no loading script), or a packaged builder ("parquet") with `data_files` naming the exact
+    files for a set whose own repository is a loading script, which `datasets` 4.x refuses
+    ("Dataset scripts are no longer supported"): FPB, from the hub's parquet conversion."""
 
     name: str
     config: str | None = None
     train_split: str | None = "train"
     test_split: str | None = "test"
-    text_col: str = "text"
-    label_col: str | None = "label"
-    score_col: str | None = None          # FiQA: continuous score -> label by thresholds
-    label_map: str | None = None          # key into LABEL_MAPS (ids -> names)
-    fields: tuple[tuple[str, str], ...] = ()  # extra template placeholders: (placeholder, column)
-    kind_col: str | None = None           # column choosing a template variant (FiQA: type)
+    columns: Mapping = field(default_factory=Mapping)  # a copy for each read (`dataclasses.replace`)
     licence: str = ""
     data_files: tuple[tuple[str, str], ...] = ()  # (split, URL) for a builder name
-    revision: str | None = None           # a commit of `name`, where one is pinned
     origin: str = ""                      # the set the files come from, for messages and docs
-    finlora_rows: bool = False            # rows already are FinLoRA's {"context", "target"}
 
     @property
     def where(self) -> str:
@@ -81,10 +97,14 @@ class Task:
     labels: tuple[str, ...] | None        # closed label set, or None for free answers
     answer_type: str                      # "label" | "number" | "text"
     hub: HubSource | None = None
-    fields: tuple[str, ...] = ("text",)   # placeholders the template uses
     defaults: dict = field(default_factory=dict)  # default values for placeholders
     variants: dict = field(default_factory=dict)  # kind -> template (FiQA posts read as tweets)
     notes: str = ""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The placeholders the template uses, in order."""
+        return tuple(dict.fromkeys(re.findall(r"\{(\w+)\}", self.template)))
 
     def render(self, values: dict[str, str], kind: str | None = None) -> str:
         out = self.variants.get(kind, self.template) if kind is not None else self.template
@@ -127,67 +147,54 @@ def fold_nwgi(label: str) -> str:
     return label
 
 
-# Hub sources named by repository (FiQA-SA, TFNS, NWGI, FinGPT's headline, NER and sentiment
-# sets) are parquet or CSV repositories, no loading script, so `datasets` 4.x loads them as
-# is; the script-based FPB and FiNER are read from the hub's parquet conversion, FinLoRA's
-# own files from its repository at a pinned commit.
-def _task(*args, **kw) -> Task:
-    return Task(*args, **kw)
-
+# FinGPT's instruction sets (headline, NER, the sentiment mix): input, output and the row's instruction
+_INSTRUCTION_COLUMNS = Mapping("input", "output", fields={"instruction": "instruction"})
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    _task("sentiment", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-          notes="generic 3-class financial sentiment (news template); the CPU default"),
-    _task("fpb", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-          HubSource("parquet", None, "train", None, text_col="sentence", label_map="fpb",
-                    licence="CC BY-NC-SA 3.0", data_files=(("train", FPB_PARQUET),),
-                    origin="takala/financial_phrasebank (sentences_50agree, the hub's parquet conversion)"),
-          notes="Financial PhraseBank; no test split on the hub: make one (--test-fraction)"),
-    _task("fiqa", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-          HubSource("TheFinAI/fiqa-sentiment-classification", None, "train", "test",
-                    text_col="sentence", label_col=None, score_col="score", kind_col="type",
-                    licence="MIT"),
-          variants={"post": SENTIMENT_TWEET, "headline": SENTIMENT_NEWS},
-          notes="score < -0.1 negative, < 0.1 neutral, else positive; posts use the tweet wording"),
-    _task("tfns", "sentiment", SENTIMENT_TWEET, SENTIMENT3, "label",
-          HubSource("zeroshot/twitter-financial-news-sentiment", None, "train", "validation",
-                    text_col="text", label_map="tfns", licence="MIT"),
-          notes="ids 0 Bearish, 1 Bullish, 2 Neutral; FinLoRA's tfns_test.jsonl needs --fix tfns-swap"),
-    _task("nwgi", "sentiment", NWGI_TEMPLATE, NWGI7, "label",
-          HubSource("TheFinAI/NWGI_test", None, None, "test", text_col="news", label_col="label",
-                    licence="MIT"),
-          notes="7 levels; folded to 3 when scored"),
-    _task("headline", "headline", INSTRUCTION_TEMPLATE, ("Yes", "No"), "label",
-          HubSource("FinGPT/fingpt-headline-cls", None, "train", "test", text_col="input",
-                    label_col="output", fields=(("instruction", "instruction"),), licence="CC BY-SA 3.0"),
-          fields=("instruction", "text"),
-          defaults={"instruction": "Does the news headline talk about price going up? Please choose an answer from {Yes/No}."}),
-    _task("ner", "ner", INSTRUCTION_TEMPLATE, ("person", "organization", "location"), "label",
-          HubSource("FinGPT/fingpt-ner-cls", None, "train", "test", text_col="input",
-                    label_col="output", fields=(("instruction", "instruction"),), licence="CC BY-SA 3.0"),
-          fields=("instruction", "text")),
-    _task("finer", "xbrl", "{text}", None, "text",
-          notes="FinLoRA's FiNER-139 prompts (data/process_finer.py): 4 questions a prompt, comma-separated tags"),
-    _task("fnxl", "xbrl", "{text}", None, "text", notes="FinLoRA's FNXL prompts (data/process_fnxl.py), as FiNER"),
-    _task("xbrl_extract", "xbrl", "{text}", None, "text",
-          notes="FinLoRA's XBRL extraction prompts (tags, values, formulas) over filings' XML"),
-    _task("xbrl_term", "xbrl", "Explain this XBRL term briefly in one sentence: {text}. Answer:", None, "text",
-          notes="XBRL-Agent terminology (MIT)"),
-    _task("formula", "math",
-          "Use formula {formula} to answer the question. Answer with a numerical answer with 2 decimal places "
-          "and with no explanations or other text. Formula: {equation}, Explanation: {explanation}. "
-          "Question: \"{text}\". Answer:", None, "number",
-          fields=("formula", "equation", "explanation", "text"), notes="XBRL-Agent financial math (MIT)"),
-    _task("financebench", "qa",
-          "Answer the following question very briefly using scanned text from pages. No explanation needed. "
-          "Question: {question}\nDocument Pages Context:\n{text}\n\nAnswer:", None, "text",
-          fields=("question", "text")),
-    _task("fingpt_sentiment", "sentiment", INSTRUCTION_TEMPLATE, SENTIMENT_MIX, "label",
-          HubSource("FinGPT/fingpt-sentiment-train", None, "train", None, text_col="input", label_col="output",
-                    fields=(("instruction", "instruction"),), licence="MIT"),
-          fields=("instruction", "text"),
-          notes="FinLoRA's sentiment training mix (76.8K rows: FPB, FiQA-SA, TFNS, NWGI, with their instructions); "
-                "the GPU sentiment recipes train on it"),
+    Task("sentiment", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
+         notes="generic 3-class financial sentiment (news template); the CPU default"),
+    Task("fpb", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
+         HubSource("parquet", None, "train", None, Mapping("sentence", label_map=LABEL_MAPS["fpb"]),
+                   licence="CC BY-NC-SA 3.0", data_files=(("train", FPB_PARQUET),),
+                   origin="takala/financial_phrasebank (sentences_50agree, the hub's parquet conversion)"),
+         notes="Financial PhraseBank; no test split on the hub: make one (--test-fraction)"),
+    Task("fiqa", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
+         HubSource("TheFinAI/fiqa-sentiment-classification", None, "train", "test",
+                   Mapping("sentence", None, score_col="score", kind_col="type"), licence="MIT"),
+         variants={"post": SENTIMENT_TWEET, "headline": SENTIMENT_NEWS},
+         notes="score < -0.1 negative, < 0.1 neutral, else positive; posts use the tweet wording"),
+    Task("tfns", "sentiment", SENTIMENT_TWEET, SENTIMENT3, "label",
+         HubSource("zeroshot/twitter-financial-news-sentiment", None, "train", "validation",
+                   Mapping(label_map=LABEL_MAPS["tfns"]), licence="MIT"),
+         notes="ids 0 Bearish, 1 Bullish, 2 Neutral; FinLoRA's tfns_test.jsonl needs --fix tfns-swap"),
+    Task("nwgi", "sentiment", NWGI_TEMPLATE, NWGI7, "label",
+         HubSource("TheFinAI/NWGI_test", None, None, "test", Mapping("news"), licence="MIT"),
+         notes="7 levels; folded to 3 when scored"),
+    Task("headline", "headline", INSTRUCTION_TEMPLATE, ("Yes", "No"), "label",
+         HubSource("FinGPT/fingpt-headline-cls", None, "train", "test", _INSTRUCTION_COLUMNS, licence="CC BY-SA 3.0"),
+         defaults={"instruction": "Does the news headline talk about price going up? "
+                                  "Please choose an answer from {Yes/No}."}),
+    Task("ner", "ner", INSTRUCTION_TEMPLATE, ("person", "organization", "location"), "label",
+         HubSource("FinGPT/fingpt-ner-cls", None, "train", "test", _INSTRUCTION_COLUMNS, licence="CC BY-SA 3.0")),
+    Task("finer", "xbrl", "{text}", None, "text",
+         notes="FinLoRA's FiNER-139 prompts (data/process_finer.py): 4 questions a prompt, comma-separated tags"),
+    Task("fnxl", "xbrl", "{text}", None, "text", notes="FinLoRA's FNXL prompts (data/process_fnxl.py), as FiNER"),
+    Task("xbrl_extract", "xbrl", "{text}", None, "text",
+         notes="FinLoRA's XBRL extraction prompts (tags, values, formulas) over filings' XML"),
+    Task("xbrl_term", "xbrl", "Explain this XBRL term briefly in one sentence: {text}. Answer:", None, "text",
+         notes="XBRL-Agent terminology (MIT)"),
+    Task("formula", "math",
+         "Use formula {formula} to answer the question. Answer with a numerical answer with 2 decimal places "
+         "and with no explanations or other text. Formula: {equation}, Explanation: {explanation}. "
+         "Question: \"{text}\". Answer:", None, "number",
+         notes="XBRL-Agent financial math (MIT)"),
+    Task("financebench", "qa",
+         "Answer the following question very briefly using scanned text from pages. No explanation needed. "
+         "Question: {question}\nDocument Pages Context:\n{text}\n\nAnswer:", None, "text"),
+    Task("fingpt_sentiment", "sentiment", INSTRUCTION_TEMPLATE, SENTIMENT_MIX, "label",
+         HubSource("FinGPT/fingpt-sentiment-train", None, "train", None, _INSTRUCTION_COLUMNS, licence="MIT"),
+         notes="FinLoRA's sentiment training mix (76.8K rows: FPB, FiQA-SA, TFNS, NWGI, with their instructions); "
+               "the GPU sentiment recipes train on it"),
 ]}
 
 
@@ -209,10 +216,8 @@ FINLORA_README = "635333ba567eeb08f56168ecfdaf3ba8494127f1"  # the commit of the
 @dataclass(frozen=True)
 class FinLoRAFile:
     """One file of FinLoRA's data/ folder at the commit that last changed it (read at its HEAD
-    7e1cf82). `blob` is the git object id FinLoRA's repository gives the content (a SHA-1 of
-    it); `sha256` is recorded where the content was read here, or where Git LFS stores it
-    (the LFS pointer names it). A download is checked against the sha256 when known, else
-    against the blob id."""
+    7e1cf82), with the hashes it is checked against (docs/DATA.md: its git blob id; its sha256
+    where it was read here, or where its Git LFS pointer names it)."""
 
     path: str                      # under data/: "test/fpb_test.jsonl"
     commit: str

@@ -1,9 +1,5 @@
-"""Validation in one pass: every problem of every row, before anything is written.
-
-Problems are `file:line: reason`: unreadable rows (invalid JSON, wrong field count),
-missing, empty or wrongly typed fields, labels outside the task's set, and examples
-longer than the recipe's `sequence_len` by the one length rule (finlora.lengths).
-"""
+"""Validation in one pass: every problem of every row (`file:line: reason`), before anything
+is written; training rows' length by the one length rule (finlora.lengths)."""
 
 from __future__ import annotations
 
@@ -82,6 +78,3 @@ def too_long(check: LengthCheck, examples: list[Example]) -> list[Problem]:
     return [Problem(examples[i].file, examples[i].line, f"too long: {n} tokens > sequence_len {check.sequence_len}")
             for i, n in rule([e.n_tokens for e in examples], check.sequence_len)]
 
-
-def sort_problems(problems: list[Problem]) -> list[Problem]:
-    return sorted(problems, key=lambda p: (p.file, p.line, p.reason))
