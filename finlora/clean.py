@@ -14,7 +14,10 @@ import shutil
 from pathlib import Path
 
 from finlora import ROOT
+from finlora.base_model import MANIFEST
+from finlora.merge import MERGE_MARKER
 from finlora.recipes import rel
+from finlora.smoke import MARKER, TINY_STAMP
 
 OUTPUTS = ROOT / "outputs"
 # What a training run leaves in its output folder besides the folders handled below.
@@ -34,12 +37,12 @@ def plan(outputs: Path = OUTPUTS, everything: bool = False) -> tuple[list[tuple[
     for top in sorted(p for p in outputs.iterdir() if p.name != ".gitkeep"):
         if top.name == "smoke" and top.is_dir():
             for p in sorted(top.iterdir()):
-                ours = (p / ".finlora-smoke").is_file() or (p / "finlora_tiny_model.json").is_file() or (
-                    p.name == "models" and all((m / "finlora_tiny_model.json").is_file() for m in p.iterdir()))
+                ours = (p / MARKER).is_file() or (p / TINY_STAMP).is_file() or (
+                    p.name == "models" and all((m / TINY_STAMP).is_file() for m in p.iterdir()))
                 (delete if ours else keep).append((p, "a smoke run" if ours else "not written by `make smoke`"))
         elif top.name == "base" and top.is_dir():
             for p in sorted(top.iterdir()):
-                if (p / "finlora_base_model.json").is_file():
+                if (p / MANIFEST).is_file():
                     take(p, "the base model `make base-model` built", valuable=True)
                 else:
                     keep.append((p, "not built by `make base-model`"))
@@ -47,7 +50,7 @@ def plan(outputs: Path = OUTPUTS, everything: bool = False) -> tuple[list[tuple[
             for p in sorted(top.iterdir()):
                 if p.name == "prepared" or p.name.startswith("incomplete-checkpoint-"):
                     delete.append((p, "Axolotl's tokenised-data cache" if p.name == "prepared" else "an incomplete checkpoint"))
-                elif p.name == "merged" and (p / "merge_info.json").is_file():
+                elif p.name == "merged" and (p / MERGE_MARKER).is_file():
                     delete.append((p, "a merged model (`make merge` rebuilds it)"))
                 elif p.name.startswith("checkpoint-") or p.name == "eval" or p.name in RUN_FILES:
                     take(p, "a checkpoint" if p.name.startswith("checkpoint-") else

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import statistics
-from pathlib import Path
 
 from finlora.errors import RecipeError
 
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate.main(eval_args)
         doc = json.loads((out / "eval" / "metrics.json").read_text())
         for name, res in doc["results"]["adapter"].items():
-            for metric in ("accuracy", "f1_weighted", res["finlora"].get("metric")):
+            # dict.fromkeys: the headline metric is often "accuracy" itself, counted once per seed
+            for metric in dict.fromkeys(("accuracy", "f1_weighted", res["finlora"].get("metric"))):
                 if metric in res["finlora"]:
                     scores.setdefault(name, {}).setdefault(metric, []).append(res["finlora"][metric])
     summary = {name: {m: t_interval(v) | {"values": v} for m, v in ms.items()} for name, ms in scores.items()}

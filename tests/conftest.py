@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 from finlora import ROOT
-from finlora.base_model import sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
@@ -27,6 +27,11 @@ SHARED = Path(os.environ.get("FINLORA_SHARED_DATA") or ROOT.parent / "shared" / 
 needs_shared = pytest.mark.skipif(not (SHARED / "finlora").is_dir(),
                                   reason=f"real data not found at {SHARED} (FINLORA_SHARED_DATA)")
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2_sentiment_r8.yml"
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @pytest.fixture(scope="session")

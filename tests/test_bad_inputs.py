@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DEFAULT_RECIPE, ROOT
-from finlora.base_model import sha256
+from conftest import DEFAULT_RECIPE, ROOT, sha256
 
 # Runs a script as `python scripts/x.py ...` does, and says at exit whether torch was imported.
 HARNESS = ("import atexit, runpy, sys\n"

@@ -333,7 +333,7 @@ def refused_keeping(capsys, base, adapter, out, *extra) -> str:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    from finlora.base_model import sha256
+    from conftest import sha256
 
     return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
