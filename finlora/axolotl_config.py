@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import re
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from finlora.errors import RecipeError
@@ -44,32 +43,22 @@ def _field_names(model_cls) -> set[str]:
     return names
 
 
-def _deprecation(f) -> str | None:
-    """Axolotl's word that a schema field is deprecated, or None.
+def deprecated_fields(model_cls) -> dict[str, str]:
+    """{key or alias: Axolotl's hint} for the deprecated fields of one schema class.
 
     Axolotl 0.19 marks deprecations three ways in its schema: pydantic's
     `Field(deprecated=...)` (the legacy attention flags, gc_steps, fsdp, ...), a
     description that starts with "Deprecated"/"[DEPRECATED]" (flash_attn_d512,
-    sequence_parallel_degree), and the DeprecatedParameters class. Validators that log
-    a deprecation are caught when `validate_recipe` runs them.
+    sequence_parallel_degree), and the DeprecatedParameters class (`deprecated_keys`).
+    Validators that log a deprecation are caught when `validate` runs them.
     """
-    if f.deprecated:
-        return str(getattr(f.deprecated, "message", f.deprecated))
-    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-    desc = str(extra.get("description") or f.description or "")
-    if re.match(r"\s*\[?deprecated\b", desc, re.IGNORECASE):
-        return desc.strip()
-    return None
-
-
-def deprecated_fields(model_cls) -> dict[str, str]:
-    """{key or alias: Axolotl's hint} for the deprecated fields of one schema class."""
     out = {}
     for fname, f in model_cls.model_fields.items():
-        hint = _deprecation(f)
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        desc = str(extra.get("description") or f.description or "").strip()
+        hint = f.deprecation_message or (desc if re.match(r"\[?deprecated\b", desc, re.IGNORECASE) else None)
         if hint:
-            for name in _names(fname, f):
-                out[name] = hint
+            out.update(dict.fromkeys(_names(fname, f), hint))
     return out
 
 
@@ -83,16 +72,11 @@ def deprecated_keys() -> dict[str, str]:
     return out
 
 
-def schema_keys() -> tuple[set[str], set[str]]:
-    """(keys Axolotl's config schema accepts, keys it accepts only as deprecated).
-
-    Plugin input schemas (`get_input_args`) are added for plugins that declare one.
-    """
+def schema_keys() -> set[str]:
+    """The top-level keys Axolotl's config schema accepts, deprecated ones left out."""
     from axolotl.utils.schemas.config import AxolotlInputConfig
 
-    allowed = _field_names(AxolotlInputConfig)
-    deprecated = set(deprecated_keys())
-    return allowed - deprecated, deprecated
+    return _field_names(AxolotlInputConfig) - set(deprecated_keys())
 
 
 def _plugin_keys(plugins: Sequence[str]) -> set[str]:
@@ -112,35 +96,25 @@ def _plugin_keys(plugins: Sequence[str]) -> set[str]:
     return keys
 
 
+def _unknown(prefix: str, mapping: dict, allowed: set[str], deprecated: dict[str, str]) -> list[str]:
+    return [f"{prefix}{k} (deprecated in Axolotl: {deprecated[k]})" if k in deprecated else f"{prefix}{k}"
+            for k in mapping if k in deprecated or k not in allowed]
+
+
 def unknown_keys(cfg: dict) -> list[str]:
     """Dotted names of keys Axolotl would ignore or rejects as deprecated."""
     from axolotl.utils.schemas.datasets import SFTDataset, UserDefinedPrompterType
 
-    allowed, _ = schema_keys()
-    deprecated = deprecated_keys()
-    allowed |= _plugin_keys(cfg.get("plugins") or [])
-    bad = []
-    for k in cfg:
-        if k in deprecated:
-            bad.append(f"{k} (deprecated in Axolotl: {deprecated[k]})")
-        elif k not in allowed:
-            bad.append(k)
-    ds_allowed = _field_names(SFTDataset)
-    ds_deprecated = deprecated_fields(SFTDataset)
+    allowed = schema_keys() | _plugin_keys(cfg.get("plugins") or [])  # plugins' own input schemas
+    bad = _unknown("", cfg, allowed, deprecated_keys())
+    ds_allowed, ds_deprecated = _field_names(SFTDataset), deprecated_fields(SFTDataset)
     type_allowed = _field_names(UserDefinedPrompterType)
     for group in ("datasets", "test_datasets"):
         for i, ds in enumerate(cfg.get(group) or []):
-            if not isinstance(ds, dict):
-                continue
-            for k in ds:
-                if k in ds_deprecated:
-                    bad.append(f"{group}[{i}].{k} (deprecated in Axolotl: {ds_deprecated[k]})")
-                elif k not in ds_allowed:
-                    bad.append(f"{group}[{i}].{k}")
-            if isinstance(ds.get("type"), dict):
-                for k in ds["type"]:
-                    if k not in type_allowed:
-                        bad.append(f"{group}[{i}].type.{k}")
+            if isinstance(ds, dict):
+                bad += _unknown(f"{group}[{i}].", ds, ds_allowed, ds_deprecated)
+                if isinstance(ds.get("type"), dict):
+                    bad += _unknown(f"{group}[{i}].type.", ds["type"], type_allowed, {})
     return bad
 
 
@@ -214,27 +188,34 @@ def _axolotl_log() -> Iterator[list]:
         root.setLevel(saved[3])
 
 
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
 
 
-def validate(
-    recipe: Recipe,
-    model_config_dir: str | Path | None = None,
-    gpu: bool | None = None,
-    n_gpu: int = 1,
-) -> dict:
+def validate(recipe: Recipe) -> dict:
     """Validate a recipe's config (the file with its overrides) offline; return
     Axolotl's normalized config.
 
     Raises RecipeError naming the bad keys (Axolotl's own exception as its __cause__).
-    `model_config_dir` defaults to the shipped config for the recipe's base_model (or
-    the local base_model folder). `gpu` (default: the recipe names a hub model, flash
-    attention or bitsandbytes) validates with a GPU's capabilities (bf16, sm_90), as
-    `axolotl train` on a GPU node would see them. A deprecation that one of Axolotl's
-    validators logs (rather than marks in the schema) is refused too, with Axolotl's
-    message.
+    The architecture comes from the shipped config.json for the recipe's base_model (or
+    the local base_model folder). A recipe naming a hub model, flash attention or
+    bitsandbytes is validated with a GPU's capabilities (bf16, sm_90), as `axolotl train`
+    on a GPU node would see them. A deprecation that one of Axolotl's validators logs
+    (rather than marks in the schema) is refused too, with Axolotl's message. The
+    recipe's DeepSpeed JSON is `check_deepspeed_json`'s (`make check` runs it first).
     """
-    from axolotl.cli.config import prepare_plugins
+
+    import torch
+    from axolotl.cli.config import gpu_capabilities, prepare_plugins
     from axolotl.utils.config import normalize_cfg_datasets, normalize_config, validate_config
     from axolotl.utils.dict import DictDefault
 
@@ -243,55 +224,35 @@ def validate(
     bad = unknown_keys(raw)
     if bad:
         raise RecipeError(f"{where}: keys Axolotl does not accept: {', '.join(bad)}")
-    if raw.get("deepspeed"):
-        check_deepspeed_json(raw["deepspeed"])
+    model_config_dir = recipe.config_dir
     if model_config_dir is None:
-        model_config_dir = recipe.config_dir
-        if model_config_dir is None:
-            raise RecipeError(f"{where}: no local config.json for base_model {raw.get('base_model')!r}")
-    model_config_dir = Path(model_config_dir)
-    if gpu is None:
-        gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit")
-                   or str(raw.get("attn_implementation") or "").startswith("flash")
-                   or not is_local(recipe.base_model))
+        raise RecipeError(f"{where}: no local config.json for base_model {raw.get('base_model')!r}")
+    gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit")
+               or str(raw.get("attn_implementation") or "").startswith("flash")
+               or not is_local(recipe.base_model))
 
     cfg = DictDefault(raw)
     cfg.axolotl_config_path = str(recipe.path)
     # Injected here, not written in the recipe: Axolotl also takes the tokenizer from
     # base_model_config, which holds no tokenizer; real runs read both from base_model.
     cfg.base_model_config = str(model_config_dir)
-    if gpu:
-        capabilities = dict(GPU_CAPABILITIES, n_gpu=n_gpu)
-    else:
-        from axolotl.cli.config import gpu_capabilities
-
-        capabilities, _ = gpu_capabilities()
-    import torch
-
+    capabilities = dict(GPU_CAPABILITIES) if gpu else gpu_capabilities()[0]
     env_capabilities = {"torch_version": str(torch.__version__).split("+", maxsplit=1)[0]}
-    old_env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "LOCAL_RANK")}
-    try:
-        if gpu and cfg.get("bf16") == "auto":
-            # what `auto` is on the GPUs the recipes are for (Ampere or newer): bf16
-            cfg.bf16 = True
-        with _axolotl_log() as records:
-            prepare_plugins(cfg)
-            try:
-                cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
-            except Exception as e:  # pydantic ValidationError, ValueError, DeprecationWarning
-                raise RecipeError(f"{where}: Axolotl rejects the config: {e}") from e
-            deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
-            if deprecations:
-                raise RecipeError(f"{where}: deprecated in Axolotl: {' | '.join(deprecations)}")
-            # load_cfg's next steps, minus prepare_debug_log (writes into output_dir) and
-            # prepare_optim_env (sets process env vars and imports deepspeed).
-            cfg.base_model_config = str(model_config_dir)
-            normalize_config(cfg)
-            normalize_cfg_datasets(cfg)
-    finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if gpu and cfg.get("bf16") == "auto":
+        cfg.bf16 = True  # what `auto` is on the GPUs the recipes are for (Ampere or newer)
+    # Axolotl's validation sets WORLD_SIZE / LOCAL_RANK; the environment is put back afterwards.
+    with _environ_kept(), _axolotl_log() as records:
+        prepare_plugins(cfg)
+        try:
+            cfg = validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+        except Exception as e:  # pydantic ValidationError, ValueError, DeprecationWarning
+            raise RecipeError(f"{where}: Axolotl rejects the config: {e}") from e
+        deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+        if deprecations:
+            raise RecipeError(f"{where}: deprecated in Axolotl: {' | '.join(deprecations)}")
+        # load_cfg's next steps, minus prepare_debug_log (writes into output_dir) and
+        # prepare_optim_env (sets process env vars and imports deepspeed).
+        cfg.base_model_config = str(model_config_dir)
+        normalize_config(cfg)
+        normalize_cfg_datasets(cfg)
     return cfg

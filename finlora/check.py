@@ -1,28 +1,12 @@
-"""`make check RECIPE=x [RESUME=1]`: everything that can be known about a run before it starts.
-
-A typo in a recipe should cost seconds, not a GPU-hour. `make train` runs the same
-checks (after building the default base model and data when they are missing). Each
-problem is one line naming the file and the key:
-
-    error: recipes/x.yml:23: lora_rnak: unknown key (did you mean lora_r?); Axolotl would ignore it
-
-Checked, in order: the YAML parses (file:line) without duplicate keys; every key is
-known to Axolotl (`axolotl_config.unknown_keys`) and Axolotl's own validation accepts
-the config (`axolotl_config.validate`, offline); safetensors and no remote
-code; local paths exist (base_model, datasets[i].path, deepspeed); the tokenizer has
-an EOS and a pad token once the recipe's special_tokens are applied; every data row
-is valid JSON with the prompt/answer fields as non-empty strings and fits in
-sequence_len; the output folder is free, or resumable with RESUME=1; the disk holds
-the checkpoints the recipe will keep.
+"""`make check RECIPE=x [RESUME=1]`: everything that can be known about a run before it starts,
+in seconds and without loading a model (`make train` runs it too). What is checked, and the
+one-line format of each problem: README, "Crashes, typos and secrets" (Check before training).
 
 Checkpoints: Hugging Face's Trainer writes `checkpoint-N/` in place, file by file,
-`trainer_state.json` last, so a crash (SIGKILL, OOM kill, node loss) can leave a
-partial folder. `checkpoint_problems` defines "complete": trainer_state.json parses
-and names step N; the weights are safetensors that `safe_open` accepts (it refuses a
-file shorter or longer than its header says); and
-optimizer.pt, scheduler.pt and rng_state*.pth exist and load. Those three are torch
-pickles: they are loaded here as the Trainer itself loads them (weights_only=True,
-no arbitrary code), and trusted only because this project's own runs wrote them.
+`trainer_state.json` last, so a crash (SIGKILL, OOM kill, node loss) can leave a partial
+folder; `checkpoint_problems` defines "complete" (README, same section: Resume). optimizer.pt,
+scheduler.pt and rng_state*.pth are torch pickles: they are loaded as the Trainer loads them
+(weights_only=True, no arbitrary code), and trusted only because this project's runs wrote them.
 """
 
 from __future__ import annotations
@@ -108,9 +92,7 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
     deepspeed = any(ckpt.glob("global_step*"))  # DeepSpeed keeps optimizer state in its own folder
     needed = ([] if deepspeed else ["optimizer.pt"]) + ["scheduler.pt"]
     rng = sorted(ckpt.glob("rng_state*.pth"))
-    for name in needed:
-        if not (ckpt / name).is_file():
-            problems.append(f"{name} missing")
+    problems += [f"{name} missing" for name in needed if not (ckpt / name).is_file()]
     if not rng:
         problems.append("rng_state.pth missing")
     if not problems:
@@ -144,6 +126,13 @@ def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, lis
             return p, skipped
         skipped.append((p, why))
     return None, skipped
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 # --------------------------------------------------------------------------- the checks
@@ -189,28 +178,22 @@ def missing_inputs(recipe: Recipe) -> list[Missing]:
 @dataclass
 class Result:
     recipe: Path
-    cfg: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)   # checks that could not run, and why
-    output_dir: Path | None = None
     resume_from: Path | None = None
-    incomplete: list[tuple[Path, list[str]]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.errors
-
-    def lines(self) -> list[str]:
-        return self.notes + self.warnings + self.errors
 
 
 class Checker:
     def __init__(self, recipe: Recipe, resume: bool, pending: bool):
         self.recipe, self.cfg = recipe, recipe.config
         self.resume, self.pending = resume, pending
-        self.r = Result(recipe.path, self.cfg)
+        self.r = Result(recipe.path)
 
     def error(self, key: str, msg: str) -> None:
         self.r.errors.append(f"error: {self.recipe.where(key)}: {key}: {msg}")
@@ -229,27 +212,28 @@ class Checker:
         for key, why in self.recipe.value_problems():
             self.error(key, why)
 
-    # -- keys and Axolotl's validation
-    def keys(self) -> bool:
+    # -- keys: Axolotl ignores an unknown key silently, so each is one line here with file:line
+    def keys(self) -> None:
         from finlora import axolotl_config
 
-        allowed, _ = axolotl_config.schema_keys()
         bad = axolotl_config.unknown_keys(self.cfg)
+        allowed = sorted(axolotl_config.schema_keys()) if bad else []
         for k in bad:
-            top = k.split(" ")[0]
-            if "(deprecated in Axolotl" in k:
-                self.error(top, k[len(top):].strip()[1:-1])  # Axolotl's own hint: the replacement
+            top, _, hint = k.partition(" (deprecated in Axolotl: ")
+            if hint:
+                self.error(top, f"deprecated in Axolotl: {hint[:-1]}")  # Axolotl's own hint: the replacement
                 continue
-            guess = difflib.get_close_matches(top.split(".")[-1], sorted(allowed), n=1, cutoff=0.75)
+            guess = difflib.get_close_matches(top, allowed, n=1, cutoff=0.75)
             hint = f" (did you mean {guess[0]}?)" if guess and "." not in top else ""
             self.error(top, f"unknown key{hint}; Axolotl would ignore it")
-        return not bad
 
+    # -- Axolotl's own validation: its messages mapped to file:line
     def axolotl_validation(self) -> None:
         from finlora import axolotl_config
 
         if self.recipe.config_dir is None:
-            self.skip("Axolotl's own validation", f"base_model {self.recipe.base_model}: no config.json on this machine")
+            self.skip("Axolotl's own validation",
+                      f"base_model {self.recipe.base_model}: no config.json on this machine")
             return
         # The overrides (ARGS) are part of what Axolotl will see: the recipe's config holds them.
         try:
@@ -300,9 +284,9 @@ class Checker:
             except RecipeError as e:
                 self.error("deepspeed", str(e).removeprefix("deepspeed: "))
 
-    # -- tokenizer
+    # -- tokenizer: EOS and pad; the token counter for `data`
     def tokenizer(self):
-        from finlora.lengths import tokenizer_for
+        from finlora.lengths import Lengths, tokenizer_for
 
         name = str(self.cfg.get("tokenizer_config") or self.recipe.base_model)
         found = tokenizer_for(name, self.recipe.local(name))
@@ -315,7 +299,8 @@ class Checker:
         try:
             tok = AutoTokenizer.from_pretrained(str(found.path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            self.error("base_model", f"tokenizer in {rel(found.path)} does not load: {type(e).__name__}: {str(e)[:160]}")
+            self.error("base_model",
+                       f"tokenizer in {rel(found.path)} does not load: {type(e).__name__}: {str(e)[:160]}")
             return None
         if found.path != self.recipe.local(name):
             self.note(f"tokenizer: {found.where}")
@@ -326,23 +311,20 @@ class Checker:
             if v is not None and v not in vocab:
                 self.warn(f"special_tokens.{k}", f"{v!r} is not in the tokenizer's vocabulary: it will be "
                                                  "added as a new token with an untrained embedding")
-        eos = special.get("eos_token") or tok.eos_token
-        pad = special.get("pad_token") or tok.pad_token
-        if not eos:
+        if not (special.get("eos_token") or tok.eos_token):
             self.error("special_tokens.eos_token", f"the tokenizer ({found.where}) has no EOS token; set one "
                                                    "(the model would never learn to stop)")
-        if not pad:
+        if not (special.get("pad_token") or tok.pad_token):
             self.error("special_tokens.pad_token", f"the tokenizer ({found.where}) has no pad token; set one "
                                                    "(batches of unequal length cannot be padded)")
-        return found
+        return Lengths.load(found.path, found.where)  # counted as `make data` counts (finlora.lengths)
 
     # -- data
-    def data(self, tok) -> None:
+    def data(self, lengths) -> None:
         from finlora.data.convert import RowError, field_value
         from finlora.data.sources import read_jsonl
-        from finlora.lengths import Lengths, row_fields, too_long
+        from finlora.lengths import row_fields, too_long
 
-        lengths = Lengths.load(tok.path, tok.where) if tok is not None else None
         seq = self.cfg.get("sequence_len")
         for i, ds in enumerate(self.cfg.get("datasets") or []):
             ds = ds or {}
@@ -353,8 +335,8 @@ class Checker:
                 continue
             key = f"datasets[{i}].path"
             if p.is_symlink() and "synthetic" in p.resolve().name:
-                self.warn(key, f"{rel(p)} is the SYNTHETIC smoke-test set (invented headlines, `make data SYNTHETIC=1`); "
-                               "run `make data` to train on the real data")
+                self.warn(key, f"{rel(p)} is the SYNTHETIC smoke-test set (invented headlines, "
+                               "`make data SYNTHETIC=1`); run `make data` to train on the real data")
             fields = row_fields(ds)
             problems, texts = [], []
             for raw in read_jsonl(p):
@@ -388,7 +370,7 @@ class Checker:
     def output(self) -> None:
         from finlora.atomic import writable
 
-        out = self.r.output_dir = self.recipe.output_dir
+        out = self.recipe.output_dir
         if out.exists() and not out.is_dir():
             self.error("output_dir", f"{rel(out)} is a file, not a folder: the run could not write there")
             return
@@ -397,7 +379,6 @@ class Checker:
             self.error("output_dir", f"{rel(out)} cannot be written ({why})")
             return
         explicit = self.cfg.get("resume_from_checkpoint")
-        ckpts = list_checkpoints(out)
         if explicit:
             p = recipes.resolve_path(str(explicit))
             why = checkpoint_problems(p) if p.is_dir() else ["does not exist"]
@@ -408,7 +389,6 @@ class Checker:
             return
         if self.resume:
             best, skipped = newest_complete(out)
-            self.r.incomplete = skipped
             for p, why in skipped:
                 self.warn("output_dir", f"{rel(p)} is incomplete ({'; '.join(why)}): not resumed from")
             if best is None:
@@ -418,6 +398,7 @@ class Checker:
                 self.r.resume_from = best
                 self.note(f"resuming from {rel(best)}")
             return
+        ckpts = list_checkpoints(out)
         if ckpts:
             names = ", ".join(p.name for _, p in ckpts[-3:])
             self.error("output_dir", f"{rel(out)} already holds checkpoints ({names}): continue it with "
@@ -425,34 +406,26 @@ class Checker:
         elif (out / "adapter_model.safetensors").is_file():
             self.warn("output_dir", f"{rel(out)} holds a trained adapter; this run will overwrite it")
 
-    # -- disk
+    # -- disk: the checkpoints the recipe keeps, sized from its trainable parameters
     def disk(self) -> None:
-        out = self.r.output_dir
-        if out is None:
-            return
         n_params = self._trainable_params()
         if n_params is None:
             return
-        strategy = str(self.cfg.get("save_strategy") or "steps").lower()
+        out = self.recipe.output_dir
         adapter = n_params * 4  # fp32 LoRA weights (adapter_model.safetensors)
         ckpt = adapter * 3 + (1 << 20)  # + AdamW's two fp32 moments (optimizer.pt), + state/RNG files
-        limit = self.cfg.get("save_total_limit")
-        if strategy == "no":
+        limit, steps, every = (self.cfg.get(k) for k in ("save_total_limit", "max_steps", "save_steps"))
+        if str(self.cfg.get("save_strategy") or "steps").lower() == "no":
             kept = 0
         elif limit:
             kept = int(limit) + 1  # the Trainer writes the new checkpoint before deleting the oldest
+        elif isinstance(steps, int) and isinstance(every, int) and every > 0:
+            kept = math.ceil(steps / every) + 1
         else:
-            steps, every = self.cfg.get("max_steps"), self.cfg.get("save_steps")
-            if isinstance(steps, int) and isinstance(every, int) and every > 0:
-                kept = math.ceil(steps / every) + 1
-            else:
-                kept = 10
-                self.warn("save_total_limit", "unset: every checkpoint is kept (disk estimate assumes 10)")
+            kept = 10
+            self.warn("save_total_limit", "unset: every checkpoint is kept (disk estimate assumes 10)")
         need = kept * ckpt + adapter + MARGIN_BYTES
-        probe = out
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
+        free = free_bytes(out)
         mb = lambda b: f"{b / 2**20:,.0f} MB"  # noqa: E731
         if free < need:
             self.error("output_dir", f"{rel(out)}: only {mb(free)} free on its disk; this run needs about "
@@ -487,14 +460,14 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, extra_args: Sequen
     c = Checker(recipe, resume or bool(recipe.get("auto_resume_from_checkpoints")), pending)
     for k, ln in recipe.duplicates:
         c.r.errors.append(f"error: {rel(recipe.path)}:{ln}: {k}: key appears twice (the last one wins silently)")
-    keys_ok = c.keys()
+    c.keys()
     c.values()
     c.safety()
     c.paths()
-    if keys_ok and not c.r.errors:
-        c.axolotl_validation()
-    elif c.r.errors:
+    if c.r.errors:
         c.skip("Axolotl's own validation", "fix the errors above first")
+    else:
+        c.axolotl_validation()
     c.data(c.tokenizer())
     c.output()
     if not c.r.errors:
@@ -506,11 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Check a recipe before training (make check RECIPE=x)")
     p.add_argument("recipe", nargs="?", default=recipes.DEFAULT_RECIPE)
     p.add_argument("--resume", action="store_true", help="the run will resume (RESUME=1)")
-    p.add_argument("-q", "--quiet", action="store_true", help="errors and warnings only")
     p.add_argument("axolotl_args", nargs=argparse.REMAINDER, help="the overrides `make train ARGS=...` would pass")
     a = p.parse_args(argv)
     r = run(a.recipe, resume=a.resume, extra_args=a.axolotl_args)
-    for line in (r.warnings if a.quiet else r.notes + r.warnings):
+    for line in r.notes + r.warnings:
         print(line)
     for line in r.errors:
         print(line, file=sys.stderr)

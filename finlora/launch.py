@@ -51,37 +51,23 @@ def node_address(env) -> tuple[str, str, int]:
     return str(rank), ip, int(port)
 
 
-def check_launch(gpus, nodes, env=None) -> tuple[int | None, int | None]:
+def check_launch(gpus, nodes) -> tuple[int | None, int | None]:
     """Every launch argument of `make train`, checked before any work: (GPUS, NODES)."""
     process_count(gpus, nodes)
     g, n = count_arg("GPUS", gpus), count_arg("NODES", nodes)
     if n is not None and n > 1:
-        node_address(os.environ if env is None else env)
+        node_address(os.environ)
     return g, n
 
 
-def launch_command(
-    recipe_path: str | Path,
-    gpus: int | None = None,
-    nodes: int | None = None,
-    *,
-    machine_rank: int | None = None,
-    main_process_ip: str | None = None,
-    main_process_port: int | None = None,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs.
-
-    - GPUS and NODES unset: `axolotl train recipes/x.yml`, for a CPU (one process;
-      `make train` passes GPUS=1 where CUDA GPUs exist, since Axolotl's launcher would
-      start one process per visible GPU).
-    - GPUS=1: accelerate with recipes/accelerate/single_gpu.yaml.
-    - GPUS=n>1: accelerate with multi_gpu.yaml and --num_processes n.
-    - NODES=m>1 (GPUS = per node): multi_node.yaml, --num_machines m, --num_processes
-      m*n, --machine_rank / --main_process_ip / --main_process_port from the arguments
-      or else MACHINE_RANK / MASTER_ADDR / MASTER_PORT in the environment.
-    Paths are written relative to the repository root, where `make` runs.
-    """
+def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int | None = None, *,
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs: `axolotl train` with GPUS and
+    NODES unset (a CPU; `make train` passes GPUS=1 where CUDA GPUs exist, since Axolotl's
+    launcher would start one process per visible GPU), else `accelerate launch` with
+    recipes/accelerate/{single_gpu,multi_gpu,multi_node}.yaml; NODES>1 (GPUS per node) takes
+    the rank and main node from MACHINE_RANK / MASTER_ADDR / MASTER_PORT. Paths are written
+    relative to the repository root, where `make` runs."""
     recipe = Path(recipe_path)
     if recipe.is_absolute() and recipe.is_relative_to(ROOT):
         recipe = recipe.relative_to(ROOT)
@@ -91,10 +77,7 @@ def launch_command(
     if gpus is None and nodes is None:
         return ["axolotl", "train", recipe_s, *extra]
     if nodes is not None and nodes > 1:
-        env = dict(os.environ)
-        env.update({k: str(v) for k, v in (("MACHINE_RANK", machine_rank), ("MASTER_ADDR", main_process_ip),
-                                           ("MASTER_PORT", main_process_port)) if v is not None})
-        rank, ip, port = node_address(env)
+        rank, ip, port = node_address(os.environ)
         return [
             "accelerate", "launch", "--config_file", "recipes/accelerate/multi_node.yaml",
             "--num_machines", str(nodes), "--num_processes", str(nodes * gpus),
@@ -132,20 +115,9 @@ def accumulation_for(accum: int, processes: int) -> int:
 def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
                 devices: int) -> tuple[int | None, Recipe, list[str]]:
     """What `make train` launches: (GPUs per node, the recipe with the overrides that
-    Axolotl gets, lines to print).
-
-    - GPUS unset: one process. On a machine with CUDA GPUs that is the first GPU of
-      CUDA_VISIBLE_DEVICES through single_gpu.yaml (a bare `axolotl train` would start
-      one process per visible GPU); on a CPU, `axolotl train` (one process).
-    - One process on one node sees only that GPU (`train.main` narrows
-      CUDA_VISIBLE_DEVICES): with several visible, the Trainer would wrap the model in
-      DataParallel, or a `device_map: auto` load would spread it over all of them.
-    - The global batch: a recipe's micro_batch_size x gradient_accumulation_steps is its
-      global batch on one process (for the generated recipes, FinLoRA's reference batch).
-      With P processes the accumulation is divided by P; when P does not divide it, the
-      nearest accumulation is used and the changed global batch is printed. An explicit
-      --gradient-accumulation-steps in ARGS is kept as given.
-    """
+    Axolotl gets, lines to print). GPUS unset on a machine with CUDA GPUs is one process on
+    the first visible GPU; the recipe's one-process global batch is kept on P processes
+    (docs/GPU.md, "GPU nodes and launch")."""
     lines: list[str] = []
     if gpus is None and nodes is None and devices >= 1:
         gpus = 1
@@ -155,22 +127,17 @@ def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
     micro = int(recipe.number("micro_batch_size", 1))
     accum = int(Recipe(recipe.path, recipe.file).number("gradient_accumulation_steps", 1))  # the recipe's own
     recipe_global = micro * accum
-    given = recipe.overrides.get("gradient_accumulation_steps")
-    if given is not None:
-        if not isinstance(given, int) or isinstance(given, bool) or given < 1:
-            raise LaunchError(f"--gradient-accumulation-steps {given}: not a positive integer")
-        new = given
-    else:
-        new = accumulation_for(accum, processes)
-        if new != accum:
-            recipe = recipe.with_args([*recipe.args, "--gradient-accumulation-steps", str(new)])
+    given = recipe.overrides.get("gradient_accumulation_steps") is not None  # an explicit ARGS value is kept
+    new = int(recipe.number("gradient_accumulation_steps", 1)) if given else accumulation_for(accum, processes)
+    if new != accum and not given:
+        recipe = recipe.with_args([*recipe.args, "--gradient-accumulation-steps", str(new)])
     total = micro * new * processes
     how = f"micro batch {micro} x accumulation {new}" + (f" x {processes} processes" if processes > 1 else "")
     if total == recipe_global:
         lines.append(f"train: global batch {total} = {how}"
                      + (f" (the recipe's {micro} x {accum} on one process)" if processes > 1 else ""))
     else:
-        why = ("--gradient-accumulation-steps is given" if given is not None
+        why = ("--gradient-accumulation-steps is given" if given
                else f"{processes} processes do not divide accumulation {accum}")
         lines.append(f"train: global batch CHANGES to {total} = {how}, from the recipe's {recipe_global} "
                      f"({micro} x {accum} on one process): {why}")
@@ -202,12 +169,8 @@ def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
 def cpu_launch(processes: int, deepspeed: bool) -> dict[str, str]:
     """The environment several training processes on a machine without CUDA need: the one
     owner of that contract (`axolotl_env` sets it, the plugin refuses a launch without it).
-
-    - Plain DDP: ACCELERATE_USE_CPU=1. Without it, Accelerate's shared state (made before the
-      Trainer asks for the CPU) finds no GPU and falls back to "not distributed": every process
-      then trains alone on the whole data set. With it: gloo, DDP, sharded batches.
-    - DeepSpeed: its CPU accelerator, and ACCELERATE_USE_CPU=0: Accelerate drops DeepSpeed
-      without a word whenever it is told to use the CPU."""
+    Plain DDP: ACCELERATE_USE_CPU=1; DeepSpeed: its CPU accelerator and ACCELERATE_USE_CPU=0
+    (why each: docs/GPU.md, "Data parallel on a CPU" and "Smoke tests")."""
     if processes <= 1:
         return {}
     return {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"} if deepspeed else {"ACCELERATE_USE_CPU": "1"}

@@ -1,19 +1,10 @@
 """`make train`: prepare what a recipe needs, then run Axolotl's own trainer.
 
-Training itself is Axolotl's (`axolotl train`, which execs `accelerate launch -m
-axolotl.cli.train`; `finlora.launch` builds the command). The recipe is read once, as
-a `Recipe`, and passed down: this module builds the offline base model and default
-data when they are missing, runs `finlora.check` on the same object (a bad recipe
-fails in seconds, before any model loads), and summarises the run.
-
-- `--resume` (`make train RESUME=1`) continues from the newest *complete* checkpoint
-  (`finlora.check.checkpoint_problems`), passed to Axolotl explicitly as
-  `--resume-from-checkpoint`; newer incomplete ones (a crash mid-save) are moved aside
-  to `incomplete-checkpoint-N` so that neither Axolotl nor the Trainer's rotation
-  picks them up. The Trainer restores the optimizer, scheduler, RNG states and the
-  data position from the checkpoint.
-- Axolotl's output is redacted on the way through (`finlora.launch.run_axolotl`), and
-  the output folder's text files are swept once the run ends.
+The recipe is read once, as a `Recipe`, and passed down: the default base model and data
+are built when missing, `finlora.check` runs on the same object (a bad recipe fails in
+seconds, before any model loads), `finlora.launch` builds and runs the command (output
+redacted on the way through), and the output folder's text files are swept at the end.
+Resume (`RESUME=1`): README, "Crashes, typos and secrets" (Resume).
 """
 
 from __future__ import annotations
@@ -116,13 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         raise CheckFailed("\n".join(values).removeprefix("error: ") + "; nothing was started")
     from finlora import check
 
-    result = None
     if not a.no_check:
-        result = check.run(recipe, resume=a.resume, pending=True)
-        report_check(result)
+        report_check(check.run(recipe, resume=a.resume, pending=True))
     if ensure_inputs(recipe) and not a.no_check:
-        result = check.run(recipe, resume=a.resume, pending=False)  # the tokenizer and data now exist
-        report_check(result)
+        report_check(check.run(recipe, resume=a.resume, pending=False))  # the tokenizer and data now exist
     gpus, recipe, launch_lines = launch.plan_launch(recipe, gpus, nodes, launch.cuda_device_count())
     prepared = recipe.get("dataset_prepared_path")
     if prepared and (nodes or 1) > 1 and "dataset_prepared_path" not in recipe.overrides:
@@ -134,21 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     for line in launch_lines:
         print(line, flush=True)
     output_dir = recipe.output_dir
-    resume_from = None
-    if result is not None:
-        if result.resume_from is not None and not recipe.get("resume_from_checkpoint"):
-            move_aside_incomplete(result.incomplete)
-            resume_from = result.resume_from
-    elif a.resume:
+    resume = a.resume or bool(recipe.get("auto_resume_from_checkpoints"))
+    if resume and not recipe.get("resume_from_checkpoint"):
+        # Passed to Axolotl explicitly, and newer incomplete checkpoints (a crash mid-save) moved
+        # out of `checkpoint-*`, so that neither Axolotl nor the Trainer's rotation picks one up.
         best, skipped = check.newest_complete(output_dir)
         if best is None:
             raise RecipeError(f"RESUME=1 but {rel(output_dir)} holds no complete checkpoint")
         if os.environ.get("MACHINE_RANK", "0") == "0":  # one node renames, on a shared filesystem
             move_aside_incomplete(skipped)
-        resume_from = best
-    if resume_from is not None:
-        recipe = recipe.with_args([*recipe.args, "--resume-from-checkpoint", str(resume_from)])
-        print(f"train: resuming from {rel(resume_from)}", flush=True)
+        recipe = recipe.with_args([*recipe.args, "--resume-from-checkpoint", str(best)])
+        print(f"train: resuming from {rel(best)}", flush=True)
     if prepared and recipes.resolve_path(prepared).is_dir():
         clear_prepared(recipes.resolve_path(prepared))
 
@@ -157,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = launch.launch_command(recipe.path, gpus, nodes, extra_args=recipe.args)
     env = launch.axolotl_env(recipe, gpus or 1)  # processes on this machine
     if gpus == 1 and (nodes or 1) == 1 and launch.cuda_device_count() > 1:
+        # with several GPUs visible, the Trainer would wrap the model in DataParallel, or a
+        # `device_map: auto` load would spread it over all of them
         env["CUDA_VISIBLE_DEVICES"] = launch.first_visible_gpu(env)
     print("train: " + redact_text(" ".join(cmd)), flush=True)
     try:
@@ -165,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         redact_tree(output_dir)  # a last sweep: whatever a library wrote into the run's logs
     if rc != 0:
         print(f"error: axolotl exited with status {rc}", file=sys.stderr)
-        probe = output_dir if output_dir.exists() else output_dir.parent
-        if probe.exists() and shutil.disk_usage(probe).free < (256 << 20):
-            print(f"error: only {shutil.disk_usage(probe).free >> 20} MB free on the disk of {rel(output_dir)}: "
+        free = check.free_bytes(output_dir)
+        if free < (256 << 20):
+            print(f"error: only {free >> 20} MB free on the disk of {rel(output_dir)}: "
                   "free space, then continue with RESUME=1", file=sys.stderr)
         elif any(output_dir.glob("checkpoint-*")):
             print("train: checkpoints are kept; continue with `make train RESUME=1` (same RECIPE/ARGS)",
