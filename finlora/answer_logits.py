@@ -1,9 +1,5 @@
-"""Training computes logits only where the loss looks: at the answer tokens.
-
-With `train_on_inputs: false` the loss covers the few answer tokens of each example
-(2 of ~65 for a sentiment label), yet a causal LM's forward turns every position into a
-vocabulary-sized logit row: for SmolLM2 a [tokens x 576] @ [576 x 49,152] product and
-its backward, ~20% of a CPU training step, plus a [tokens x 49,152] float tensor.
+"""Training computes logits only where the loss looks: at the answer tokens (why, and what it
+saves: docs/BENCHMARKS.md, "Logits at the answer tokens only").
 
 `install(model)` hooks the model the Trainer calls. In training, when labels are given:
 - the labels shifted as the loss shifts them (position t predicts token t+1) give the
@@ -22,19 +18,15 @@ from __future__ import annotations
 IGNORE = -100
 
 
-def _causal_lm(model):
-    """The transformers model that owns the output head (under PEFT's wrappers)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def install(model) -> bool:
     """Hook `model` (a PreTrainedModel or PeftModel); False when its loss is not the
     plain causal-LM loss these hooks reproduce, in which case nothing is changed."""
     import torch.nn.functional as F
 
-    lm = _causal_lm(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # the one under PEFT's wrappers
     head = lm.get_output_embeddings()
-    if head is None or getattr(lm, "loss_type", None) not in (None, "ForCausalLM") or getattr(model, "_finlora_answer_logits", False):
+    plain_loss = getattr(lm, "loss_type", None) in (None, "ForCausalLM")
+    if head is None or not plain_loss or getattr(model, "_finlora_answer_logits", False):
         return False
     state = {"keep": None}
 

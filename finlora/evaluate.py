@@ -1,17 +1,5 @@
-"""`make eval`: score the base model and an adapter (or a merged model) on FinLoRA's test sets,
-with FinLoRA's own scoring and the project's beside it, on the same predictions.
-
-`make eval RECIPE=x` scores the sets the registry gives x's task (finlora.data.tasks),
-listed with their rows before any model loads; `DATASETS=a,b` picks others. Generation is
-batched greedy decoding (left padding, the prompts' shared prefix computed once) with
-FinLoRA's token budget per set. Every set is scored twice (finlora.scoring): `finlora`, as
-FinLoRA's test/test_dataset.py scores it, and `strict`, the project's own view; each with
-95% bootstrap intervals, and the adapter's gain with a paired bootstrap. Written under
-`<adapter>/eval/`: predictions_<model>_<set>.jsonl (the raw generated text and the
-target(s) of every row, so anyone can re-score them), metrics.json, report.md (beside
-FinLoRA's published Llama-3.1-8B figures) and scores.png. A set already scored with the
-same model, data (sha256) and settings is kept, not scored again, unless --rescore.
-"""
+"""`make eval`: the base against an adapter (or a merged model) on FinLoRA's test sets, both
+scorers on the same predictions (finlora.scoring), report and chart; docs/EVAL.md says what and how."""
 
 from __future__ import annotations
 
@@ -19,14 +7,15 @@ import argparse
 import hashlib
 import json
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from finlora.cli import flag
-from finlora import ROOT
-from finlora.data.tasks import PUBLISHED_COLUMNS, TEST_SETS, TestSet, test_set
+from finlora import ROOT, scoring
+from finlora.data.tasks import TEST_SETS, TestSet, test_set
 from finlora.errors import EvalError
+from finlora.models import add_model_args, check_adapter, generate, load_model, open_recipe
 
 DATA_DIR = ROOT / "data" / "test"
 
@@ -38,7 +27,8 @@ class Row:
     target: str
 
 
-def read_rows(s: TestSet, data_dir: Path, sample: float | None = None, limit: int | None = None) -> tuple[list[Row], str]:
+def read_rows(s: TestSet, data_dir: Path, sample: float | None = None,
+              limit: int | None = None) -> tuple[list[Row], str]:
     """The set's rows as FinLoRA reads them (every row of the file; `sample`: the rows of
     pandas' `sample(frac, random_state=42)`, in its order), and the file's sha256. Each row
     must be JSON with `context` and `target`; every bad row is listed as file:line."""
@@ -69,86 +59,10 @@ def read_rows(s: TestSet, data_dir: Path, sample: float | None = None, limit: in
     return rows[:limit] if limit else rows, hashlib.sha256(raw).hexdigest()
 
 
-# --- models and generation -----------------------------------------------------
-
-def shared_prefix_len(seqs: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving at least one token of each to feed
-    (0 for fewer than two sequences)."""
-    if len(seqs) < 2:
-        return 0
-    first, limit = seqs[0], min(len(s) for s in seqs) - 1
-    k = 0
-    while k < limit and all(s[k] == first[k] for s in seqs):
-        k += 1
-    return k
-
-
-@contextmanager
-def contiguous_head_input(model):
-    """While open, the output head gets a contiguous input. After prefill, transformers
-    slices the last position out of the [batch, len, hidden] states, and that strided view
-    makes torch.matmul broadcast the [vocab, hidden] head into a per-row bmm (155 ms a
-    batch of 32 here, against ~10 ms as one matrix product)."""
-    head = model.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:])) if head else None
-    try:
-        yield
-    finally:
-        if hook:
-            hook.remove()
-
-
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
-             desc: str = "generate", share_prefix: bool = True) -> list[str]:
-    """Greedy decoding in length-sorted, left-padded batches; results in input order.
-
-    FinLoRA prompts of one task share a long instruction (25 of ~69 tokens for FPB). With
-    `share_prefix`, the tokens all prompts start with are run through the model once and
-    their KV cache is copied into every batch, so each prompt only computes its own
-    tokens. The token sequences are exactly those of the whole prompts (the prefix is cut
-    from the tokenised prompts, not from the text), and positions continue after the
-    prefix: the attention mask is [prefix ones | left padding | prompt]."""
-    import copy
-
-    import torch
-    from tqdm.auto import tqdm
-
-    ids = tok(prompts)["input_ids"] if prompts else []  # one call: the fast tokenizer batches it
-    plen = shared_prefix_len(ids) if share_prefix else 0
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(prompts)
-    with torch.inference_mode(), contiguous_head_input(model), tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
-        prefix_cache = None
-        if plen:
-            prefix_cache = model(input_ids=torch.tensor([ids[0][:plen]], device=device), use_cache=True).past_key_values
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = plen + max(len(ids[i]) - plen for i in idx)
-            inp = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                inp[r, :plen], mask[r, :plen] = torch.tensor(ids[i][:plen]), 1
-                rest = ids[i][plen:]
-                inp[r, width - len(rest):], mask[r, width - len(rest):] = torch.tensor(rest), 1
-            extra = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
-                extra["past_key_values"] = cache
-            gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, use_cache=True, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, **extra)
-            for i, row in zip(idx, gen[:, width:]):
-                out[i] = tok.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            bar.update(len(idx))
-    return out
-
+# --- scoring -------------------------------------------------------------------
 
 def score_set(s: TestSet, rows: list[Row], generated: list[str], bertscore_model: str) -> dict:
     """Both blocks for one model's answers to one set, with their intervals."""
-    from finlora import scoring
-
     answers = [scoring.answer_text(g) for g in generated]
     targets = [r.target for r in rows]
     if s.scorer == "text":
@@ -163,8 +77,7 @@ def score_set(s: TestSet, rows: list[Row], generated: list[str], bertscore_model
 def with_intervals(res: dict, base: dict | None) -> dict:
     """The set's scores as metrics.json keeps them: figures and 95% intervals (and, given the
     base's, the paired interval of the difference); per-row lists dropped."""
-    from finlora.scoring import bootstrap, public
-
+    bootstrap, public = scoring.bootstrap, scoring.public
     out = {"finlora": public(res["finlora"]) | {"ci": bootstrap(res["finlora"])}, "strict": {},
            "strict_rejected": res["strict_rejected"]}
     if base is not None:
@@ -256,31 +169,23 @@ def report_notes(doc: dict, sets: list[TestSet]) -> str:
 def bar_chart(doc: dict, out: Path) -> None:
     """Per set: base and tuned (FinLoRA's scoring, 95% interval as error bars) beside FinLoRA's
     published base and same-variant figures (hatched)."""
-    import matplotlib
+    from finlora.loss_curve import save_png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from finlora.atomic import atomic_open
-
-    models, variant = list(doc["results"]), doc["meta"].get("variant") or "r8"
-    sets = list(doc["sets"])
-    series = [(m, [doc["results"][m].get(s, {}).get("finlora") for s in sets], False) for m in models]
-    for col, label in (("base", "FinLoRA base"), (variant, f"FinLoRA {variant}")):
-        vals = []
-        for s in sets:
-            p = (doc["sets"][s].get("published") or {}).get(col)
-            vals.append(None if p is None else {"value": p[0] / 100 if p[0] is not None else p[1]})
-        series.append((label, vals, True))
+    variant, sets = doc["meta"].get("variant") or "r8", list(doc["sets"])
+    series = []  # (label, bar heights, error bars; None for FinLoRA's published figures)
+    for m in doc["results"]:
+        blocks = [doc["results"][m].get(s, {}).get("finlora") or {} for s in sets]
+        vals = [b.get(b.get("metric"), 0) for b in blocks]
+        cis = [b.get("ci", {}).get(b.get("metric"), [v, v]) for v, b in zip(vals, blocks)]
+        series.append((m, vals, [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]))
+    for col in ("base", variant):
+        pub = [(doc["sets"][s].get("published") or {}).get(col) for s in sets]
+        series.append((f"FinLoRA {col}", [0 if p is None else p[1] if p[0] is None else p[0] / 100 for p in pub], None))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(sets) + 2), 4.2), dpi=110)
-    for k, (label, blocks, hatched) in enumerate(series):
-        xs = [i + k * width for i in range(len(sets))]
-        vals = [(b or {}).get("value", (b or {}).get((b or {}).get("metric"), 0) if b else 0) for b in blocks]
-        err = [[v - (b.get("ci", {}).get(b.get("metric"), [v, v])[0]) if b and "ci" in b else 0 for v, b in zip(vals, blocks)],
-               [(b.get("ci", {}).get(b.get("metric"), [v, v])[1]) - v if b and "ci" in b else 0 for v, b in zip(vals, blocks)]]
-        bars = ax.bar(xs, vals, width, label=label, hatch="//" if hatched else None, alpha=0.6 if hatched else 1.0,
-                      yerr=None if hatched else err, capsize=2)
+    fig, ax = subplots(figsize=(max(6, 1.9 * len(sets) + 2), 4.2))
+    for k, (label, vals, err) in enumerate(series):
+        bars = ax.bar([i + k * width for i in range(len(sets))], vals, width, label=label, yerr=err, capsize=2,
+                      hatch=None if err else "//", alpha=1.0 if err else 0.6)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(sets))])
     ax.set_xticklabels(sets, fontsize=8)
@@ -288,10 +193,7 @@ def bar_chart(doc: dict, out: Path) -> None:
     ax.set_ylabel("FinLoRA's score (accuracy, or BERTScore F1)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(out, "wb", encoding=None) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, out)
 
 
 # --- CLI -----------------------------------------------------------------------
@@ -305,8 +207,7 @@ def default_sets(recipe) -> list[TestSet]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Score base / adapter / merged models on FinLoRA's test sets")
-    p.add_argument("--recipe", help="take --base, the adapter and the default sets from this recipe")
-    p.add_argument("--base", help="base model folder or hub name")
+    add_model_args(p, "the adapter and the default sets")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="LoRA adapter folder (scored against the base)")
     src.add_argument("--merged", help="merged model folder (scored against the base)")
@@ -316,12 +217,10 @@ def parse_args(argv):
     p.add_argument("--sample", type=float, help="score the rows of FinLoRA's sample(frac, random_state=42)")
     p.add_argument("--limit", type=int, help="score only the first N rows of each set (after --sample)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--bits", type=int, choices=(8, 4), help="load the base quantized (bitsandbytes), as FinLoRA does")
     p.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     p.add_argument("--rescore", action="store_true", help="score sets again even when already scored")
-    p.add_argument("--bertscore-model", default="ProsusAI/finbert", help="hub id or local folder (FinLoRA's FinBERT)")
-    p.add_argument("--allow-base-mismatch", action="store_true")
+    p.add_argument("--bertscore-model", default=scoring.FINBERT, help="hub id or local folder (FinLoRA's FinBERT)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="run every prompt in full instead of computing the prompts' shared prefix once")
     a = p.parse_args(argv)
@@ -337,18 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     from finlora.atomic import write_json, write_jsonl, write_text
 
     a = parse_args(argv)
-    recipe = recipes.Recipe.open(a.recipe) if a.recipe else None
-    if recipe is not None:
-        a.base = a.base or str(recipe.local(recipe.base_model) or recipe.base_model)
-        if not a.merged and not a.adapter:
-            a.adapter = str(recipe.output_dir)
-    if not a.base:
-        raise EvalError("give --recipe or --base")
+    recipe = open_recipe(a, EvalError)
+    if recipe is not None and not a.merged and not a.adapter:
+        a.adapter = str(recipe.output_dir)
     tuned = a.adapter or a.merged
-    for label, path in (("adapter", a.adapter), ("merged model", a.merged)):
-        if path and not Path(path).is_dir():
-            hint = f": run `make train RECIPE={a.recipe}` first" if a.recipe and label == "adapter" else ""
-            raise EvalError(f"no {label} at {path} (no such folder){hint}")
+    if a.adapter and not Path(a.adapter).is_dir():
+        check_adapter(a.adapter, a.base, a.allow_base_mismatch, a.recipe)  # says so, and how to train it
+    if a.merged and not Path(a.merged).is_dir():
+        raise EvalError(f"no merged model at {a.merged} (no such folder)")
     if a.datasets:
         sets = [test_set(n.strip()) for n in a.datasets.split(",") if n.strip()]
     elif recipe is not None:
@@ -356,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise EvalError("give --datasets (or --recipe, whose task names its sets)")
     loaded = {s.name: read_rows(s, a.data_dir, a.sample, a.limit) for s in sets}
+    if a.adapter:  # the rest of the adapter's refusals, before any model loads
+        check_adapter(a.adapter, a.base, a.allow_base_mismatch, a.recipe)
     for s in sets:
         rows = loaded[s.name][0]
         print(f"eval: {s.name:18} {len(rows):6,} rows of {a.data_dir / s.file}"
@@ -374,48 +271,39 @@ def main(argv: list[str] | None = None) -> int:
                     "variant": variant, **settings},
            "sets": {s.name: {"file": s.file, "sha256": loaded[s.name][1], "scored": len(loaded[s.name][0]),
                              "max_new_tokens": s.max_new_tokens, "finlora_name": s.finlora_name,
-                             "published": {c: s.published.get(c) for c in PUBLISHED_COLUMNS if c in s.published}}
+                             "published": dict(s.published)}
                     for s in sets},
            "results": {}, "warnings": []}
-    raw: dict[tuple[str, str], dict] = {}
+    seconds: dict[tuple[str, str], float] = {}
     generated: dict[tuple[str, str], list[str]] = {}
     todo = []
     for label, _ in models:
         for s in sets:
             prev = old.get("results", {}).get(label, {}).get(s.name)
             pred = out / f"predictions_{label}_{s.name}.jsonl"
-            if prev and prev.get("key") == keys[label] and prev.get("data_sha256") == loaded[s.name][1] and pred.is_file():
+            same = prev and prev.get("key") == keys[label] and prev.get("data_sha256") == loaded[s.name][1]
+            if same and pred.is_file():
                 generated[label, s.name] = [json.loads(x)["generated"] for x in pred.read_text().splitlines()]
                 print(f"eval: {label}:{s.name} already scored with this model, data and settings: kept "
                       f"({flag('--rescore')} to score it again)", flush=True)
             else:
                 todo.append((label, s))
-    if todo:
-        from finlora.models import load_model
-
-        kw = {"dtype": a.dtype, "quant": f"{a.bits}bit" if a.bits else None}
-        model, tok = load_model(a.base, adapter=a.adapter, merged=None, allow_base_mismatch=a.allow_base_mismatch, **kw) \
-            if not a.merged else (None, None)
-        for label, _ in models:
-            mine = [s for lab, s in todo if lab == label]
-            if not mine:
-                continue
-            if a.merged and label == "merged":
-                del model
-                model, tok = load_model(a.base, merged=a.merged, **kw)
-            elif a.merged and model is None:
-                model, tok = load_model(a.base, **kw)
-            ctx = model.disable_adapter() if label == "base" and a.adapter else _nothing()
-            with ctx:  # the base is the adapter's own weights with the adapter switched off: one load
-                for s in mine:
-                    rows = loaded[s.name][0]
-                    t0 = time.perf_counter()
-                    generated[label, s.name] = generate(model, tok, [r.context for r in rows], s.max_new_tokens,
-                                                        a.batch_size, desc=f"{label}:{s.name}",
-                                                        share_prefix=not a.no_prefix_cache)
-                    raw.setdefault((label, s.name), {})["seconds"] = round(time.perf_counter() - t0, 2)
-    from finlora.scoring import answer_text, strict_target
-
+    model = None
+    for label, _ in models:
+        mine = [s for lab, s in todo if lab == label]
+        if mine and (model is None or label == "merged"):
+            model = tok = None  # the base leaves memory before the merged model loads
+            model, tok = load_model(a.base, a.adapter, a.merged if label == "merged" else None, a.dtype,
+                                    f"{a.bits}bit" if a.bits else None, a.allow_base_mismatch)
+        # the base is the adapter's own weights with the adapter switched off: one load
+        with model.disable_adapter() if mine and label == "base" and a.adapter else nullcontext():
+            for s in mine:
+                rows = loaded[s.name][0]
+                t0 = time.perf_counter()
+                generated[label, s.name] = generate(model, tok, [r.context for r in rows], s.max_new_tokens,
+                                                    a.batch_size, desc=f"{label}:{s.name}",
+                                                    share_prefix=not a.no_prefix_cache)
+                seconds[label, s.name] = round(time.perf_counter() - t0, 2)
     for s in sets:
         rows = loaded[s.name][0]
         scored = {}
@@ -423,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             gen = generated[label, s.name]
             scored[label] = score_set(s, rows, gen, a.bertscore_model)
             write_jsonl(out / f"predictions_{label}_{s.name}.jsonl",
-                        ({"id": r.id, "generated": g, "answer": answer_text(g), "target": r.target,
-                          **({"target_repaired": strict_target(s, r.target)} if s.fix else {})}
+                        ({"id": r.id, "generated": g, "answer": scoring.answer_text(g), "target": r.target,
+                          **({"target_repaired": scoring.strict_target(s, r.target)} if s.fix else {})}
                          for r, g in zip(rows, gen)))
         for label, _ in models:
             base = scored.get("base") if label != "base" else None
             prev = old.get("results", {}).get(label, {}).get(s.name, {})
-            secs = raw.get((label, s.name), {}).get("seconds", prev.get("seconds"))
+            secs = seconds.get((label, s.name), prev.get("seconds"))
             doc["results"].setdefault(label, {})[s.name] = {"key": keys[label], "data_sha256": loaded[s.name][1],
                                                             "seconds": secs, **with_intervals(scored[label], base)}
         if len(models) == 2 and generated[models[0][0], s.name] == generated[models[1][0], s.name]:
@@ -448,8 +336,3 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"eval: wrote {out}/report.md, metrics.json, scores.png, predictions_*.jsonl")
     return 0
-
-
-@contextmanager
-def _nothing():
-    yield

@@ -1,14 +1,5 @@
-"""`make infer`: ask a base model with an adapter, a merged model, or several task
-adapters on one base, streaming the answer token by token.
-
-Prompts go through the template the recipe trained with: the recipe's dataset
-`format` (FinLoRA's raw "Instruction / Input / Answer" text) or, for chat-template
-datasets, the tokenizer's chat template. A bare sentence is first put into the
-task's FinLoRA template (`--task`, or the task named by the recipe's data file).
-
-Several adapters share one base in memory (PEFT `load_adapter` + `set_adapter`):
-each prompt is tagged with the adapter that answers it.
-"""
+"""`make infer`: ask a base model with adapters, or a merged model, streaming the answer
+(docs/EVAL.md, "Inference"). Loading and decoding are finlora.models'."""
 
 from __future__ import annotations
 
@@ -19,15 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finlora.errors import InferError
-from finlora import recipes
-from finlora.models import check_adapter, load_base
+from finlora.models import add_model_args, generate, load_model, open_recipe, rss_mib
 
 
 @dataclass
 class Request:
     prompt: str
     adapter: str | None = None
-    where: str = "--prompt"
 
 
 @dataclass
@@ -95,7 +84,7 @@ def read_requests(path: Path, adapters: dict[str, str]) -> list[Request]:
             known = ", ".join(adapters) or "none were given"
             problems.append(f"{where}: unknown adapter tag {tag!r} (adapters: {known})")
             continue
-        out.append(Request(prompt.replace("\\n", "\n"), tag, where))
+        out.append(Request(prompt.replace("\\n", "\n"), tag))
     if problems:
         raise InferError("bad prompt file:\n" + "\n".join(problems))
     return out
@@ -114,32 +103,11 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
 def load(base: str, adapters: dict[str, str], merged: str | None, dtype: str, quant: str | None,
          allow_mismatch: bool = False, verbose: bool = True):
     """One base in memory; every adapter attached to it under its own name."""
-    for path in adapters.values():
-        check_adapter(path, base, allow_mismatch)  # all refusals happen before any load
-    before = rss_mib()
-    model, tok = load_base(merged or base, dtype=dtype, quant=quant)
-    report = [("base" if not merged else "merged", rss_mib() - before, sum(p.numel() for p in model.parameters()))]
-    if adapters:
-        from peft import PeftModel
-
-        names = list(adapters)
-        before = rss_mib()
-        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        report.append((f"adapter {names[0]}", rss_mib() - before, _adapter_params(model, names[0])))
-        for name in names[1:]:
-            before = rss_mib()
-            model.load_adapter(adapters[name], adapter_name=name)
-            report.append((f"adapter {name}", rss_mib() - before, _adapter_params(model, name)))
-        model.eval()
+    report: list = []
+    model, tok = load_model(base, adapters, merged, dtype, quant, allow_mismatch, report=report)
     if verbose:
         for what, mib, n in report:
             print(f"infer: loaded {what}: {n:,} parameters, +{mib:.0f} MiB RSS", file=sys.stderr)
@@ -147,31 +115,9 @@ def load(base: str, adapters: dict[str, str], merged: str | None, dtype: str, qu
     return model, tok, report
 
 
-def _adapter_params(model, name: str) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n)
-
-
-def generate(model, tok, prompt: str, max_new_tokens: int, temperature: float, stream: bool) -> str:
-    import torch
-    from transformers import TextStreamer
-
-    enc = tok(prompt, return_tensors="pt").to(model.device)
-    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature)
-    else:
-        kwargs.update(do_sample=False, num_beams=1)
-    if stream:
-        kwargs["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        out = model.generate(**enc, **kwargs)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Generate with a base model + LoRA adapter(s) or a merged model")
-    p.add_argument("--recipe", help="take --base, the adapter and the prompt template from this recipe")
-    p.add_argument("--base", help="base model folder or hub name")
+    add_model_args(p, "the adapter and the prompt template")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="LoRA adapter; repeat with NAME=DIR to keep several on one base")
     p.add_argument("--merged", help="merged model folder (instead of base + adapter)")
@@ -183,24 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="send prompts exactly as given, no template")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--load-in-4bit", action="store_true")
     p.add_argument("--no-stream", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON line per answer instead of text")
-    p.add_argument("--allow-base-mismatch", action="store_true")
     a = p.parse_args(argv)
 
-    template = Template(task=a.task)
     adapters = parse_adapters(a.adapter)
-    if a.recipe:
-        recipe = recipes.Recipe.open(a.recipe)
-        a.base = a.base or str(recipe.local(recipe.base_model) or recipe.base_model)
+    recipe = open_recipe(a, InferError)
+    template = Template(task=a.task)
+    if recipe is not None:
         if not adapters and not a.merged and not a.no_adapter:
             adapters = {"default": str(recipe.output_dir)}
         template = template_from_recipe(recipe.config, a.task)
-    if not a.base:
-        raise InferError("give --recipe or --base")
     if a.merged and adapters:
         raise InferError("--merged already contains its adapter; do not also pass --adapter")
     if a.raw:
@@ -212,17 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     requests = read_requests(a.file, adapters) if a.file else [Request(a.prompt)]
     model, tok, _ = load(a.base, adapters, a.merged, a.dtype, quant, a.allow_base_mismatch, verbose=not a.json)
     stream = not (a.no_stream or a.json)
+    sampling = {"do_sample": True, "temperature": a.temperature} if a.temperature > 0 else {}
+    if stream:
+        from transformers import TextStreamer
+
+        sampling["streamer"] = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     for req in requests:
         name = req.adapter or (next(iter(adapters)) if adapters else None)
         if len(adapters) > 1:
             model.set_adapter(name)
-        text = template.apply(req.prompt, tok)
         if not a.json:
             print(f"--- [{name or ('merged' if a.merged else 'base')}] {req.prompt}", flush=True)
-        answer = generate(model, tok, text, a.max_new_tokens, a.temperature, stream)
+        [answer] = generate(model, tok, [template.apply(req.prompt, tok)], a.max_new_tokens, progress=False, **sampling)
         if a.json:
             print(json.dumps({"adapter": name, "prompt": req.prompt, "answer": answer}, ensure_ascii=False), flush=True)
         elif not stream:
             print(answer, flush=True)
     return 0
-

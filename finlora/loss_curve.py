@@ -1,21 +1,39 @@
-"""Plot a training run's loss against its step."""
+"""The project's two charts share this: a training run's loss against its step (`loss.png`),
+and the figure plumbing `make eval`'s `scores.png` uses too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_loss(rows: list[dict], out: str | Path, title: str = "") -> Path:
+def subplots(figsize: tuple[float, float]):
+    """A figure and its axes, drawn off screen (matplotlib's Agg backend: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=figsize, dpi=110)
+
+
+def save_png(fig, out: str | Path) -> Path:
+    """Write `fig` atomically (a savefig that fails half way keeps the previous file), then free it."""
+    import matplotlib.pyplot as plt
+
     from finlora.atomic import atomic_open
 
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_open(out, "wb", encoding=None) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return out
+
+
+def plot_loss(rows: list[dict], out: str | Path, title: str = "") -> Path:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), marker=".", label="train loss")
     if evals:
@@ -25,9 +43,4 @@ def plot_loss(rows: list[dict], out: str | Path, title: str = "") -> Path:
     ax.set_title(f"LoRA training loss - {title}" if title else "LoRA training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_open(out, "wb", encoding=None) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

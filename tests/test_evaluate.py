@@ -174,7 +174,7 @@ def test_finloras_own_functions_give_the_finlora_block(finlora_scorer, tiny_run,
 
 
 def test_shared_prefix_len_leaves_every_prompt_a_token():
-    from finlora.evaluate import shared_prefix_len
+    from finlora.models import shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter keeps its last token to feed
