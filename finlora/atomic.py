@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -132,14 +133,34 @@ def written_by(marker: str, allowed: Callable[[str], bool], what: str) -> Callab
     return check
 
 
+def _stale_temps(dest: Path) -> list[Path]:
+    """The temp folders beside `dest` that an interrupted `atomic_dir` to it left: their name
+    carries the pid of the process that made them, and that process is gone."""
+    stale = []
+    for p in dest.parent.glob(f".{dest.name}.*.tmp"):
+        m = re.fullmatch(rf"\.{re.escape(dest.name)}\.(\d+)\.[^.]+\.tmp", p.name)
+        if not m or not p.is_dir() or int(m[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            stale.append(p)
+        except OSError:  # alive, owned by another user
+            pass
+    return stale
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, replace: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, replace: Callable[[Path], str | None] | None = None,
+               on_stale: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `dest`; move it to `dest` on success.
 
     An existing `dest` is replaced only when `replace(dest)` returns None (see
     `written_by`), and only after the new folder is complete; otherwise, and always
     when `dest` is not a folder, nothing is written and the reason is raised. On
-    failure the temporary folder is deleted and `dest` is untouched.
+    failure the temporary folder is deleted and `dest` is untouched. One that a SIGKILL
+    left (its name carries the dead pid) is removed by the next `atomic_dir` to the same
+    `dest`, and `on_stale(path)` told of it.
     """
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
@@ -147,7 +168,11 @@ def atomic_dir(dest: str | Path, replace: Callable[[Path], str | None] | None = 
         if why:
             raise RefusedError(why)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    for stale in _stale_temps(dest):
+        shutil.rmtree(stale, ignore_errors=True)
+        if on_stale is not None:
+            on_stale(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp

@@ -1,26 +1,8 @@
 """Fold a LoRA/DoRA adapter into its base model's weights, streamed, checked and atomic.
 
 `make merge RECIPE=x [OUT=dir] [VERIFY=1]` -> `scripts/merge.py` -> `main(argv)`;
-`merge(base, adapter, out)` from Python.
-
-What is ours and why (measured side by side with `axolotl merge-lora` and PEFT's
-merge_and_unload by `python -m benchmarks.merge`; figures in docs/MERGE.md):
-- the arithmetic is not: each adapted matrix is folded by PEFT's own LoRA layer
-  (`merge(safe_merge=True)`, the code merge_and_unload runs), per-module rank and alpha
-  by peft's `get_pattern_key`. It runs on a float32 copy and is cast back once, so the
-  result is bit-identical to merge_and_unload in float32 (Axolotl's DoRA path is not);
-- streaming is: the base is read one tensor at a time and the output shards are
-  written as it goes (finlora.merge_io), so memory above the imports is about twice the
-  largest tensor, plus the adapter. `axolotl merge-lora` holds a whole input shard and its merged copy;
-- checks before anything is written (adapter config, every adapter key, the shape and
-  rank of every adapted module, tied weights, quantized bases): Axolotl merges what it
-  can match and silently skips the rest (an embedding LoRA, in the benchmark);
-- the output is built in a hidden temporary folder beside the destination and renamed
-  into place only when complete (finlora.atomic.atomic_dir); `axolotl merge-lora`
-  writes into the destination, so a killed merge leaves config.json and part of the shards there.
-  `--verify` runs on the temporary folder, so a merge that fails it never arrives.
-- 4-bit-trained adapters are merged into the unquantized base (FinLoRA's advice), not
-  into an NF4 round-trip of it as `axolotl merge-lora` does for a qlora recipe.
+`merge(base, adapter, out)` from Python. What is PEFT's, what is ours and why (measured
+against `axolotl merge-lora`): docs/MERGE.md.
 """
 
 from __future__ import annotations
@@ -51,7 +33,6 @@ if TYPE_CHECKING:  # torch, PEFT and the tensor I/O load only once the arguments
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
-PID_FILE = ".finlora-merge.pid"
 PREFIX = "base_model.model."
 DEFAULT_SHARD = "2GB"
 COPY_FILES = (
@@ -224,21 +205,15 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
     mods: dict[str, ModuleDelta] = {}
     unknown = []
     for key in weights.keys():
-        m = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if not key.startswith(PREFIX) or not m:
+        m = _KEY.match(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else None
+        if not m:
             unknown.append(key)
             continue
-        name = m.group("mod")
-        d = mods.setdefault(name, ModuleDelta(module=name, kind="linear"))
-        if m.group("lin"):
-            d.keys[m.group("lin")[-1]] = key
-        elif m.group("emb"):
+        d = mods.setdefault(m["mod"], ModuleDelta(module=m["mod"], kind="linear"))
+        role = m.lastgroup  # the alternative that matched: lin, emb, mag or copy
+        if role == "emb":
             d.kind = "embedding"
-            d.keys[m.group("emb")[-1]] = key
-        elif m.group("mag"):
-            d.keys["m"] = key
-        else:
-            d.keys["copy"] = key
+        d.keys[{"mag": "m", "copy": "copy"}.get(role) or m[role][-1]] = key
     if unknown:
         raise MergeError(f"{path}: {len(unknown)} tensor(s) that are not LoRA weights, e.g. {unknown[0]!r} "
                          f"(modules_to_save or another PEFT method?); refusing to merge what it cannot interpret")
@@ -269,8 +244,8 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
 class Plan:
     base: Path
     adapter: Path
-    base_cfg: dict
     adapter_cfg: dict
+    fan_in_fan_out: bool
     tensors: dict[str, TensorInfo]
     deltas: dict[str, ModuleDelta]          # by base key
     weights: dict[str, torch.Tensor]
@@ -278,29 +253,21 @@ class Plan:
     quantized_training: list[str]
     warnings: list[str]
 
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.adapter_cfg.get("fan_in_fan_out"))
-
 
 def _arch_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ARCH_KEYS if k in a and k in b and a[k] != b[k]]
 
 
 def _quantization_notes(adapter_dir: Path, recipe_cfg: dict | None) -> list[str]:
-    notes = []
-    if recipe_cfg:
-        for k in ("load_in_8bit", "load_in_4bit"):
-            if recipe_cfg.get(k):
-                notes.append(f"recipe {k}: true")
-        if str(recipe_cfg.get("adapter", "")).lower() == "qlora" and not notes:
-            notes.append("recipe adapter: qlora")
-    for cfg_path in (adapter_dir / "config.json",):
-        if cfg_path.is_file():
-            q = _read_json(cfg_path).get("quantization_config")
-            if q:
-                bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else q.get("quant_method", "?")
-                notes.append(f"{cfg_path.name} in the adapter folder records a {bits} quantized base")
+    recipe_cfg = recipe_cfg or {}
+    notes = [f"recipe {k}: true" for k in ("load_in_8bit", "load_in_4bit") if recipe_cfg.get(k)]
+    if str(recipe_cfg.get("adapter", "")).lower() == "qlora" and not notes:
+        notes.append("recipe adapter: qlora")
+    saved = adapter_dir / "config.json"  # the model config Axolotl saves beside the adapter
+    q = _read_json(saved).get("quantization_config") if saved.is_file() else None
+    if q:
+        bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else q.get("quant_method", "?")
+        notes.append(f"{saved.name} in the adapter folder records a {bits} quantized base")
     return notes
 
 
@@ -391,7 +358,7 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
                              f"{list(weights[d.keys['copy']].shape)} != {list(w.shape)} (resized vocabulary?); "
                              f"this merger does not handle resized embeddings")
         deltas[d.base_key] = d
-    return Plan(base, adapter, base_cfg, acfg, tensors, deltas, weights, adapter_file,
+    return Plan(base, adapter, acfg, fifo, tensors, deltas, weights, adapter_file,
                 _quantization_notes(adapter, recipe_cfg), warnings)
 
 
@@ -431,35 +398,6 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     return layer.get_base_layer().weight.data.to(w0.dtype)
 
 
-def _clean_stale(dest: Path) -> list[Path]:
-    """Remove temp folders that an interrupted merge to `dest` left beside it: those
-    whose pid file names a process that is gone (or that have none and are an hour old)."""
-    removed = []
-    if not dest.parent.is_dir():
-        return removed
-    for p in dest.parent.glob(f".{dest.name}.*.tmp"):
-        if not p.is_dir():
-            continue
-        pid_file = p / PID_FILE
-        stale = False
-        try:
-            pid = int(pid_file.read_text().strip())
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    stale = True
-                except PermissionError:
-                    pass
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                stale = time.time() - p.stat().st_mtime > 3600
-        if stale:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
 def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
     by_kind: dict[str, set] = {}
     for d in deltas.values():
@@ -474,7 +412,6 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True,
 
     from finlora.merge_io import ShardWriter, read_tensor
 
-    (tmp / PID_FILE).write_text(str(os.getpid()))
     # the shard plan save_pretrained uses: names, index and total size
     split = split_state_dict_into_shards_factory(p.tensors, get_storage_size=lambda t: t.nbytes,
                                                  filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard)
@@ -612,8 +549,6 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     p = plan(base, adapter, allow_pickle=allow_pickle, recipe_cfg=recipe_cfg)
     for w in p.warnings:
         log(f"merge: warning: {w}")
-    for stale in _clean_stale(out):
-        log(f"merge: removed {stale.name}, left by an interrupted merge")
     t0 = time.time()
     kinds = _summary_scales(p.deltas)
     log(f"merge: {len(p.deltas)} modules ({', '.join(kinds)}) of {base} + {adapter}; scale "
@@ -622,7 +557,8 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     if p.quantized_training:
         log("merge: note: the adapter was trained on a quantized base (" + "; ".join(p.quantized_training)
             + f"); merging into the unquantized base weights in {base}, as FinLoRA advises")
-    with atomic_dir(out, replace=replaceable_output if force else None) as tmp:
+    with atomic_dir(out, replace=replaceable_output if force else None,
+                    on_stale=lambda d: log(f"merge: removed {d.name}, left by an interrupted merge")) as tmp:
         written = write_merged(p, tmp, max_bytes, progress=progress, on_shard=on_shard)
         info = {
             "base": str(base), "adapter": str(adapter), "adapter_file": p.adapter_file.name,
@@ -654,7 +590,6 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
                                  f"{v['tolerance']['limit']:.3g}; nothing was written to {out}")
         info["seconds"] = round(time.time() - t0, 2)
         write_json(tmp / MERGE_MARKER, info)
-        (tmp / PID_FILE).unlink()
     log(f"merge: wrote {written['shards']} shard(s), {written['total_size'] / 1e9:.2f} GB, to {out} "
         f"in {time.time() - t0:.1f} s")
     return info
@@ -707,8 +642,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.base and args.adapter and args.out):
             raise MergeError("give --recipe NAME, or all of --base DIR --adapter DIR --out DIR")
         base, adapter, out = args.base, args.adapter, args.out
-    shard_bytes(args.max_shard_size)
-    check_paths(Path(base), Path(adapter), Path(out), args.force)
     merge(base, adapter, out, force=args.force, max_shard_size=args.max_shard_size, do_verify=args.verify,
           allow_pickle=args.allow_pickle, recipe_cfg=recipe_cfg, progress=not args.no_progress)
     return 0

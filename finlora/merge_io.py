@@ -1,21 +1,14 @@
 """Streamed safetensors I/O for `finlora.merge`: one tensor in memory at a time.
 
-Reading goes through `safetensors.safe_open`, which parses and checks the header (a
-short or corrupt file raises SafetensorError). It memory-maps the whole file, and every
-page a read touches stays in the process's resident set until the file is closed: read
-tensor by tensor from one open shard, a 5 GB shard still shows ~5 GB of RSS. So each
-tensor is read from its own short-lived `safe_open`; reopening costs one header parse.
-
-Writing: no library writes a safetensors file tensor by tensor (`safetensors.torch.save_file`
-needs the whole shard in memory, which is what `axolotl merge-lora` does, shard by
-shard). The shard layout (names, dtypes, shapes, offsets) is known before any byte is
-written, so each output shard's header is written first and the tensors are streamed
-into it. The files are plain safetensors, read back with `safe_open`.
+Each tensor is read from its own short-lived `safetensors.safe_open` (an open file's mapped pages
+stay resident until it closes; reopening costs one header parse); each output shard's header is
+written first and its tensors streamed after it (no library writes tensor by tensor). docs/MERGE.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -49,10 +42,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.torch_dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.torch_dtype.itemsize
 
 
 def tensor_infos(path: Path) -> dict[str, TensorInfo]:
@@ -95,12 +85,10 @@ class ShardWriter:
     each, in that order, then `close`.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict | None = None):
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self.path = Path(path)
-        self.entries = [(name, dtype, tuple(shape), TensorInfo(name, self.path, DTYPE_NAMES[dtype], tuple(shape)).nbytes)
-                        for name, dtype, shape in entries]
-        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.entries = [(n, dtype, tuple(shape), math.prod(shape) * dtype.itemsize) for n, dtype, shape in entries]
+        header: dict = {"__metadata__": {"format": "pt"}}
         off = 0
         for name, dtype, shape, nbytes in self.entries:
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}

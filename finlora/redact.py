@@ -5,13 +5,12 @@ A secret is the value of an environment variable whose name says it is one
 `MIN_LEN` characters long so that flags such as `...KEY=1` are left alone. Such values
 are replaced by `[REDACTED]`:
 
-- in Axolotl's stdout/stderr, which `finlora.train` passes through `StreamRedactor`
+- in Axolotl's stdout/stderr, which `finlora.launch` passes through `pump` (a `StreamRedactor`)
   chunk by chunk (bytes, not lines, so tqdm's `\\r` progress updates still stream);
 - in Axolotl's `debug.log` tee, wrapped by the FinLoRA plugin (`RedactingFile`);
 - in the text files of a finished (or failed) run's output folder (`redact_tree`),
-  a final sweep that also removes well-known token formats (`PATTERNS`).
-
-`find_secrets` is the scanner the tests run over the tracked tree and the logs.
+  a final sweep that also removes well-known token formats (`PATTERNS`; tests/test_security.py
+  scans the tracked tree and a run's logs for them).
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ PATTERNS: dict[str, re.Pattern] = {
     "OpenAI-style key": re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"),
     "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     "private key block": re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
-    # a password key followed by a literal value; not `password: str` (code)
-    # nor an empty / templated value.
-    "password with a value": re.compile(
-        r"""(?i)\bpass(?:word|wd)["']?\s*[:=]\s*["']?(?!str\b|None\b|null\b|\$|\{|<|\*)[^\s"',;)}]{4,}"""),
 }
 
 TEXT_SUFFIXES = {".log", ".txt", ".json", ".jsonl", ".md", ".yaml", ".yml"}
@@ -55,23 +50,9 @@ def redact_text(text: str, secrets: Iterable[str] | None = None, patterns: bool 
     for s in (secret_values() if secrets is None else secrets):
         text = text.replace(s, REDACTED)
     if patterns:
-        for name, pat in PATTERNS.items():
-            if name != "password with a value":  # logs quote config keys; values are caught above
-                text = pat.sub(REDACTED, text)
+        for pat in PATTERNS.values():
+            text = pat.sub(REDACTED, text)
     return text
-
-
-def find_secrets(text: str, secrets: Iterable[str] = ()) -> list[tuple[int, str]]:
-    """(line number, kind) of every credential-looking string and every given secret."""
-    hits = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        for name, pat in PATTERNS.items():
-            if pat.search(line):
-                hits.append((i, name))
-        for s in secrets:
-            if s and s in line:
-                hits.append((i, "secret value from the environment"))
-    return hits
 
 
 class StreamRedactor:
@@ -166,22 +147,11 @@ class RedactingFile:
         return getattr(self._f, name)
 
 
-def redact_file(path: Path, secrets: Iterable[str] | None = None, patterns: bool = True) -> bool:
-    """Rewrite `path` (atomically) without secrets; True when something was removed."""
+def redact_tree(root: Path, secrets: Iterable[str] | None = None) -> list[Path]:
+    """Rewrite (atomically) every text file under `root` (logs, JSON, YAML, Markdown) without
+    secrets; returns those changed."""
     from finlora.atomic import atomic_open
 
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", "surrogateescape")
-    clean = redact_text(text, secrets, patterns=patterns)
-    if clean == text:
-        return False
-    with atomic_open(path, "wb", encoding=None) as f:
-        f.write(clean.encode("utf-8", "surrogateescape"))
-    return True
-
-
-def redact_tree(root: Path, secrets: Iterable[str] | None = None) -> list[Path]:
-    """Redact every text file under `root` (logs, JSON, YAML, Markdown); returns those changed."""
     secrets = secret_values() if secrets is None else list(secrets)
     changed = []
     root = Path(root)
@@ -193,7 +163,11 @@ def redact_tree(root: Path, secrets: Iterable[str] | None = None) -> list[Path]:
         if p.name.startswith(".") or p.stat().st_size > MAX_SWEEP_BYTES:
             continue
         try:
-            if redact_file(p, secrets, patterns=p.suffix in LOG_SUFFIXES):
+            text = p.read_bytes().decode("utf-8", "surrogateescape")
+            clean = redact_text(text, secrets, patterns=p.suffix in LOG_SUFFIXES)
+            if clean != text:
+                with atomic_open(p, "wb", encoding=None) as f:
+                    f.write(clean.encode("utf-8", "surrogateescape"))
                 changed.append(p)
         except OSError:
             continue

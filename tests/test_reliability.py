@@ -297,6 +297,23 @@ def test_atomic_dir_interrupted_keeps_previous(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+def test_atomic_dir_removes_only_what_a_killed_run_left(tmp_path):
+    """A SIGKILL leaves the hidden temp folder (its name carries its pid); the next atomic_dir to
+    the same destination removes it, and no temp folder of a live process or of another name."""
+    from finlora.atomic import atomic_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    left, live, other = (tmp_path / f".merged.{gone.pid}.abcd1234.tmp", tmp_path / f".merged.{os.getppid()}.x.tmp",
+                         tmp_path / ".merged.abcd1234.tmp")
+    for d in (left, live, other):
+        d.mkdir()
+    told = []
+    with atomic_dir(tmp_path / "merged", on_stale=told.append) as d:
+        (d / "model.safetensors").write_bytes(b"new")
+    assert told == [left] and not left.exists() and live.is_dir() and other.is_dir()
+
+
 # --------------------------------------------------------------------------- full disk
 
 

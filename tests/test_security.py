@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,25 @@ import yaml
 from conftest import ROOT
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yml") if p.stem != "matrix")  # matrix.yml generates them
+
+# a password key followed by a literal value; not `password: str` (code) nor an empty / templated
+# value. Scanned for, not redacted: logs quote config keys, and the values are redacted by name.
+PASSWORD_VALUE = re.compile(
+    r"""(?i)\bpass(?:word|wd)["']?\s*[:=]\s*["']?(?!str\b|None\b|null\b|\$|\{|<|\*)[^\s"',;)}]{4,}""")
+
+
+def find_secrets(text: str, secrets=()) -> list[tuple[int, str]]:
+    """(line number, kind) of every credential-looking string (finlora.redact's token formats, a
+    password with a value) and every given secret."""
+    from finlora.redact import PATTERNS
+
+    hits = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        for name, pat in {**PATTERNS, "password with a value": PASSWORD_VALUE}.items():
+            if pat.search(line):
+                hits.append((i, name))
+        hits += [(i, "secret value from the environment") for s in secrets if s and s in line]
+    return hits
 
 
 def tracked_files() -> list[Path]:
@@ -26,8 +46,6 @@ def text_of(path: Path) -> str | None:
 
 
 def test_tracked_tree_has_no_secrets():
-    from finlora.redact import find_secrets
-
     hits = []
     for p in tracked_files():
         if p.is_file() and (text := text_of(p)) is not None:
@@ -36,8 +54,6 @@ def test_tracked_tree_has_no_secrets():
 
 
 def test_scanner_finds_what_it_should():
-    from finlora.redact import find_secrets
-
     samples = ["hf_" + "a1B2" * 9, "sk-" + "x" * 40, "AKIA" + "ABCDEFGHIJKLMNOP",
                "-----BEGIN " + "RSA PRIVATE KEY-----", "pass" + "word: hunter22", '"pass' + 'word": "s3cr3t!"']
     for s in samples:
@@ -102,7 +118,7 @@ def test_training_with_secrets_in_env_leaks_none(reference_run):
 
 @pytest.mark.slow
 def test_tiny_run_logs_have_no_token_patterns(tiny_run):
-    from finlora.redact import find_secrets, secret_values
+    from finlora.redact import secret_values
 
     out = tiny_run["out"]
     # every log and JSON the run wrote; not the tokenizer copy, whose vocabulary has
