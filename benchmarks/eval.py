@@ -19,8 +19,8 @@ from finlora import ROOT
 from finlora.cli import run
 from finlora.data.tasks import TEST_SETS
 from finlora.errors import EvalError
-from finlora.evaluate import generate, read_rows
-from finlora.models import load_model
+from finlora.evaluate import read_rows
+from finlora.models import generate, load_model
 from finlora.scoring import answer_text, first_label
 
 

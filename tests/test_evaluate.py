@@ -189,7 +189,7 @@ def test_shared_prefix_batches_generate_what_one_prompt_at_a_time_does(base_mode
     tokens, so every position after the prefix is exercised."""
     import torch
 
-    from finlora.evaluate import generate
+    from finlora.models import generate
     from finlora.models import load_model
 
     model, tok = load_model(str(base_model_dir))
