@@ -1,13 +1,12 @@
 """`make recipes`: the matrix (`recipes/matrix.yml`) -> generated `recipes/<task>_<variant>.yml`,
-and the recipe table in README.md.
-
-This sits on top of the house: it imports the readers and the planner, and nothing on
-the training path imports it.
+and the recipe table in README.md. The top layer (README, Layout): nothing imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import string
 from pathlib import Path
 
@@ -17,11 +16,14 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from finlora import ROOT
+from finlora.atomic import write_text
 from finlora.errors import RecipeError
-from finlora.recipes import RECIPE_DIR, load_matrix, recipe_name, rel
+from finlora.params import count_recipe
+from finlora.plan import estimate
+from finlora.recipes import BITS_LABEL, DEFAULT_RECIPE, RECIPE_DIR, Recipe, load_matrix, recipe_name, recipe_names, \
+    rel, split_name
 
 HEADER = "# generated from recipes/matrix.yml by `make recipes`; edit the matrix, not this file"
-HAND_WRITTEN = {"smollm2_sentiment_r8"}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -72,10 +74,6 @@ def render(doc: CommentedMap) -> str:
     return out.getvalue()
 
 
-def _section(title: str) -> list[Item]:
-    return [("#", ""), ("#", f"--- {title} " + "-" * max(3, 73 - len(title)))]
-
-
 def _fill(value, ctx: dict, fmt: string.Formatter = string.Formatter()):
     """A template value with its `{...}` filled from `ctx`: a string that is one placeholder
     keeps the placeholder's type (an int, a list, None); strings that YAML must quote
@@ -95,8 +93,6 @@ def _fill(value, ctx: dict, fmt: string.Formatter = string.Formatter()):
 
 def build_items(task: str, variant: str, m: dict) -> list[Item]:
     """The recipe of `task` x `variant` as the matrix's `recipe:` template writes it."""
-    import json
-
     t, v, model = m["tasks"][task], m["variants"][variant], m["models"][m["variants"][variant]["model"]]
     accum = t["gradient_accumulation_steps"] * int(m["reference_gpus"])
     config = json.loads((ROOT / model["config_dir"] / "config.json").read_text())
@@ -111,7 +107,8 @@ def build_items(task: str, variant: str, m: dict) -> list[Item]:
         if "#" in entry:
             items.append(("#", entry["#"].format_map(ctx)))
         elif "section" in entry:
-            items += _section(entry["section"])
+            title = entry["section"]
+            items += [("#", ""), ("#", f"--- {title} " + "-" * max(3, 73 - len(title)))]
         else:
             value, why = v.get("keys", {}).get(entry["key"], (entry.get("value"), entry.get("why")))
             items.append((entry["key"], _fill(value, ctx), why.format_map(ctx) if why else None))
@@ -125,7 +122,7 @@ def generate(matrix: dict | None = None) -> dict[str, str]:
     for variant in m["variants"]:
         for task in m["tasks"]:
             name = recipe_name(task, variant)
-            if name in HAND_WRITTEN:
+            if name == DEFAULT_RECIPE:  # the one recipe written by hand
                 raise RecipeError(f"matrix would overwrite hand-written recipe {name}")
             out[name] = render(document(build_items(task, variant, m)))
     return out
@@ -139,24 +136,18 @@ TABLE_END = "<!-- recipe-table:end -->"
 def recipe_table(generated: dict[str, str] | None = None, gpus: int = 1) -> str:
     """The README table: every generated recipe as the matrix makes it (not as a file on
     disk may have been edited), with its trainable parameters and planned memory."""
-    from finlora.params import count_recipe
-    from finlora.plan import estimate
-    from finlora.recipes import Recipe
-
-    generated = generated or generate()
+    m = load_matrix()
     rows = ["| recipe | task | model | rank | bits | variant | trainable params | "
             f"planned GiB/GPU ({gpus} GPU{'s' if gpus > 1 else ''}) | smallest card |",
             "|---|---|---|---:|---|---|---:|---:|---|"]
-    m = load_matrix()
-    for variant, v in m["variants"].items():
-        for task in m["tasks"]:
-            name = recipe_name(task, variant)
-            r = Recipe.from_text(RECIPE_DIR / f"{name}.yml", generated[name])
-            pc, p = count_recipe(r), estimate(r, gpus)
-            card = f"{p.smallest_card} GB" if p.smallest_card else "> 141 GB"
-            bits = {16: "16 (bf16)", 8: "8 (int8)", 4: "4 (NF4)"}[r.bits]
-            rows.append(f"| `{name}` | {task} | {m['models'][v['model']]['label']} | {pc.r} | {bits} | {r.variant} | "
-                        f"{pc.trainable:,} | {p.peak_gib:.1f} | {card} |")
+    for name, text in (generated or generate(m)).items():
+        task, variant = split_name(name, m)
+        r = Recipe.from_text(RECIPE_DIR / f"{name}.yml", text)
+        pc, p = count_recipe(r), estimate(r, gpus)
+        card = f"{p.smallest_card} GB" if p.smallest_card else "> 141 GB"
+        label = m["models"][m["variants"][variant]["model"]]["label"]
+        rows.append(f"| `{name}` | {task} | {label} | {pc.r} | {r.bits} ({BITS_LABEL[r.bits]}) | {r.variant} | "
+                    f"{pc.trainable:,} | {p.peak_gib:.1f} | {card} |")
     return "\n".join(rows)
 
 
@@ -168,53 +159,43 @@ def readme_with_table(text: str, generated: dict[str, str] | None = None) -> str
     return text[:start + len(TABLE_START)] + "\n" + recipe_table(generated) + "\n" + text[end:]
 
 
-def write_all(matrix: dict | None = None, recipe_dir: Path = RECIPE_DIR) -> list[Path]:
-    from finlora.atomic import write_text
-
-    written = []
+def expected_files(matrix: dict | None = None, recipe_dir: Path = RECIPE_DIR,
+                   readme: Path | None = README) -> dict[Path, str]:
+    """{path: the text the matrix gives it}: every generated recipe, and README.md with its table."""
     generated = generate(matrix)
-    for name, text in generated.items():
-        p = recipe_dir / f"{name}.yml"
+    out = {recipe_dir / f"{name}.yml": text for name, text in generated.items()}
+    if readme is not None and readme.is_file():
+        out[readme] = readme_with_table(readme.read_text(encoding="utf-8"), generated)
+    return out
+
+
+def write_all(matrix: dict | None = None, recipe_dir: Path = RECIPE_DIR) -> list[Path]:
+    written = []
+    for p, text in expected_files(matrix, recipe_dir, README if recipe_dir == RECIPE_DIR else None).items():
         if not p.is_file() or p.read_text(encoding="utf-8") != text:
             write_text(p, text)
             written.append(p)
-    if recipe_dir == RECIPE_DIR and README.is_file():
-        old = README.read_text(encoding="utf-8")
-        new = readme_with_table(old, generated)
-        if new != old:
-            write_text(README, new)
-            written.append(README)
     return written
 
 
 def drift(matrix: dict | None = None, recipe_dir: Path = RECIPE_DIR, readme: Path | None = README) -> list[str]:
     """Messages for every generated recipe that differs from the matrix, is missing,
     or carries the generated header without a matrix entry (stale)."""
-    expected = generate(matrix)
+    expected = expected_files(matrix, recipe_dir, readme)
     problems = []
-    for name, text in expected.items():
-        p = recipe_dir / f"{name}.yml"
+    for p, text in expected.items():
         if not p.is_file():
             problems.append(f"{rel(p)}: missing")
         elif p.read_text(encoding="utf-8") != text:
-            problems.append(f"{rel(p)}: differs from the matrix")
+            problems.append("README.md: recipe table differs from the matrix" if p == readme
+                            else f"{rel(p)}: differs from the matrix")
     for p in sorted(recipe_dir.glob("*.yml")):
-        if p.stem not in expected and p.read_text(encoding="utf-8").startswith(HEADER):
+        if p not in expected and p.read_text(encoding="utf-8").startswith(HEADER):
             problems.append(f"{rel(p)}: generated but no longer in the matrix (delete it)")
-    if readme is not None and readme.is_file():
-        text = readme.read_text(encoding="utf-8")
-        if readme_with_table(text, expected) != text:
-            problems.append("README.md: recipe table differs from the matrix")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`make recipes` writes the recipes that differ; `make recipes-check` fails listing the
-    recipes (and the README table) that drift from the matrix; --table prints the table."""
-    import argparse
-
-    from finlora.recipes import recipe_names
-
     p = argparse.ArgumentParser(description="Generate recipes/<task>_<variant>.yml from recipes/matrix.yml")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="fail when a committed recipe differs from the matrix")

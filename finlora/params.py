@@ -1,13 +1,6 @@
-"""`make params`: the trainable LoRA parameters of a recipe, counted by PEFT itself.
-
-The base model is built from its config.json on the meta device (every shape real, no
-memory, no weights read), the recipe's LoRA is applied by `peft.get_peft_model`, and
-PEFT's own `get_nb_trainable_parameters` counts what training will train, for any
-target modules (DoRA's magnitude vectors included). The per-module table groups the
-trainable tensors by the adapted module's name: r * (in + out) for LoRA, + out for DoRA.
-
-Llama 3.1 70B, r=4, q/k/v: q 4*(8192+8192) = 65,536; k and v 4*(8192+1024) = 36,864;
-139,264 per block x 80 blocks = 11,141,120 of 70,553,706,496 parameters.
+"""`make params`: the trainable LoRA parameters of a recipe, counted by PEFT on the meta device
+(how, and the 70B example: docs/GPU.md, "Trainable parameters and memory"). The per-module
+table groups the trainable tensors by the adapted module: r * (in + out), + out for DoRA.
 """
 
 from __future__ import annotations
@@ -39,10 +32,6 @@ class ParamCount:
         return sum(self.per_module.values())
 
     @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total_params
-
-    @property
     def factor(self) -> float:
         return self.total_params / self.trainable
 
@@ -71,10 +60,6 @@ class Architecture:
     head_dim: int
     intermediate: int
     vocab: int
-
-    @property
-    def other_params(self) -> int:
-        return self.total_params - self.linear_params
 
 
 @lru_cache(maxsize=None)
@@ -156,7 +141,7 @@ def table(pc: ParamCount, title: str = "") -> str:
     lines.append(f"{'blocks':<56}{pc.blocks:>14,}")
     lines.append(f"{'trainable (LoRA) total, counted by PEFT':<56}{pc.trainable:>14,}")
     lines.append(f"{'full model parameters':<56}{pc.total_params:>14,}")
-    lines.append(f"{'trainable share':<56}{pc.percent:>13.4f}%")
+    lines.append(f"{'trainable share':<56}{100.0 * pc.trainable / pc.total_params:>13.4f}%")
     lines.append(f"{'reduction factor (full / trainable)':<56}{pc.factor:>14,.1f}")
     return "\n".join(lines)
 

@@ -1,34 +1,27 @@
-"""`make plan RECIPE=x GPUS=n`: estimated peak GPU memory per GPU for a recipe.
-
-Everything comes from the recipe and the model's config.json (built on the meta device, see
-finlora.params); no weights, no GPU. Bytes, then GiB (2**30). recipes/PLANNER.md owns the
-formulas, their symbols (the names used below) and a worked example; `estimate` follows its
-numbered components 1-8, the load peak after them. It is an estimate for sizing cards: the
-loss head and activations assume the longest batch unless `row_tokens` says otherwise.
+"""`make plan RECIPE=x GPUS=n`: estimated peak GPU memory per GPU for a recipe. recipes/PLANNER.md
+owns the formulas and their symbols (the names used below); `estimate` follows its numbered
+components 1-8, the load peak after them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finlora.params import ParamCount, architecture, count_recipe
+from finlora import ROOT
+from finlora.params import architecture, count_recipe
 from finlora.errors import LaunchError, RecipeError
-from finlora.recipes import DEFAULT_RECIPE, Recipe
+from finlora.launch import process_count
+from finlora.recipes import BITS_LABEL, DEFAULT_RECIPE, RECIPE_DIR, Recipe
 
 GiB = 2 ** 30
 CARDS_GB = (24, 40, 80, 141)
-# Inside PyTorch's allocator, beyond the modelled tensors (cuBLAS workspace, bitsandbytes
-# buffers, rounding): calibrated on FinLoRA's published NER figures (recipes/measured.json):
-# their batch-4/batch-8 pairs extrapolate to 0.54-0.60 GiB above weights + LoRA state.
+# PLANNER.md, components 7 (calibrated there on recipes/measured.json) and 8 (an allowance).
 ALLOCATOR_OVERHEAD_GIB = 0.55
-# Outside PyTorch's allocator (CUDA context, kernels and library handles): never in
-# max_memory_allocated, always on the card. An allowance, not measured here.
 CONTEXT_GIB = 0.6
-OVERHEAD_GIB = ALLOCATOR_OVERHEAD_GIB + CONTEXT_GIB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-EIGHT_BIT_OPTIMIZERS = ("8bit", "bnb_8bit", "adamw_8bit")
 
 
 @dataclass
@@ -75,24 +68,13 @@ class Plan:
         return next((c for c in CARDS_GB if self.fits(c)), None)
 
 
-def _is_8bit_optimizer(name: str) -> bool:
-    return any(k in name for k in EIGHT_BIT_OPTIMIZERS)
-
-
-def flash_attention(recipe: Recipe) -> bool:
-    """No seq x seq score matrix: FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA."""
-    return bool(recipe.get("flash_attention")) or \
-        str(recipe.get("attn_implementation") or "").startswith(("sdpa", "flash_attention"))
-
-
-def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
-             row_tokens: int | None = None) -> Plan:
+def estimate(recipe: Recipe, gpus: int = 1, row_tokens: int | None = None) -> Plan:
     """The plan of `recipe` on `gpus` data-parallel GPUs. `row_tokens`: the padded length of
     each row (default `sequence_len`, the longest a batch can be; a measurement made on
     shorter rows is compared at its own length)."""
     if gpus < 1:
         raise LaunchError(f"GPUS must be >= 1, got {gpus}")
-    pc = pc or count_recipe(recipe)
+    pc = count_recipe(recipe)
     arch = architecture(str(recipe.config_dir))
     block_linears, L = arch.block_linears, arch.layers
     h, a, V, i = arch.hidden, arch.heads, arch.vocab, arch.intermediate
@@ -105,7 +87,7 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
     notes: list[str] = []
 
     # 1. frozen weights
-    P_lin, P_oth = arch.linear_params, arch.other_params
+    P_lin, P_oth = arch.linear_params, arch.total_params - arch.linear_params
     sum_out = L * sum(out for _, out in block_linears.values())
     c_oth = 4 if bits in (4, 8) and Z != 3 else 2
     if bits == 16:
@@ -121,9 +103,8 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
     whole_weights = weights
     if Z == 3:
         weights /= N
-    # The largest single parameter (Llama: the untied embedding or lm_head, vocab x hidden),
-    # 16-bit: ZeRO-3 gathers it whole for its module's forward and backward.
-    largest_param = 2.0 * max(V * h, max(fi * fo for fi, fo in block_linears.values()))
+    largest_linear = max(fi * fo for fi, fo in block_linears.values())
+    largest_param = 2.0 * max(V * h, largest_linear)  # 16-bit; ZeRO-3 gathers it whole
 
     # 2-4. LoRA weights, gradients, optimizer
     lora = 4.0 * T / (N if Z == 3 else 1)
@@ -131,7 +112,7 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
     if Z == 0 and N > 1:
         grads += 4.0 * T
         notes.append("DDP gradient buckets")
-    opt_bytes = 2.0 if _is_8bit_optimizer(str(recipe.get("optimizer") or "adamw_torch")) else 8.0
+    opt_bytes = 2.0 if "8bit" in str(recipe.get("optimizer") or "adamw_torch") else 8.0
     optim = opt_bytes * T / (N if Z >= 1 else 1)
     if recipe.offload_optimizer:
         optim = 0.0
@@ -139,7 +120,9 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
 
     # 5. activations
     act_layer = 2.0 * (6 * h + 2 * h_kv + 4 * i) + 3.0 * t * h
-    if not flash_attention(recipe):
+    # no seq x seq score matrix: FlashAttention-2, or SDPA's flash/mem-efficient kernels on CUDA
+    if not (recipe.get("flash_attention")
+            or str(recipe.get("attn_implementation") or "").startswith(("sdpa", "flash_attention"))):
         act_layer += 4.0 * a * s
     tokens = s * b
     if recipe.get("gradient_checkpointing"):
@@ -150,9 +133,9 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
         acts += 4.0 * max(fi * fo for fi, fo in pc.shapes.values())
     loss_head = tokens * V * 10.0
 
-    # ZeRO-3 holds gathered weights: the layer in use and the one prefetched, or, at the
-    # embedding / lm_head, that whole parameter and one layer.
+    # 6. ZeRO-3 gather buffer; 7-8. allocator overhead, CUDA context
     gather = max(2.0 * layer_weights, largest_param + layer_weights) if Z == 3 else 0.0
+    overhead = {"allocator overhead": ALLOCATOR_OVERHEAD_GIB * GiB, "CUDA context": CONTEXT_GIB * GiB}
     parts = {
         "frozen weights": weights,
         "LoRA weights": lora,
@@ -161,35 +144,29 @@ def estimate(recipe: Recipe, gpus: int = 1, pc: ParamCount | None = None,
         "activations": acts,
         "loss head (logits)": loss_head,
         "ZeRO-3 gather buffer": gather,
-        "allocator overhead": ALLOCATOR_OVERHEAD_GIB * GiB,
-        "CUDA context": CONTEXT_GIB * GiB,
+        **overhead,
     }
 
-    # Load time. A bitsandbytes model is quantised as it is loaded, one tensor at a time
-    # (each arrives 16-bit, then is replaced by its 8/4-bit form), and transformers does
-    # not load a quantised model under DeepSpeed's zero.Init: every rank holds the whole
-    # quantised model until the DeepSpeed engine partitions it. An unquantised model under
-    # ZeRO-3 is partitioned as it loads (zero.Init), one whole parameter at a time.
-    largest_linear = 2.0 * max(fi * fo for fi, fo in block_linears.values())
+    # Load time (PLANNER.md, "Load peak"): a quantised model is whole on every rank until
+    # DeepSpeed partitions it; an unquantised one under ZeRO-3 is partitioned as it loads.
     if Z == 3 and bits == 16:
         load = {"frozen weights (partitioned as loaded)": whole_weights / N,
                 "largest parameter, whole": largest_param}
     else:
         load = {"frozen weights, whole on each rank" if Z == 3 else "frozen weights": whole_weights}
         if bits in (4, 8):
-            load["16-bit tensor being quantised"] = largest_linear
-        if Z == 3:
-            notes.append(f"load peak {sum(load.values()) / GiB + CONTEXT_GIB + ALLOCATOR_OVERHEAD_GIB:.1f} GiB: "
-                         "the quantised model is whole on every rank until ZeRO-3 partitions it")
-    load["allocator overhead"] = ALLOCATOR_OVERHEAD_GIB * GiB
-    load["CUDA context"] = CONTEXT_GIB * GiB
+            load["16-bit tensor being quantised"] = 2.0 * largest_linear
+    load.update(overhead)
+    if Z == 3 and bits != 16:
+        notes.append(f"load peak {sum(load.values()) / GiB:.1f} GiB: "
+                     "the quantised model is whole on every rank until ZeRO-3 partitions it")
     return Plan(recipe=recipe.name, gpus=N, zero=Z, parts=parts, notes=notes, load_parts=load)
 
 
 # ---------------------------------------------------------------------------- measurements
 
-MEASURED = Path(__file__).resolve().parent.parent / "recipes" / "measured.json"
-BENCH_JSON = Path(__file__).resolve().parent.parent / "outputs" / "bench_gpu.json"
+MEASURED = RECIPE_DIR / "measured.json"
+BENCH_JSON = ROOT / "outputs" / "bench_gpu.json"
 
 
 def load_measurements(bench_files: list[str | Path] | None = None) -> list[dict]:
@@ -231,34 +208,17 @@ def _matches(m: dict, recipe: Recipe) -> bool:
             and recipe.lora_shape[0] == m["r"] and recipe.variant in ("LoRA", "QLoRA"))
 
 
-def planned_at(recipe: Recipe, micro_batch: int, row_tokens: int) -> Plan:
-    """The plan of `recipe` at another micro batch and row length (what a measurement ran)."""
-    return estimate(recipe.with_args([*recipe.args, "--micro-batch-size", str(micro_batch)]), 1, row_tokens=row_tokens)
-
-
 def beside_measured(recipe: Recipe, measurements: list[dict] | None = None) -> list[tuple[dict, Plan]]:
+    """Each measurement of `recipe` with the plan at its micro batch and row length, on one GPU."""
     ms = load_measurements() if measurements is None else measurements
-    return [(m, planned_at(recipe, m["micro_batch"], m["row_tokens"])) for m in ms if _matches(m, recipe)]
-
-
-def calibration(recipe: Recipe, measurements: list[dict] | None = None) -> dict | None:
-    """For a recipe with published batch-4 and batch-8 figures: the measured line through
-    them (intercept = the batch-independent part, slope per row) against the plan's."""
-    pub = {m["micro_batch"]: (m, p) for m, p in beside_measured(recipe, measurements) if m["kind"] == "published"}
-    if 4 not in pub or 8 not in pub:
-        return None
-    (m4, _), (m8, p8) = pub[4], pub[8]
-    slope = (m8["gib"] - m4["gib"]) / 4
-    variable = lambda p: (p.parts["activations"] + p.parts["loss head (logits)"]) / GiB  # noqa: E731
-    return {"measured_intercept": m4["gib"] - 4 * slope, "measured_per_row": slope,
-            "planned_intercept": p8.allocator_gib - variable(p8), "planned_per_row": variable(p8) / 8,
-            "measured_b8": m8["gib"], "planned_b8": p8.allocator_gib, "row_tokens": m8["row_tokens"]}
+    return [(m, estimate(recipe.with_args([*recipe.args, "--micro-batch-size", str(m["micro_batch"])]), 1,
+                         row_tokens=m["row_tokens"])) for m in ms if _matches(m, recipe)]
 
 
 def report(plan: Plan, recipe: Recipe, measurements: list[dict] | None = None) -> str:
-    bits = {16: "bf16", 8: "int8", 4: "nf4"}[recipe.bits]
     lines = [
-        f"recipe {plan.recipe}: {recipe.base_model}, {bits} base, r={recipe.lora_shape[0]}, {recipe.variant}, "
+        f"recipe {plan.recipe}: {recipe.base_model}, {BITS_LABEL[recipe.bits]} base, r={recipe.lora_shape[0]}, "
+        f"{recipe.variant}, "
         f"seq {recipe.get('sequence_len')} x micro batch {recipe.get('micro_batch_size')}, "
         f"gradient checkpointing {'on' if recipe.get('gradient_checkpointing') else 'off'}",
         f"GPUs {plan.gpus}, " + (f"DeepSpeed ZeRO-{plan.zero}" if plan.zero else
@@ -266,17 +226,15 @@ def report(plan: Plan, recipe: Recipe, measurements: list[dict] | None = None) -
         "",
         f"{'component':<28}{'GiB per GPU':>12}",
         "-" * 40,
+        *(f"{k:<28}{v / GiB:>12.2f}" for k, v in plan.parts.items()),
+        "-" * 40,
+        f"{'estimated training peak':<28}{plan.total_gib:>12.2f}",
+        f"{'estimated load peak':<28}{plan.load_peak_gib:>12.2f}",
+        "",
+        f"card needs {plan.peak_gib:.2f} GiB; fits: "
+        + "  ".join(f"{c} GB {'yes' if plan.fits(c) else 'no'}" for c in CARDS_GB),
+        *(f"note: {n}" for n in plan.notes),
     ]
-    for k, v in plan.parts.items():
-        lines.append(f"{k:<28}{v / GiB:>12.2f}")
-    lines.append("-" * 40)
-    lines.append(f"{'estimated training peak':<28}{plan.total_gib:>12.2f}")
-    lines.append(f"{'estimated load peak':<28}{plan.load_peak_gib:>12.2f}")
-    lines.append("")
-    lines.append(f"card needs {plan.peak_gib:.2f} GiB; fits: "
-                 + "  ".join(f"{c} GB {'yes' if plan.fits(c) else 'no'}" for c in CARDS_GB))
-    for n in plan.notes:
-        lines.append(f"note: {n}")
     pairs = beside_measured(recipe, measurements)
     if pairs:
         lines.append("")
@@ -297,10 +255,6 @@ def report(plan: Plan, recipe: Recipe, measurements: list[dict] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from finlora.launch import process_count
-
     p = argparse.ArgumentParser(description="Estimated peak GPU memory per GPU for a recipe")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path")
     p.add_argument("--recipe", dest="recipe_opt")

@@ -1,10 +1,5 @@
-"""The one reader of recipes (`recipes/<name>.yml`, complete Axolotl configs) and of
-the matrix they are generated from (`recipes/matrix.yml`).
-
-A command reads its recipe once, as a `Recipe`, and passes that object down: the
-config Axolotl will see (the file with the command's overrides on top), the line of
-every top-level key for error messages, and the answer to "is this value a local
-path?" (`is_local`), which every module asks here rather than deciding for itself.
+"""The one reader of recipes (`recipes/<name>.yml`) and of `recipes/matrix.yml` (README, Layout).
+Every module asks `is_local` here whether a value is a local path rather than deciding for itself.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ from finlora.errors import RecipeError
 RECIPE_DIR = ROOT / "recipes"
 MATRIX = RECIPE_DIR / "matrix.yml"
 DEFAULT_RECIPE = "smollm2_sentiment_r8"
-BITS_LABEL = {16: "bf16", 8: "int8", 4: "nf4"}
+BITS_LABEL = {16: "bf16", 8: "int8", 4: "NF4"}
 
 # Numeric settings a run cannot do without, and the values that make sense: (type, lowest,
 # exclusive upper bound or None). `max_steps: -1` is the Trainer's "no limit".
@@ -62,11 +57,6 @@ def is_local(value: str) -> bool:
     return bool(value) and (value.startswith(LOCAL_PREFIXES) or resolve_path(value).exists())
 
 
-def available() -> list[str]:
-    # matrix.yml sits beside the recipes but is the generator's input, not a recipe
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yml") if p != MATRIX)
-
-
 def resolve(name_or_path: str | Path) -> Path:
     """A recipe name (`sentiment_r8`, `sentiment_r8.yml`) or a path to a YAML file."""
     p = Path(name_or_path)
@@ -76,34 +66,12 @@ def resolve(name_or_path: str | Path) -> Path:
     candidate = RECIPE_DIR / f"{stem}.yml"
     if candidate.is_file() and candidate != MATRIX:
         return candidate
-    names = available()
+    # matrix.yml sits beside the recipes but is the generator's input, not a recipe
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yml") if p != MATRIX)
     raise RecipeError(
         f"no recipe named {str(name_or_path)!r} (looked for {rel(candidate)}).\n"
         f"Recipes there are ({len(names)}): " + ", ".join(names)
     )
-
-
-def parse_overrides(args: Sequence[str]) -> dict:
-    """`axolotl train` overrides (`--max-steps 3`, `--output_dir=x`) as recipe keys."""
-    out: dict = {}
-    args = [str(a) for a in args]
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    value = args[i + 1]
-                    i += 1
-                else:
-                    value = "true"
-            try:
-                out[name.replace("-", "_")] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                out[name.replace("-", "_")] = value
-        i += 1
-    return out
 
 
 def _parse(path: Path, text: str) -> tuple[dict, dict[str, int], list[tuple[str, int]]]:
@@ -162,7 +130,25 @@ class Recipe:
 
     @cached_property
     def overrides(self) -> dict:
-        return parse_overrides(self.args)
+        """The `axolotl train` overrides (`--max-steps 3`, `--output_dir=x`) as recipe keys."""
+        out: dict = {}
+        args, i = self.args, 0
+        while i < len(args):
+            a = args[i]
+            if a.startswith("--"):
+                name, eq, value = a[2:].partition("=")
+                if not eq:
+                    if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                        value = args[i + 1]
+                        i += 1
+                    else:
+                        value = "true"
+                try:
+                    out[name.replace("-", "_")] = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    out[name.replace("-", "_")] = value
+            i += 1
+        return out
 
     @cached_property
     def config(self) -> dict:
@@ -267,13 +253,19 @@ class Recipe:
 
     @cached_property
     def config_dir(self) -> Path | None:
-        """A folder with the base model's config.json, without the hub (see model_config_dir)."""
-        return model_config_dir(self.base_model) if self.base_model else None
-
-
-def load(path: str | Path) -> dict:
-    """The mapping a recipe file holds (no overrides)."""
-    return Recipe.open(path).file
+        """The folder holding the base model's config.json, without the hub: a local folder
+        itself, else the copy shipped under recipes/models/ for a model the matrix names (the
+        Llama hub ids, and the CPU default's base before `make base-model` has built it)."""
+        if not self.base_model:
+            return None
+        local = self.local(self.base_model)
+        if local is not None and (local / "config.json").is_file():
+            return local
+        for spec in load_matrix()["models"].values():
+            shipped = spec["base_model"]
+            if shipped == self.base_model or (local is not None and resolve_path(shipped) == local):
+                return ROOT / spec["config_dir"]
+        return None
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -317,17 +309,3 @@ def variant_of(name: str) -> str | None:
 def recipe_names(matrix: dict | None = None) -> list[str]:
     m = matrix or load_matrix()
     return [recipe_name(t, v) for v in m["variants"] for t in m["tasks"]]
-
-
-def model_config_dir(base_model: str, matrix: dict | None = None) -> Path | None:
-    """The folder holding `base_model`'s config.json, without the hub: a local folder
-    itself, else the copy shipped under recipes/models/ for a model the matrix names (the
-    Llama hub ids, and the CPU default's base before `make base-model` has built it)."""
-    local = resolve_path(base_model) if is_local(base_model) else None
-    if local is not None and (local / "config.json").is_file():
-        return local
-    m = matrix or load_matrix()
-    for spec in m["models"].values():
-        if spec["base_model"] == base_model or (local is not None and resolve_path(spec["base_model"]) == local):
-            return ROOT / spec["config_dir"]
-    return None
