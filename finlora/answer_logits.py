@@ -7,10 +7,8 @@ saves: docs/BENCHMARKS.md, "Logits at the answer tokens only").
 - those targets go to transformers' ForCausalLMLoss as `shift_labels`, and the output
   head is fed only the hidden states at those positions.
 
-The loss is the same cross-entropy over the same (position, target) pairs, with the same
-normaliser (`num_items_in_batch` or the count of targets); only the ignored rows, which
-add zero, are never computed. tests/test_answer_logits.py checks loss and gradients
-against the unhooked model. Evaluation, generation and calls without labels are untouched.
+Only the ignored rows, which add zero to the loss, are never computed (same loss, normaliser and
+gradients: docs/BENCHMARKS.md). Evaluation, generation and calls without labels are untouched.
 """
 
 from __future__ import annotations

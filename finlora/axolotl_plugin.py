@@ -1,21 +1,13 @@
 """Axolotl plugin: what Axolotl 0.19 lacks for training on a CPU, plus the loss log.
 
-Recipes list it under `plugins:`. docs/GPU.md tells each behaviour with its measurements;
-each function below says why. On every host: the loss log and curve (`LossLogCallback`), the
-RNGs seeded before the LoRA matrices exist (`pre_lora_load`: Axolotl 0.19 seeds only when the
-Trainer is built, so A's initialisation differed between runs and a resumed run did not
-reproduce an uninterrupted one), rows over `sequence_len` listed by file:line
-(`report_long_rows`), secrets kept out of Axolotl's `debug.log` (`redact_debug_log`), and
-`answer_logits_only` (a key this plugin adds, `finlora.answer_logits`). Without CUDA only:
-`bf16: auto` resolved by the CPU's native bf16, `use_cpu` passed to the Trainer, the model kept
-on the CPU under several processes, a multi-process launch without the CPU launch contract
-refused (`check_cpu_launch`), and DeepSpeed started on its CPU accelerator
-(`deepspeed_on_cpu_backend`). The private internals patched are listed in finlora.patches.
+Recipes list it under `plugins:`; what each behaviour does, with its measurements: docs/GPU.md.
+Each hook below says why; the private internals it patches are listed in finlora.patches.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,17 +27,9 @@ class FinLoRAArgs(BaseModel):
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU executes bf16 matmuls natively (AMX-BF16 or AVX512-BF16)."""
-    cpu = getattr(torch._C, "_cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """True when this CPU executes bf16 matmuls natively (AMX-BF16 or AVX512-BF16), as torch's cpuinfo says."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def on_cpu() -> bool:
@@ -53,7 +37,7 @@ def on_cpu() -> bool:
 
 
 class LossLogCallback(TrainerCallback):
-    """Keeps `loss_log.jsonl` and `loss.png` in the output folder up to date.
+    """Keeps `loss_log.jsonl` (at every log) and `loss.png` (at the end) in the output folder.
 
     Both are rebuilt from the trainer state's full log history (which a resumed
     run restores from its checkpoint) and written atomically, so a crash never
@@ -77,14 +61,12 @@ class LossLogCallback(TrainerCallback):
             write_jsonl(self.output_dir / "loss_log.jsonl", self._rows(state))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            from finlora.atomic import write_jsonl
+        # loss_log.jsonl holds these rows already: the Trainer logs its last metrics before this.
+        rows = self._rows(state)
+        if state.is_world_process_zero and rows:
             from finlora.loss_curve import plot_loss
 
-            rows = self._rows(state)
-            write_jsonl(self.output_dir / "loss_log.jsonl", rows)
-            if rows:
-                plot_loss(rows, self.output_dir / "loss.png", title=self.output_dir.name)
+            plot_loss(rows, self.output_dir / "loss.png", title=self.output_dir.name)
 
 
 def redact_debug_log() -> None:
@@ -118,83 +100,64 @@ def _row_lines(path: Path) -> list[int]:
         return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
-def _token_counts(ds) -> list[int]:
-    import pyarrow.compute as pc
-
-    # Arrow's list lengths, in the dataset's row order (shuffles and selections included).
-    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
-
-
-def long_rows(ds, dataset_config, limit: int) -> tuple[str, list[dict]]:
-    """(the dataset's name, one {"file", "line", "tokens"} per row of `ds` over `limit` tokens,
-    by the one length rule, finlora.lengths.too_long, on Axolotl's own token counts).
+def long_rows(ds, dataset_config, limit: int) -> list[dict]:
+    """One {"file", "line", "row", "tokens"} per row of `ds` over `limit` tokens, by the one
+    length rule, finlora.lengths.too_long, on Axolotl's own token counts.
 
     `ds` is one dataset as Axolotl tokenised it (file order: Axolotl shuffles only when
     it merges, or when `shards` is set; then the row index is given instead of a line).
     """
+    import pyarrow.compute as pc
+
+    from finlora import recipes
     from finlora.lengths import too_long
 
     name = str(dataset_config.get("path") or "dataset")
-    counts = _token_counts(ds)
+    # Arrow's list lengths, in the dataset's row order (shuffles and selections included).
+    counts = pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
     over = too_long(counts, limit)
-    if not over:
-        return name, []
-    from finlora import recipes
-
     local = recipes.resolve_path(name)
-    lines = None
-    if local.is_file() and not dataset_config.get("shards"):
-        lines = _row_lines(local)
-        if len(lines) != len(counts):  # rows Axolotl skipped: line numbers would lie
-            lines = None
-    return name, [{"file": name, "line": lines[i] if lines else None, "row": i, "tokens": n} for i, n in over]
+    lines = _row_lines(local) if over and local.is_file() and not dataset_config.get("shards") else None
+    if lines is not None and len(lines) != len(counts):  # rows Axolotl skipped: line numbers would lie
+        lines = None
+    return [{"file": name, "line": lines[i] if lines else None, "row": i, "tokens": n} for i, n in over]
 
 
-class LongRows:
-    """What this process found over sequence_len, across its datasets: one report file."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.cleared: set[str] = set()  # output folders whose previous list this process removed
-
-    def seen(self, cfg, dataset, dataset_config, split: str) -> None:
-        out = cfg.get("output_dir")
-        if out and out not in self.cleared and os.environ.get("RANK", "0") == "0":
+def report_long_rows_of(cfg, dataset, dataset_config, split: str, listed: dict[Path, list[dict]]) -> None:
+    """Print the rows of one dataset over sequence_len (or refuse them: `excess_length_strategy: raise`),
+    and list them with those of this process's other datasets in `<output_dir>/long_rows.jsonl`."""
+    out = Path(str(cfg.get("output_dir") or "."))
+    if out not in listed:
+        listed[out] = []
+        if cfg.get("output_dir") and os.environ.get("RANK", "0") == "0":
             # This run tokenises the data afresh: a previous run's list must not pass for its
             # own. (When Axolotl reuses its prepared cache, this is never called and the list
             # made with that cache stays, as it should.)
-            Path(str(out), "long_rows.jsonl").unlink(missing_ok=True)
-            self.cleared.add(out)
-        limit = cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len") \
-            else cfg.get("sequence_len")
-        name, rows = long_rows(dataset, dataset_config, int(limit))
-        if rows:
-            self.report(cfg, name, rows, len(dataset), int(limit))
+            (out / "long_rows.jsonl").unlink(missing_ok=True)
+    limit = int(cfg.get("eval_sequence_len") if split == "test" and cfg.get("eval_sequence_len")
+                else cfg.get("sequence_len"))
+    rows = long_rows(dataset, dataset_config, limit)
+    if not rows:
+        return
+    strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
+    where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
+             f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
+    shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
+    head = (f"{len(rows)} of {len(dataset)} rows of {rows[0]['file']} are longer than sequence_len {limit} "
+            "(Axolotl's token counts, EOS included; it cuts a long prompt at sequence_len first)")
+    if strategy == "raise":
+        raise ValueError(f"{head}; excess_length_strategy: raise stops the run:\n" + "\n".join(shown))
+    action = "cut to sequence_len" if strategy == "truncate" else "left out of training"
+    listed[out].extend(rows)
+    try:
+        from finlora.atomic import write_jsonl
 
-    def report(self, cfg, name: str, rows: list[dict], total: int, limit: int) -> None:
-        import sys
-
-        strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
-        where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
-                 f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
-        shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
-        head = (f"{len(rows)} of {total} rows of {name} are longer than sequence_len {limit} "
-                "(Axolotl's token counts, EOS included; it cuts a long prompt at sequence_len first)")
-        if strategy == "raise":
-            raise ValueError(f"{head}; excess_length_strategy: raise stops the run:\n" + "\n".join(shown))
-        action = "cut to sequence_len" if strategy == "truncate" else "left out of training"
-        out_dir = Path(str(cfg.get("output_dir") or "."))
-        listed = ""
-        try:
-            from finlora.atomic import write_jsonl
-
-            self.rows.extend(rows)
-            write_jsonl(out_dir / "long_rows.jsonl", self.rows)
-            listed = f"; all listed in {out_dir / 'long_rows.jsonl'}"
-        except OSError:
-            pass
-        print(f"finlora: warning: {head}: {action} (excess_length_strategy: {strategy}){listed}:\n"
-              + "\n".join(shown), file=sys.stderr, flush=True)
+        write_jsonl(out / "long_rows.jsonl", listed[out])
+        where_listed = f"; all listed in {out / 'long_rows.jsonl'}"
+    except OSError:
+        where_listed = ""
+    print(f"finlora: warning: {head}: {action} (excess_length_strategy: {strategy}){where_listed}:\n"
+          + "\n".join(shown), file=sys.stderr, flush=True)
 
 
 def report_long_rows() -> None:
@@ -204,39 +167,34 @@ def report_long_rows() -> None:
     original = sft._load_and_process_single_dataset
     if getattr(original, "_finlora_long_rows", False):
         return
-    found = LongRows()
+    listed: dict[Path, list[dict]] = {}  # output folder -> the long rows this process found for it
 
     def load_and_process_single_dataset(*args, **kwargs):
         dataset, prompter = original(*args, **kwargs)
         cfg, dataset_config = kwargs.get("cfg"), kwargs.get("dataset_config")
         if cfg is not None and dataset_config is not None and not kwargs.get("streaming") and \
                 "input_ids" in (getattr(dataset, "column_names", None) or []):
-            found.seen(cfg, dataset, dataset_config, kwargs.get("split", "train"))
+            report_long_rows_of(cfg, dataset, dataset_config, kwargs.get("split", "train"), listed)
         return dataset, prompter
 
     load_and_process_single_dataset._finlora_long_rows = True
     sft._load_and_process_single_dataset = load_and_process_single_dataset
 
 
-def _flag(env, name: str) -> bool:
-    """The flag as Accelerate reads it (`parse_flag_from_env`: y/yes/t/true/on/1)."""
-    from accelerate.utils import str_to_bool
-
-    return str_to_bool(env.get(name) or "0", to_bool=True)
-
-
 def check_cpu_launch(env, deepspeed: bool = False) -> None:
     """Refuse a multi-process CPU launch that lacks the environment `launch.cpu_launch` names
-    (a user's own `torchrun` / `accelerate launch`): without it each process would train alone
-    on the whole data set, or Accelerate would drop DeepSpeed and run plain DDP (seen here: no
-    ZeRO checkpoint shards were written)."""
+    (a user's own `torchrun` / `accelerate launch`); why: docs/GPU.md, "Data parallel on a CPU"."""
+    from accelerate.utils import str_to_bool
+
     from finlora.launch import cpu_launch
 
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not on_cpu():
         return
+    # ACCELERATE_USE_CPU is a flag, read as Accelerate reads it (parse_flag_from_env: y/yes/t/true/on/1)
     wrong = [f"{k}={v}" for k, v in cpu_launch(world, deepspeed).items()
-             if (_flag(env, k) != (v == "1") if k == "ACCELERATE_USE_CPU" else env.get(k) != v)]
+             if (str_to_bool(env.get(k) or "0", to_bool=True) != (v == "1") if k == "ACCELERATE_USE_CPU"
+                 else env.get(k) != v)]
     if not wrong:
         return
     what = ("DeepSpeed on a machine without CUDA needs DeepSpeed's CPU accelerator, and Accelerate drops "
@@ -246,13 +204,8 @@ def check_cpu_launch(env, deepspeed: bool = False) -> None:
 
 
 def deepspeed_on_cpu_backend() -> None:
-    """Let Accelerate start DeepSpeed on a CPU-only host (DeepSpeed's CPU accelerator, gloo).
-
-    Accelerate 1.13 picks a process-group backend only for devices (nccl, xccl, hccl...);
-    on a CPU-only host it finds none, then counts one process and rank 0 in every process
-    (each would train alone on all the data) although DeepSpeed's own process group is
-    up. Naming gloo and the multi-CPU layout here gives the real world size, ranks and
-    the CPU device; Accelerate then switches the state to DeepSpeed as it does on GPUs."""
+    """Let Accelerate start DeepSpeed on a CPU-only host: name gloo and the multi-CPU layout, where
+    Accelerate 1.13 finds no backend and would count one process in each (docs/GPU.md, Smoke tests)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -286,8 +239,6 @@ class FinLoRAPlugin(BasePlugin):
         try:
             redact_debug_log()
         except (ImportError, AttributeError) as e:  # another Axolotl layout (PATCHES): said, not hidden
-            import sys
-
             print(f"finlora: warning: Axolotl's debug log is not redacted while the run writes it ({e}); "
                   "`make train` still redacts it when the run ends", file=sys.stderr, flush=True)
         # Runs before Axolotl validates the config, so the resolved precision is
@@ -296,9 +247,7 @@ class FinLoRAPlugin(BasePlugin):
             if cfg.get("bf16") == "auto":
                 # Transformers accepts bf16 on a CPU only with use_cpu, which drops DeepSpeed.
                 cfg["bf16"] = cpu_has_native_bf16() and not _cpu_deepspeed(cfg)
-            if cfg.get("bf16"):
-                cfg["fp16"] = False
-            elif cfg.get("fp16") is None:
+            if cfg.get("bf16") or cfg.get("fp16") is None:
                 cfg["fp16"] = False
             if _cpu_deepspeed(cfg):
                 deepspeed_on_cpu_backend()
@@ -318,6 +267,8 @@ class FinLoRAPlugin(BasePlugin):
         return None
 
     def pre_lora_load(self, cfg, model):
+        # Axolotl 0.19 seeds only when the Trainer is built: LoRA's A was initialised differently
+        # in every run, and a resumed run did not reproduce an uninterrupted one.
         if cfg.get("seed") is not None:
             from transformers import set_seed
 

@@ -1,12 +1,7 @@
 """`make check RECIPE=x [RESUME=1]`: everything that can be known about a run before it starts,
-in seconds and without loading a model (`make train` runs it too). What is checked, and the
-one-line format of each problem: README, "Crashes, typos and secrets" (Check before training).
-
-Checkpoints: Hugging Face's Trainer writes `checkpoint-N/` in place, file by file,
-`trainer_state.json` last, so a crash (SIGKILL, OOM kill, node loss) can leave a partial
-folder; `checkpoint_problems` defines "complete" (README, same section: Resume). optimizer.pt,
-scheduler.pt and rng_state*.pth are torch pickles: they are loaded as the Trainer loads them
-(weights_only=True, no arbitrary code), and trusted only because this project's runs wrote them.
+in seconds and without loading a model (`make train` runs it too). What is checked, the one-line
+format of each problem, and what makes a checkpoint complete (`checkpoint_problems`): README,
+"Crashes, typos and secrets" (Check before training; Resume).
 """
 
 from __future__ import annotations
@@ -105,16 +100,10 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """[(step, folder)] of the `checkpoint-N` folders, oldest first, as the Trainer sorts them."""
-    if not Path(output_dir).is_dir():
-        return []
     from transformers.trainer_utils import sort_checkpoints
 
-    out = []
-    for p in map(Path, sort_checkpoints(str(output_dir))):
-        m = CHECKPOINT_RE.match(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    return out
+    found = [(CHECKPOINT_RE.match(p.name), p) for p in map(Path, sort_checkpoints(str(output_dir)))]
+    return [(int(m.group(1)), p) for m, p in found if m]  # not `checkpoint-4.old`, which the Trainer sorts in
 
 
 def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
@@ -182,11 +171,6 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)   # checks that could not run, and why
-    resume_from: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
 
 
 class Checker:
@@ -317,7 +301,7 @@ class Checker:
         if not (special.get("pad_token") or tok.pad_token):
             self.error("special_tokens.pad_token", f"the tokenizer ({found.where}) has no pad token; set one "
                                                    "(batches of unequal length cannot be padded)")
-        return Lengths.load(found.path, found.where)  # counted as `make data` counts (finlora.lengths)
+        return Lengths.load(found.path)  # counted as `make data` counts (finlora.lengths)
 
     # -- data
     def data(self, lengths) -> None:
@@ -384,8 +368,6 @@ class Checker:
             why = checkpoint_problems(p) if p.is_dir() else ["does not exist"]
             if why:
                 self.error("resume_from_checkpoint", f"{rel(p)} is not a complete checkpoint: {'; '.join(why)}")
-            else:
-                self.r.resume_from = p
             return
         if self.resume:
             best, skipped = newest_complete(out)
@@ -395,7 +377,6 @@ class Checker:
                 self.error("output_dir", f"RESUME=1 but {rel(out)} holds no complete checkpoint"
                            + (" (only incomplete ones)" if skipped else ""))
             else:
-                self.r.resume_from = best
                 self.note(f"resuming from {rel(best)}")
             return
         ckpts = list_checkpoints(out)

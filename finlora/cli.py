@@ -6,11 +6,8 @@ torch loads is `interrupted` (exit 130) like one during the work. It turns a
 OSError that names a file (permission denied, read-only file system, no such file)
 into one line naming that file, never a traceback.
 
-It keeps the console for what matters: a few known-harmless lines that libraries print
-on import (torchao's optional CUDA extensions that a CPU wheel cannot load, torch's
-deprecation of a registration torchao still makes, bitsandbytes' optional hub kernel for
-AVX512-BF16 CPUs) are silenced on import of this module, before any command imports
-torch. Every other warning is left alone.
+It keeps the console for what matters: the known-harmless lines `quiet_known_noise` names are
+silenced on import of this module, before any command imports torch; every other warning is left alone.
 """
 
 from __future__ import annotations
@@ -26,29 +23,24 @@ from typing import Callable, Sequence
 from finlora.errors import FinLoRAError
 
 
-class _Drop(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(f in msg for f in self.fragments)
+def _drop(fragment: str) -> Callable[[logging.LogRecord], bool]:
+    """A logging filter (any callable will do) that drops the records whose message holds `fragment`."""
+    return lambda record: fragment not in record.getMessage()
 
 
 def quiet_known_noise() -> None:
     # torchao ships kernels for CUDA builds (mxfp8, cutlass sm90a); loading them fails on a
     # CPU wheel and torchao logs each failure at WARNING although nothing needs them.
-    logging.getLogger("torchao").addFilter(_Drop("Failed to load "))
+    logging.getLogger("torchao").addFilter(_drop("Failed to load "))
     # torchao registers Enum classes as pytree constants, which torch 2.11+ deprecates.
-    logging.getLogger("torch.utils._pytree").addFilter(_Drop("is an Enum subclass"))
+    logging.getLogger("torch.utils._pytree").addFilter(_drop("is an Enum subclass"))
     # bitsandbytes on an AVX512-BF16 CPU tries an optional 4-bit kernel from the hub and
     # falls back to its own when the hub is offline or the kernel is unsigned.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("kernels-community"))
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop("kernels-community"))
     warnings.filterwarnings("ignore", message="Skipping publisher trust check", category=UserWarning)
     # bitsandbytes logs this at every 8-bit matmul of a CPU model in fp32 (`make eval BITS=8`):
     # LLM.int8 takes fp16 inputs by design; 76,640 identical lines in one benchmark hid its bars.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Drop("MatMul8bitLt: inputs will be cast"))
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop("MatMul8bitLt: inputs will be cast"))
 
 
 quiet_known_noise()

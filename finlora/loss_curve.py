@@ -7,26 +7,21 @@ from pathlib import Path
 
 
 def subplots(figsize: tuple[float, float]):
-    """A figure and its axes, drawn off screen (matplotlib's Agg backend: no display needed)."""
-    import matplotlib
+    """A figure and its axes, drawn off screen: a bare `Figure` (matplotlib's idiom without pyplot:
+    no backend, no display, freed with its last reference), laid out tight when saved."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=figsize, dpi=110)
+    fig = Figure(figsize=figsize, dpi=110, layout="tight")
+    return fig, fig.subplots()
 
 
 def save_png(fig, out: str | Path) -> Path:
-    """Write `fig` atomically (a savefig that fails half way keeps the previous file), then free it."""
-    import matplotlib.pyplot as plt
-
+    """Write `fig` atomically (a savefig that fails half way keeps the previous file)."""
     from finlora.atomic import atomic_open
 
-    fig.tight_layout()
     out = Path(out)
     with atomic_open(out, "wb", encoding=None) as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
     return out
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe.open(f"{name}_r8")
         seq = recipe.number("sequence_len", None)
         found = tokenizer_for(recipe.base_model, None)
-        lengths = Lengths.load(found.path, found.where)
+        lengths = Lengths.load(found.path)
         for f in [rt.train, *(s.source for s in rt.test_sets if s.source)]:
             path = recipe_data.locate(f, a.src)
             if path is None and a.download and recipe_data.online():

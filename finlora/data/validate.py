@@ -58,7 +58,7 @@ def load_length_check(recipe: recipes.Recipe | None, enabled: bool = True) -> Le
     found = tokenizer_for(name, r.local(name))
     if found.path is None:
         return LengthCheck(seq, None, "", f"{found.note}: token-length check and token stats skipped")
-    return LengthCheck(seq, Lengths.load(found.path, found.where), found.where)
+    return LengthCheck(seq, Lengths.load(found.path), found.where)
 
 
 def count_tokens(check: LengthCheck, examples: list[Example]) -> None:
