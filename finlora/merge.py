@@ -158,6 +158,7 @@ class ModuleDelta:
     alpha: float = 0.0
     scale: float = 0.0
     rslora: bool = False
+    init: bool | str = True                   # init_lora_weights (PiSSA and OLoRA: see _NOT_REBUILT_INIT)
 
     @property
     def base_key(self) -> str:
@@ -191,14 +192,28 @@ _UNMERGEABLE = {
     "monteclora_config": "MonteCLoRA is not supported by this merger",
     "mica": "MiCA is not supported by this merger",
 }
+# Initialisations that move the adapter's starting product out of the base weights while it
+# trains (PEFT's lora/layer.py *_init), so the adapter fits that residual base. PiSSA's full SVD
+# and OLoRA's QR rebuild it from the base exactly, and merged_weight lets PEFT's layer do so (as
+# PeftModel.from_pretrained does); these need what the base alone does not hold (a random SVD's
+# draw, activations, gradients, a quantised base), so their merge is refused.
+_NOT_REBUILT_INIT = ("pissa_niter", "corda", "lora_ga", "loftq")
 
 
-def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, where: Path) -> dict[str, ModuleDelta]:
+def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, where: Path,
+                    base_dir: Path) -> dict[str, ModuleDelta]:
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise MergeError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LoRA/DoRA adapters can be merged here")
     for key, why in _UNMERGEABLE.items():
         if cfg.get(key):
             raise MergeError(f"{where}: {key}={cfg[key]!r}: {why}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_NOT_REBUILT_INIT):
+        how = ("merge into the LoftQ-initialised base it was trained with" if init.lower() == "loftq" else
+               "save it converted to plain LoRA (PEFT: save_pretrained(..., path_initial_model_for_weight_"
+               "conversion=...), which writes init_lora_weights: true)")
+        raise MergeError(f"{where}: init_lora_weights={init!r}: training started from a base with the adapter's "
+                         f"initial product subtracted, which cannot be rebuilt from {base_dir}; {how}")
     r0, a0 = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r0, int) or r0 <= 0 or not isinstance(a0, (int, float)):
         raise MergeError(f"{where}: adapter_config.json needs a positive integer r and a number lora_alpha")
@@ -221,21 +236,21 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
     for d in mods.values():
         if not ("A" in d.keys and "B" in d.keys):
             if set(d.keys) == {"copy"}:
-                continue  # a saved copy of a base layer without LoRA: checked in plan()
+                continue  # a saved copy of a base layer without LoRA: plan() and merged_weight() check it
             raise MergeError(f"{path}: module {d.module} has "
                              f"{'lora_A' if 'A' in d.keys else 'lora_B'} but not "
                              f"{'lora_B' if 'A' in d.keys else 'lora_A'}")
         d.r = int(_pattern_value(cfg.get("rank_pattern"), d.module, r0))
         d.alpha = float(_pattern_value(cfg.get("alpha_pattern"), d.module, a0))
         d.scale = d.alpha / math.sqrt(d.r) if use_rslora else d.alpha / d.r  # for merge_info; PEFT's layer applies its own
-        d.rslora = use_rslora
+        d.rslora, d.init = use_rslora, init
         if bool(cfg.get("use_dora")) != ("m" in d.keys):
             raise MergeError(f"{path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
                              f"adapter_config.json but the magnitude vector is "
                              f"{'present' if 'm' in d.keys else 'missing'}")
         if d.kind == "embedding" and "m" in d.keys:
             raise MergeError(f"module {d.module}: DoRA on an embedding is not supported by this merger")
-    return {k: v for k, v in mods.items() if "A" in v.keys}
+    return mods
 
 
 # --------------------------------------------------------------------------- plan
@@ -248,6 +263,7 @@ class Plan:
     fan_in_fan_out: bool
     tensors: dict[str, TensorInfo]
     deltas: dict[str, ModuleDelta]          # by base key
+    copies: dict[str, ModuleDelta]          # base layers the adapter saved a copy of, without LoRA
     weights: dict[str, torch.Tensor]
     adapter_file: Path
     quantized_training: list[str]
@@ -303,13 +319,14 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
 
     tensors = base_tensors(base)
     adapter_file, weights = load_adapter(adapter, allow_pickle)
-    mods = adapter_modules(acfg, weights, adapter_file, adapter / "adapter_config.json")
-    if not mods:
+    mods = adapter_modules(acfg, weights, adapter_file, adapter / "adapter_config.json", base)
+    if not any("A" in d.keys for d in mods.values()):
         raise MergeError(f"{adapter_file}: no LoRA weights in the adapter, nothing to merge")
 
     tied = bool(base_cfg.get("tie_word_embeddings", (base_cfg.get("text_config") or {}).get("tie_word_embeddings", False)))
     fifo = bool(acfg.get("fan_in_fan_out"))
     deltas: dict[str, ModuleDelta] = {}
+    copies: dict[str, ModuleDelta] = {}
     for d in mods.values():
         short = d.short
         is_tied_weight = d.kind == "embedding" or short in EMBED_NAMES or short in HEAD_NAMES
@@ -323,6 +340,13 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
             raise MergeError(f"module {d.module} (targeted by the adapter) is not in the base model: no tensor "
                              f"{d.base_key} in {base}. Was the adapter trained on another model?")
         w = tensors[d.base_key]
+        if "copy" in d.keys and tuple(weights[d.keys["copy"]].shape) != tuple(w.shape):
+            raise MergeError(f"module {d.module}: the adapter carries its own copy of {d.base_key} with shape "
+                             f"{list(weights[d.keys['copy']].shape)} != {list(w.shape)} (resized vocabulary?); "
+                             f"this merger does not handle resized embeddings")
+        if "A" not in d.keys:  # the copy alone: merged_weight checks it equals the base's
+            copies[d.base_key] = d
+            continue
         if w.dtype not in FLOAT_DTYPES:
             raise MergeError(f"module {d.module}: base weight is stored as {w.dtype}, not a float; a quantized "
                              f"checkpoint cannot be merged into (use the unquantized base)")
@@ -353,12 +377,8 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
             if tuple(weights[d.keys["m"]].shape) != (out_dim,):
                 raise MergeError(f"module {d.module}: DoRA magnitude has shape {list(weights[d.keys['m']].shape)}, "
                                  f"expected [{out_dim}]")
-        if "copy" in d.keys and weights[d.keys["copy"]].shape != w.shape:
-            raise MergeError(f"module {d.module}: the adapter carries its own copy of {d.base_key} with shape "
-                             f"{list(weights[d.keys['copy']].shape)} != {list(w.shape)} (resized vocabulary?); "
-                             f"this merger does not handle resized embeddings")
         deltas[d.base_key] = d
-    return Plan(base, adapter, acfg, fifo, tensors, deltas, weights, adapter_file,
+    return Plan(base, adapter, acfg, fifo, tensors, deltas, copies, weights, adapter_file,
                 _quantization_notes(adapter, recipe_cfg), warnings)
 
 
@@ -375,8 +395,11 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     if "copy" in d.keys and not torch.equal(weights[d.keys["copy"]], w0):
         raise MergeError(f"module {d.module}: the adapter's saved copy of {d.base_key} differs from the base's; "
                          f"the adapter was trained on another version of the base model")
+    if "A" not in d.keys:
+        return w0
     w = w0.float()
-    cfg = LoraConfig(r=d.r, lora_alpha=d.alpha, use_rslora=d.rslora, use_dora="m" in d.keys, fan_in_fan_out=fifo)
+    cfg = LoraConfig(r=d.r, lora_alpha=d.alpha, use_rslora=d.rslora, use_dora="m" in d.keys, fan_in_fan_out=fifo,
+                     init_lora_weights=d.init)
     a, b = weights[d.keys["A"]].float(), weights[d.keys["B"]].float()
     if d.kind == "embedding":
         layer = lora.Embedding(torch.nn.Embedding(*w.shape, _weight=w), "default", cfg, d.r, d.alpha)
@@ -424,7 +447,7 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True,
             w = ShardWriter(tmp / name, [(t.name, t.torch_dtype, t.shape) for t in infos])
             for info in infos:
                 t = read_tensor(info)
-                d = p.deltas.get(info.name)
+                d = p.deltas.get(info.name) or p.copies.get(info.name)
                 w.write_tensor(info.name, t if d is None else merged_weight(t, d, p.weights, p.fan_in_fan_out))
                 del t
                 bar.update(1)

@@ -267,6 +267,51 @@ def test_tied_head_refused(tmp_path, capsys):
     assert "lm_head" in err and "tie_word_embeddings" in err
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_2"])
+def test_residual_base_initialisations(init, tmp_path, capsys):
+    """PiSSA and OLoRA subtract the adapter's starting product from the base while training. Their
+    full SVD / QR rebuild that residual from the base, so the merge equals PEFT's (which rebuilds it
+    the same way on loading); a random SVD's draw cannot be rebuilt: refused until saved converted
+    to plain LoRA (PEFT's own recipe), then merged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tmp_path / "base")
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    pm.peft_config["default"].init_lora_weights = True  # the starting point, saved as PEFT's docs say
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():
+            if "lora_B" in n:
+                prm.add_(0.05 * torch.randn_like(prm))  # "training"
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    trained = pm(input_ids=ids).logits.detach()
+    pm.save_pretrained(tmp_path / "saved")
+    if init == "pissa_niter_2":
+        err = refused(capsys, base, tmp_path / "saved", tmp_path / "out")
+        assert "init_lora_weights='pissa_niter_2'" in err and "path_initial_model_for_weight_conversion" in err
+        pm.save_pretrained(tmp_path / "saved", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert run_merge(base, tmp_path / "saved", tmp_path / "out") == 0
+    assert_same_as_peft(tmp_path / "out", peft_merged(base, tmp_path / "saved"), atol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=ids).logits.detach()
+    assert (merged - trained).abs().max() < 1e-4  # the model as trained, not the original base + adapter
+
+
+def test_saved_copy_of_a_base_layer_is_checked_not_dropped(pair, tmp_path, capsys):
+    base, adapter = pair
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    embed = read_out(base)["model.embed_tokens.weight"]  # a base layer without LoRA, saved beside the adapter
+    t = load_file(adapter / "adapter_model.safetensors")
+    save_file({**t, key: embed + 1}, adapter / "adapter_model.safetensors")
+    err = refused(capsys, base, adapter, tmp_path / "out")
+    assert "model.embed_tokens" in err and "differs from the base's" in err
+    save_file({**t, key: embed.clone()}, adapter / "adapter_model.safetensors")
+    assert run_merge(base, adapter, tmp_path / "out") == 0
+    assert_same_as_peft(tmp_path / "out", peft_merged(base, adapter))
+
+
 @pytest.mark.parametrize("which", ["base", "adapter"])
 def test_truncated_safetensors_refused_by_name(pair, tmp_path, capsys, which):
     # safetensors.safe_open reads the header; a cut-off download must still name the file
