@@ -117,6 +117,24 @@ def newest_complete(output_dir: Path) -> tuple[Path | None, list[tuple[Path, lis
     return None, skipped
 
 
+def auto_resumes(recipe: Recipe) -> bool:
+    """`auto_resume_from_checkpoints: true` resumes where there is a checkpoint and starts
+    afresh where there is none, as Axolotl does."""
+    return bool(recipe.get("auto_resume_from_checkpoints")) and bool(list_checkpoints(recipe.output_dir))
+
+
+def not_axolotls_cache(path: Path) -> str | None:
+    """Why `make train` may not empty this dataset_prepared_path (entries that are not Axolotl's
+    dataset folders and lock files), or None."""
+    from axolotl.utils.data.lock import LOCK_FILE_NAME, PROCESS_COUNTER_FILE_NAME, READY_FILE_NAME
+
+    ours = {LOCK_FILE_NAME, READY_FILE_NAME, PROCESS_COUNTER_FILE_NAME}
+    foreign = [e.name for e in sorted(path.iterdir())
+               if e.name not in ours and not (e.is_dir() and (e / "state.json").is_file())]
+    return (f"{rel(path)} holds {', '.join(foreign[:5])}, which is not Axolotl's tokenised-data cache "
+            "(`make train` empties it): give the recipe a dataset_prepared_path of its own") if foreign else None
+
+
 def free_bytes(path: Path) -> int:
     """Free space on the disk that holds `path` (or its nearest existing parent)."""
     while not path.exists() and path != path.parent:
@@ -176,7 +194,7 @@ class Result:
 class Checker:
     def __init__(self, recipe: Recipe, resume: bool, pending: bool):
         self.recipe, self.cfg = recipe, recipe.config
-        self.resume, self.pending = resume, pending
+        self.explicit_resume, self.resume, self.pending = resume, resume or auto_resumes(recipe), pending
         self.r = Result(recipe.path)
 
     def error(self, key: str, msg: str) -> None:
@@ -362,6 +380,10 @@ class Checker:
         if why:
             self.error("output_dir", f"{rel(out)} cannot be written ({why})")
             return
+        prepared = self.recipe.local(self.cfg.get("dataset_prepared_path"))
+        why = not_axolotls_cache(prepared) if prepared is not None and prepared.is_dir() else None
+        if why:
+            self.error("dataset_prepared_path", why)
         explicit = self.cfg.get("resume_from_checkpoint")
         if explicit:
             p = recipes.resolve_path(str(explicit))
@@ -374,8 +396,8 @@ class Checker:
             for p, why in skipped:
                 self.warn("output_dir", f"{rel(p)} is incomplete ({'; '.join(why)}): not resumed from")
             if best is None:
-                self.error("output_dir", f"RESUME=1 but {rel(out)} holds no complete checkpoint"
-                           + (" (only incomplete ones)" if skipped else ""))
+                self.error("output_dir", f"{'RESUME=1' if self.explicit_resume else 'auto_resume_from_checkpoints'}"
+                           f" but {rel(out)} holds no complete checkpoint" + (" (only incomplete ones)" if skipped else ""))
             else:
                 self.note(f"resuming from {rel(best)}")
             return
@@ -400,6 +422,8 @@ class Checker:
             kept = 0
         elif limit:
             kept = int(limit) + 1  # the Trainer writes the new checkpoint before deleting the oldest
+        elif isinstance(every, float) and 0 < every < 1:  # the Trainer's fraction of the run
+            kept = math.ceil(1 / every) + 1
         elif isinstance(steps, int) and isinstance(every, int) and every > 0:
             kept = math.ceil(steps / every) + 1
         else:
@@ -438,7 +462,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, extra_args: Sequen
             recipe = Recipe.open(recipe, extra_args)
         except RecipeError as e:
             return Result(Path(str(recipe)), errors=[f"error: {e}"])
-    c = Checker(recipe, resume or bool(recipe.get("auto_resume_from_checkpoints")), pending)
+    c = Checker(recipe, resume, pending)
     for k, ln in recipe.duplicates:
         c.r.errors.append(f"error: {rel(recipe.path)}:{ln}: {k}: key appears twice (the last one wins silently)")
     c.keys()

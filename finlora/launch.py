@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from finlora import ROOT
 from finlora.errors import LaunchError
@@ -60,8 +59,7 @@ def check_launch(gpus, nodes) -> tuple[int | None, int | None]:
     return g, n
 
 
-def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int | None = None, *,
-                   extra_args: Sequence[str] = ()) -> list[str]:
+def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int | None = None) -> list[str]:
     """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs: `axolotl train` with GPUS and
     NODES unset (a CPU; `make train` passes GPUS=1 where CUDA GPUs exist, since Axolotl's
     launcher would start one process per visible GPU), else `accelerate launch` with
@@ -72,23 +70,22 @@ def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int 
     if recipe.is_absolute() and recipe.is_relative_to(ROOT):
         recipe = recipe.relative_to(ROOT)
     recipe_s = str(recipe)
-    extra = [str(a) for a in extra_args]
     process_count(gpus, nodes)
     if gpus is None and nodes is None:
-        return ["axolotl", "train", recipe_s, *extra]
+        return ["axolotl", "train", recipe_s]
     if nodes is not None and nodes > 1:
         rank, ip, port = node_address(os.environ)
         return [
             "accelerate", "launch", "--config_file", "recipes/accelerate/multi_node.yaml",
             "--num_machines", str(nodes), "--num_processes", str(nodes * gpus),
             "--machine_rank", str(rank), "--main_process_ip", ip, "--main_process_port", str(port),
-            "-m", "axolotl.cli.train", recipe_s, *extra,
+            "-m", "axolotl.cli.train", recipe_s,
         ]
     gpus = gpus or 1
     config = "single_gpu.yaml" if gpus == 1 else "multi_gpu.yaml"
     return [
         "accelerate", "launch", "--config_file", f"recipes/accelerate/{config}",
-        "--num_processes", str(gpus), "-m", "axolotl.cli.train", recipe_s, *extra,
+        "--num_processes", str(gpus), "-m", "axolotl.cli.train", recipe_s,
     ]
 
 
@@ -119,7 +116,7 @@ def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
     the first visible GPU; the recipe's one-process global batch is kept on P processes
     (docs/GPU.md, "GPU nodes and launch")."""
     lines: list[str] = []
-    if gpus is None and nodes is None and devices >= 1:
+    if gpus is None and (nodes or 1) == 1 and devices >= 1:
         gpus = 1
         more = f"; {devices} GPUs visible: GPUS={devices} trains on all of them" if devices > 1 else ""
         lines.append(f"train: one process on GPU {first_visible_gpu(os.environ)} (GPUS unset{more})")
@@ -176,11 +173,23 @@ def cpu_launch(processes: int, deepspeed: bool) -> dict[str, str]:
     return {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"} if deepspeed else {"ACCELERATE_USE_CPU": "1"}
 
 
+def axolotl_dotenv(start: Path | None = None) -> dict[str, str]:
+    """The `.env` that Axolotl's CLI loads into its own environment (python-dotenv's
+    `load_dotenv()`, which searches from axolotl/cli/ upward): its secrets are the child's too."""
+    import importlib.util
+
+    from dotenv import dotenv_values
+
+    start = start or Path(importlib.util.find_spec("axolotl").origin).parent / "cli"
+    found = next((d / ".env" for d in [start, *start.parents] if (d / ".env").is_file()), None)
+    return {k: v for k, v in dotenv_values(found).items() if v} if found else {}
+
+
 def run_axolotl(cmd: list[str], env: dict) -> int:
     """Run Axolotl with its stdout/stderr redacted on the way through."""
     from finlora.redact import pump, secret_values
 
-    secrets = secret_values(env)
+    secrets = secret_values({**axolotl_dotenv(), **env})
     env = dict(env, PYTHONUNBUFFERED="1")  # stream as it happens, although piped
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     threads = [pump(proc.stdout, sys.stdout, secrets), pump(proc.stderr, sys.stderr, secrets)]

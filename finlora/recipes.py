@@ -5,6 +5,7 @@ Every module asks `is_local` here whether a value is a local path rather than de
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,19 +22,29 @@ DEFAULT_RECIPE = "smollm2_sentiment_r8"
 BITS_LABEL = {16: "bf16", 8: "int8", 4: "NF4"}
 
 # Numeric settings a run cannot do without, and the values that make sense: (type, lowest,
-# exclusive upper bound or None). `max_steps: -1` is the Trainer's "no limit".
+# exclusive upper bound or None). `max_steps: -1` is the Trainer's "no limit"; save and logging
+# steps below 1 are the Trainer's fractions of the run.
 NUMBERS: dict[str, tuple[type, float, float | None]] = {
     "lora_r": (int, 1, None), "lora_alpha": (float, 1e-12, None), "lora_dropout": (float, 0, 1),
     "micro_batch_size": (int, 1, None), "gradient_accumulation_steps": (int, 1, None),
     "sequence_len": (int, 1, None), "num_epochs": (float, 1e-12, None), "max_steps": (int, -1, None),
     "learning_rate": (float, 1e-12, None), "warmup_steps": (int, 0, None), "weight_decay": (float, 0, None),
-    "save_steps": (int, 1, None), "save_total_limit": (int, 1, None), "logging_steps": (int, 1, None),
+    "save_steps": (float, 1e-12, None), "save_total_limit": (int, 1, None), "logging_steps": (float, 1e-12, None),
     "seed": (int, 0, None),
 }
 
 # A recipe value naming a local file or folder rather than a hub id starts like this
 # (or exists relative to the repository root).
 LOCAL_PREFIXES = ("./", "../", "/", "~", "outputs/", "data/", "recipes/")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, plus YAML 1.2's floats without a dot (`1e-4`): Axolotl's schema
+    takes that string as the number, so every check must see the number too."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
 def rel(path: str | Path) -> str:
@@ -76,7 +87,7 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def _parse(path: Path, text: str) -> tuple[dict, dict[str, int], list[tuple[str, int]]]:
     """(mapping, {top-level key: line}, [(duplicated key, line)]) from one YAML parse."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -144,7 +155,7 @@ class Recipe:
                     else:
                         value = "true"
                 try:
-                    out[name.replace("-", "_")] = yaml.safe_load(value)
+                    out[name.replace("-", "_")] = yaml.load(value, Loader=_Loader)  # noqa: S506 - a SafeLoader
                 except yaml.YAMLError:
                     out[name.replace("-", "_")] = value
             i += 1

@@ -39,17 +39,13 @@ def ensure_inputs(recipe: Recipe) -> bool:
 def clear_prepared(path: Path) -> None:
     """Empty Axolotl's tokenised-data cache, which it keys on the data file's path, not its
     content (a fresh `make data` would otherwise train on the stale cache). Only what
-    Axolotl writes there is removed: its dataset folders and lock files."""
-    from axolotl.utils.data.lock import LOCK_FILE_NAME, PROCESS_COUNTER_FILE_NAME, READY_FILE_NAME
+    Axolotl writes there is removed (`check.not_axolotls_cache`)."""
+    from finlora.check import not_axolotls_cache
 
-    entries = sorted(path.iterdir())
-    ours = {LOCK_FILE_NAME, READY_FILE_NAME, PROCESS_COUNTER_FILE_NAME}
-    foreign = [e.name for e in entries if e.name not in ours and not (e.is_dir() and (e / "state.json").is_file())]
-    if foreign:
-        raise RefusedError(f"dataset_prepared_path {rel(path)} holds {', '.join(foreign[:5])}, which is not "
-                           "Axolotl's tokenised-data cache; nothing was deleted: give the recipe a "
-                           "dataset_prepared_path of its own")
-    for e in entries:
+    why = not_axolotls_cache(path)
+    if why:
+        raise RefusedError(f"dataset_prepared_path {why}; nothing was deleted")
+    for e in sorted(path.iterdir()):
         shutil.rmtree(e) if e.is_dir() else e.unlink()
 
 
@@ -69,10 +65,12 @@ def summarise(output_dir: Path) -> None:
     log = output_dir / "loss_log.jsonl"
     if log.is_file():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    logged = [r for r in rows if "loss" in r]
     print(f"train: adapter   {rel(adapter)}")
-    if losses:
-        print(f"train: loss      {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})")
+    if logged:
+        first, last = logged[0], logged[-1]
+        print(f"train: loss      {first['loss']:.4f} (step {first.get('step', '?')}) -> {last['loss']:.4f} "
+              f"(step {last.get('step', '?')})")
         print(f"train: curve     {rel(output_dir / 'loss.png')}")
 
 
@@ -122,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in launch_lines:
         print(line, flush=True)
     output_dir = recipe.output_dir
-    resume = a.resume or bool(recipe.get("auto_resume_from_checkpoints"))
-    if resume and not recipe.get("resume_from_checkpoint"):
+    if (a.resume or check.auto_resumes(recipe)) and not recipe.get("resume_from_checkpoint"):
         # Passed to Axolotl explicitly, and newer incomplete checkpoints (a crash mid-save) moved
         # out of `checkpoint-*`, so that neither Axolotl nor the Trainer's rotation picks one up.
         best, skipped = check.newest_complete(output_dir)
@@ -136,9 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     if prepared and recipes.resolve_path(prepared).is_dir():
         clear_prepared(recipes.resolve_path(prepared))
 
+    import yaml
+
+    from finlora.atomic import write_text
     from finlora.redact import redact_text, redact_tree
 
-    cmd = launch.launch_command(recipe.path, gpus, nodes, extra_args=recipe.args)
+    config = recipe.path
+    if recipe.args:
+        # Axolotl reads the overrides from a file, as `make check` read them: its own command line
+        # (click on one process, fire under accelerate) parses some spellings and types otherwise.
+        config = output_dir / (f"train_config.node{os.environ.get('MACHINE_RANK', '0')}.yml" if (nodes or 1) > 1
+                               else "train_config.yml")
+        write_text(config, f"# {rel(recipe.path)} with {' '.join(recipe.args)}: what `make train` gave Axolotl\n"
+                   + yaml.safe_dump(recipe.config, sort_keys=False, allow_unicode=True))
+    cmd = launch.launch_command(config, gpus, nodes)
     env = launch.axolotl_env(recipe, gpus or 1)  # processes on this machine
     if gpus == 1 and (nodes or 1) == 1 and launch.cuda_device_count() > 1:
         # with several GPUs visible, the Trainer would wrap the model in DataParallel, or a

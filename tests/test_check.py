@@ -171,6 +171,37 @@ def test_output_dir_with_checkpoints_needs_resume(make_recipe, tmp_path):
     assert f"note: resuming from {tmp_path / 'out' / 'checkpoint-2'}" in r.notes
 
 
+def test_auto_resume_starts_afresh_without_checkpoints_and_resumes_with_them(make_recipe, tmp_path):
+    """As Axolotl does: `auto_resume_from_checkpoints` is no error on a first run."""
+    recipe = make_recipe(auto_resume_from_checkpoints=True)
+    r = run_check(recipe)
+    assert not r.errors and not any("resuming" in n for n in r.notes), r.errors
+    ck = fake_checkpoint(tmp_path / "out", 2)
+    assert f"note: resuming from {ck}" in run_check(recipe).notes
+    (ck / "optimizer.pt").unlink()
+    only_error(run_check(recipe), "auto_resume_from_checkpoints but", "no complete checkpoint")
+
+
+def test_a_prepared_data_folder_make_train_would_refuse_to_empty(make_recipe, tmp_path):
+    recipe = make_recipe()
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "notes.txt").write_text("mine")
+    only_error(run_check(recipe), "dataset_prepared_path", "notes.txt", "not Axolotl's tokenised-data cache")
+    assert (tmp_path / "prepared" / "notes.txt").read_text() == "mine"
+
+
+def test_numbers_as_axolotl_reads_them(make_recipe):
+    """`1e-4` (YAML 1.1 reads a string; Axolotl's schema the number) and the Trainer's fractional save steps."""
+    recipe = make_recipe()
+    recipe.write_text(recipe.read_text().replace("learning_rate: 0.0015", "learning_rate: 1e-4"))
+    from finlora.recipes import Recipe
+
+    r = Recipe.open(recipe, ["--save-steps", "0.25", "--warmup-steps=1e1"])
+    assert (r.get("learning_rate"), r.get("save_steps")) == (1e-4, 0.25)
+    assert r.value_problems() == [("warmup_steps", "10.0 is not a whole number")]
+    assert not run_check(recipe, extra_args=["--save-steps", "0.25"]).errors
+
+
 def test_resume_skips_partial_newest_checkpoint(make_recipe, tmp_path):
     from finlora.check import checkpoint_problems
 

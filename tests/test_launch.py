@@ -55,6 +55,11 @@ def _value(cmd: list[str], flag: str) -> str | None:
     return cmd[cmd.index(flag) + 1] if flag in cmd else None
 
 
+def given(cmd: list[str]) -> dict:
+    """The config Axolotl reads: the file the command ends with."""
+    return yaml.safe_load(Path(ROOT, cmd[-1]).read_text())
+
+
 def test_no_gpus_given_on_an_8_gpu_node_is_one_process_on_the_first_visible_gpu(monkeypatch, capsys, gpu_recipe):
     cmd, env, out = launch(monkeypatch, capsys, gpu_recipe, [], devices=8,
                            env={"CUDA_VISIBLE_DEVICES": "5,6,7"})
@@ -64,12 +69,18 @@ def test_no_gpus_given_on_an_8_gpu_node_is_one_process_on_the_first_visible_gpu(
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # one GPU visible: no DataParallel, no spread
     assert "one process on GPU 5 (GPUS unset; 8 GPUs visible: GPUS=8 trains on all of them)" in out
     assert "global batch 64 = micro batch 8 x accumulation 8" in out
-    assert "--gradient-accumulation-steps" not in cmd
+    assert cmd[-1] == str(gpu_recipe)  # nothing added: Axolotl reads the recipe itself
+
+
+def test_nodes_1_without_gpus_is_one_process_on_one_gpu_too(monkeypatch, capsys, gpu_recipe):
+    cmd, env, _ = launch(monkeypatch, capsys, gpu_recipe, ["--nodes", "1"], devices=4,
+                         env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert _value(cmd, "--num_processes") == "1" and env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_cpu_machine_keeps_axolotl_train(monkeypatch, capsys, gpu_recipe):
     cmd, _, out = launch(monkeypatch, capsys, gpu_recipe, [], devices=0)
-    assert cmd[:2] == ["axolotl", "train"] and "--gradient-accumulation-steps" not in cmd
+    assert cmd == ["axolotl", "train", str(gpu_recipe)]
     assert "one process" not in out
 
 
@@ -78,14 +89,14 @@ def test_gpus_n_keeps_finloras_global_batch(monkeypatch, capsys, gpu_recipe):
                            env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     assert _value(cmd, "--num_processes") == "4" and "recipes/accelerate/multi_gpu.yaml" in cmd
     # FinLoRA's own setting: 8 per GPU x 2 accumulation x 4 GPUs = 64
-    assert _value(cmd, "--gradient-accumulation-steps") == "2"
+    assert given(cmd)["gradient_accumulation_steps"] == 2
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     assert "global batch 64 = micro batch 8 x accumulation 2 x 4 processes (the recipe's 8 x 8 on one process)" in out
 
 
 def test_gpus_that_do_not_divide_the_accumulation_print_the_change(monkeypatch, capsys, gpu_recipe):
     cmd, _, out = launch(monkeypatch, capsys, gpu_recipe, ["--gpus", "3"], devices=3)
-    assert _value(cmd, "--gradient-accumulation-steps") == "3"
+    assert given(cmd)["gradient_accumulation_steps"] == 3
     assert ("global batch CHANGES to 72 = micro batch 8 x accumulation 3 x 3 processes, from the recipe's 64 "
             "(8 x 8 on one process): 3 processes do not divide accumulation 8") in out
 
@@ -94,7 +105,7 @@ def test_nodes_count_in_the_global_batch(monkeypatch, capsys, gpu_recipe):
     env = {"MACHINE_RANK": "0", "MASTER_ADDR": "node001"}
     cmd, _, out = launch(monkeypatch, capsys, gpu_recipe, ["--gpus", "2", "--nodes", "2"], devices=2, env=env)
     assert "recipes/accelerate/multi_node.yaml" in cmd
-    assert _value(cmd, "--num_processes") == "4" and _value(cmd, "--gradient-accumulation-steps") == "2"
+    assert _value(cmd, "--num_processes") == "4" and given(cmd)["gradient_accumulation_steps"] == 2
     assert "global batch 64 = micro batch 8 x accumulation 2 x 4 processes" in out
 
 
@@ -104,8 +115,25 @@ def test_explicit_accumulation_override_is_kept_and_reported(monkeypatch, capsys
     monkeypatch.setattr(fl, "run_axolotl", lambda cmd, env: seen.setdefault("cmd", cmd) and 1)
     assert ft.main(["--no-check", "--gpus", "4", str(gpu_recipe), "--gradient-accumulation-steps", "4"]) == 1
     out = capsys.readouterr().out
-    assert seen["cmd"].count("--gradient-accumulation-steps") == 1 and _value(seen["cmd"], "--gradient-accumulation-steps") == "4"
+    assert given(seen["cmd"])["gradient_accumulation_steps"] == 4
     assert "global batch CHANGES to 128" in out and "--gradient-accumulation-steps is given" in out
+
+
+def test_axolotl_reads_the_overrides_as_make_check_read_them(monkeypatch, capsys, gpu_recipe, tmp_path):
+    """Axolotl's own command lines parse ARGS otherwise (click on a CPU: `--max_steps` is unknown,
+    `--load-in-8bit false` a flag and a stray word; fire under accelerate): it gets a file instead."""
+    seen = {}
+    monkeypatch.setattr(fl, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(fl, "run_axolotl", lambda cmd, env: seen.setdefault("cmd", cmd) and 1)
+    assert ft.main(["--no-check", str(gpu_recipe), "--max_steps", "3", "--learning-rate=1e-4",
+                    "--load-in-8bit", "false", "--save-steps", "0.5"]) == 1
+    cmd = seen["cmd"]
+    assert cmd[:2] == ["axolotl", "train"] and len(cmd) == 3 and cmd[2] == str(tmp_path / "out" / "train_config.yml")
+    cfg = given(cmd)
+    assert (cfg["max_steps"], cfg["learning_rate"], cfg["load_in_8bit"], cfg["save_steps"]) == (3, 1e-4, False, 0.5)
+    assert {k: v for k, v in cfg.items() if k not in ("max_steps", "learning_rate", "load_in_8bit", "save_steps")} == \
+        {k: v for k, v in yaml.safe_load(gpu_recipe.read_text()).items()
+         if k not in ("max_steps", "learning_rate", "load_in_8bit", "save_steps")}
 
 
 # --------------------------------------------------------------------------- accelerate
@@ -130,7 +158,8 @@ def test_each_node_gets_its_own_prepared_data_folder(monkeypatch, capsys, gpu_re
     env = {"MACHINE_RANK": "1", "MASTER_ADDR": "node001"}
     (tmp_path / "prepared").mkdir()  # another node's cache: this node must not delete it
     cmd, _, _ = launch(monkeypatch, capsys, gpu_recipe, ["--gpus", "8", "--nodes", "2"], devices=8, env=env)
-    assert _value(cmd, "--dataset-prepared-path") == f"{tmp_path / 'prepared'}-node1"
+    assert Path(cmd[-1]).name == "train_config.node1.yml"  # nodes may share the output folder
+    assert given(cmd)["dataset_prepared_path"] == f"{tmp_path / 'prepared'}-node1"
     assert (tmp_path / "prepared").is_dir()
 
 

@@ -85,6 +85,20 @@ def test_secret_values_only_from_secret_names():
     assert set(secret_values(env)) == {env["HF_TOKEN"], env["AWS_SECRET_ACCESS_KEY"], env["DB_PASSWORD"]}
 
 
+def test_the_env_file_axolotl_loads_is_redacted_too(tmp_path):
+    """Axolotl's CLI loads a `.env` found above its own folder into the child only: the parent's
+    filter (launch.run_axolotl) takes its secrets from the same search (python-dotenv's, upward)."""
+    from finlora.launch import axolotl_dotenv
+    from finlora.redact import StreamRedactor, secret_values
+
+    (tmp_path / ".env").write_text("HF_TOKEN=hf_" + "q" * 34 + "\nEMPTY_KEY=\n")
+    (tmp_path / "site" / "axolotl" / "cli").mkdir(parents=True)
+    found = axolotl_dotenv(tmp_path / "site" / "axolotl" / "cli")
+    assert found == {"HF_TOKEN": "hf_" + "q" * 34}
+    red = StreamRedactor(secret_values({**found, "PATH": "/usr/bin"}))
+    assert red.feed(b"token hf_" + b"q" * 34 + b"\n") + red.flush() == b"token [REDACTED]\n"
+
+
 @pytest.fixture(scope="session")
 def reference_run(base_model_dir, tmp_path_factory):
     from test_reliability import reference_run_once
