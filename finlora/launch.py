@@ -122,12 +122,15 @@ def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
         lines.append(f"train: one process on GPU {first_visible_gpu(os.environ)} (GPUS unset{more})")
     processes = (gpus or 1) * (nodes or 1)
     micro = int(recipe.number("micro_batch_size", 1))
-    accum = int(Recipe(recipe.path, recipe.file).number("gradient_accumulation_steps", 1))  # the recipe's own
+    own = Recipe(recipe.path, recipe.file)  # the recipe's own accumulation, as Axolotl derives it without one
+    accum = int(own.number("gradient_accumulation_steps", 0) or max(1, int(own.get("batch_size") or micro) // micro))
     recipe_global = micro * accum
     given = recipe.overrides.get("gradient_accumulation_steps") is not None  # an explicit ARGS value is kept
     new = int(recipe.number("gradient_accumulation_steps", 1)) if given else accumulation_for(accum, processes)
     if new != accum and not given:
-        recipe = recipe.with_args([*recipe.args, "--gradient-accumulation-steps", str(new)])
+        # a recipe's batch_size is per process in Axolotl, which multiplies it by the world size
+        per_process = ["--batch-size", str(micro * new)] if own.get("batch_size") else []
+        recipe = recipe.with_args([*recipe.args, "--gradient-accumulation-steps", str(new), *per_process])
     total = micro * new * processes
     how = f"micro batch {micro} x accumulation {new}" + (f" x {processes} processes" if processes > 1 else "")
     if total == recipe_global:

@@ -109,6 +109,17 @@ def test_nodes_count_in_the_global_batch(monkeypatch, capsys, gpu_recipe):
     assert "global batch 64 = micro batch 8 x accumulation 2 x 4 processes" in out
 
 
+def test_a_batch_size_recipe_keeps_its_global_batch(monkeypatch, capsys, gpu_recipe):
+    """Axolotl derives the accumulation from `batch_size` when the recipe gives no accumulation."""
+    cfg = yaml.safe_load(gpu_recipe.read_text())
+    del cfg["gradient_accumulation_steps"]
+    cfg.update(micro_batch_size=2, batch_size=16)
+    gpu_recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd, _, out = launch(monkeypatch, capsys, gpu_recipe, ["--gpus", "4"], devices=4)
+    assert (given(cmd)["gradient_accumulation_steps"], given(cmd)["batch_size"]) == (2, 4)  # x 4: Axolotl's 16
+    assert "global batch 16 = micro batch 2 x accumulation 2 x 4 processes (the recipe's 2 x 8 on one process)" in out
+
+
 def test_explicit_accumulation_override_is_kept_and_reported(monkeypatch, capsys, gpu_recipe):
     seen = {}
     monkeypatch.setattr(fl, "cuda_device_count", lambda: 4)
