@@ -8,23 +8,26 @@ tokenizer and skip when it has not been built.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from finlora import ROOT, cli
-from finlora.data import defaults, pipeline, recipe_data
+from finlora.data import defaults, pipeline, recipe_data, sources
 from finlora.data.convert import Example, Mapping, input_text
 from finlora.data.prepare import main
-from finlora.data.sources import hub_rows
+from finlora.data.sources import RawRow, hub_rows
 from conftest import SHARED, needs_shared
-from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, fiqa_label, fold_nwgi
-from finlora.data.tasks import HubSource
+from finlora.data.tasks import FIXES, LABEL_MAPS, SENTIMENT3, SENTIMENT_NEWS, SENTIMENT_TWEET, TASKS, TEST_SETS
+from finlora.data.tasks import HubSource, fiqa_label, fold_nwgi
+from finlora.errors import DataError
 
 TOKENIZER = ROOT / "outputs" / "base" / "SmolLM2-135M-Instruct"
 # The token checks need the real tokenizer: build the base model (offline) rather than skip,
@@ -207,6 +210,26 @@ def test_csv_missing_column_and_short_row(tmp_path, capsys):
     assert rc == 1 and "missing field 'sentence'" in err
 
 
+def test_delimited_quotes_unreadable_records_and_a_header_after_blank_lines(tmp_path, capsys):
+    args = ["--name", "q", "--out-dir", tmp_path / "d", "--no-token-check"]
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text('content\tlabel\n"Buy now" says analyst\tpositive\n')  # quotes are text in TSV
+    rc, _, err = run(capsys, "--task", "sentiment", "--input", tsv, "--text-col", "content", *args)
+    assert rc == 0, err
+    assert [input_text(r["context"]) for r in read_out(tmp_path / "d/train/q_train.jsonl")] == ['"Buy now" says analyst']
+    src = tmp_path / "in.csv"
+    for body, line, why in [('content,label\nShares rose .,positive\n"Costs fell .,negative\nSales rose .,positive\n', 3,
+                             "unexpected end of data"),
+                            ("content,label\n\n" + "x" * 200_000 + ",positive\n", 3, "field larger than field limit")]:
+        src.write_text(body)
+        rc, _, err = run(capsys, "--task", "sentiment", "--input", src, "--text-col", "content", *args)
+        assert rc == 1 and err.startswith(f"error: {src}:{line}: cannot read the record starting here: {why}"), err
+    src.write_text("\n\nlabel,content\npositive,Sales rose .\n")
+    rc, _, err = run(capsys, "--task", "fpb", "--input", src, "--format", "all-data-csv", *args)
+    assert rc == 0, err
+    assert [r["target"] for r in read_out(tmp_path / "d/train/q_train.jsonl")] == ["positive"]
+
+
 @needs_tokenizer
 def test_too_long_in_tokens(tmp_path, capsys):
     src = tmp_path / "long.jsonl"
@@ -331,6 +354,37 @@ def test_leakage_fails_unless_allowed(tmp_path, capsys):
     rc, out, err = run(capsys, *args, "--allow-overlap")
     assert rc == 0 and "--allow-overlap" in out
     assert json.loads((tmp_path / "o/stats/lk_train.json").read_text())["train_test_overlap"] == 1
+
+
+def test_a_new_train_file_sharing_rows_with_an_existing_test_file_warns(tmp_path, capsys):
+    """Another task's test file already in data/test/: a warning, not a failure (each task is
+    scored on its own sets), as for a new test file beside an existing train file."""
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nProfit rose 10 % .,positive\n")
+    out = tmp_path / "o"
+    assert run(capsys, "--task", "sentiment", "--input", test, "--split", "test", "--name", "old", "--out-dir", out,
+               "--no-token-check")[0] == 0
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nCosts fell .,positive\n  profit ROSE 10 %  .,positive\n")
+    rc, printed, err = run(capsys, "--task", "sentiment", "--input", train, "--name", "new", "--out-dir", out,
+                           "--no-token-check")
+    assert rc == 0, err
+    assert f"old_test.jsonl are in the train file(s) written now (e.g. {train}:3)" in printed
+    assert len(read_out(out / "train/new_train.jsonl")) == 2
+
+
+def test_a_row_two_units_write_to_one_file_is_written_once(tmp_path, capsys):
+    def unit(name: str, rows: list[tuple[str, str]]) -> pipeline.Unit:
+        raw = [RawRow(name, i, {"text": t, "label": lab}) for i, (t, lab) in enumerate(rows, start=1)]
+        return pipeline.Unit(TASKS["sentiment"], Mapping(), raw, name, train_name="m_train.jsonl")
+
+    pipeline.build([unit("a", ROWS), unit("b", [ROWS[1], ("Costs fell .", "negative")])],
+                   pipeline.Options(out_dir=tmp_path, token_check=False))
+    assert [input_text(r["context"]) for r in read_out(tmp_path / "train/m_train.jsonl")] == \
+        [t for t, _ in ROWS] + ["Costs fell ."]
+    st = json.loads((tmp_path / "stats/m_train.json").read_text())
+    assert st["duplicates_removed"] == 1 and [s["duplicates_removed"] for s in st["sources"]] == [0, 1]
+    assert "m_train.jsonl: removed 1 duplicate row(s) (e.g. b:1 repeats a:2)" in capsys.readouterr().out
 
 
 def _many(tmp_path: Path, n: int = 60) -> Path:
@@ -470,6 +524,12 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
         json.dumps({"context": TASKS["nwgi"].render({"text": text}), "target": label}) + "\n" for text, label in nwgi))
     monkeypatch.setattr(defaults, "NWGI_TRAIN_ROWS", 20)
     out = tmp_path / "data"
+    with pytest.raises(DataError, match="nwgi_test.jsonl: sha256 .* another version of the file"):
+        defaults.prepare_default(src, out_dir=out, hub=False)  # checked by its hash, as FiQA and TFNS are
+    assert not out.exists()
+    nwgi_set = TEST_SETS["nwgi"]
+    monkeypatch.setitem(TEST_SETS, "nwgi", replace(nwgi_set, source=replace(
+        nwgi_set.source, sha256=hashlib.sha256((src / "finlora/test/nwgi_test.jsonl").read_bytes()).hexdigest())))
     defaults.prepare_default(src, out_dir=out, hub=False)
     rows = read_out(out / "train/sentiment_cpu_train.jsonl")
     test = read_out(out / "test/nwgi_heldout_test.jsonl")
@@ -487,6 +547,28 @@ def test_nwgi_rows_train_as_three_class_news_sentiment(tmp_path, monkeypatch, ca
     defaults.prepare_default(src, out_dir=out, hub=False)
     assert "the train file is FPB alone" in capsys.readouterr().out
     assert not {input_text(r["context"]) for r in read_out(out / "train/sentiment_cpu_train.jsonl")} & set(by_text)
+
+
+def test_hub_default_writes_finloras_tfns_labelling(tmp_path, monkeypatch):
+    """HUB=1 converts TFNS's ids correctly, then writes tfns_test.jsonl with FinLoRA's swap, as in
+    its published file (`make eval` reads it as that file); the train side keeps the hub's labels."""
+    fpb = {f"Company {i} {t}": lab for i in range(10) for t, lab in ROWS}
+    hub = {"parquet": [{"sentence": t, "label": SENTIMENT3.index(lab)} for t, lab in fpb.items()],
+           "TheFinAI/fiqa-sentiment-classification": [{"sentence": "Shares jump 5 %", "score": 0.5, "type": "headline"}],
+           "zeroshot/twitter-financial-news-sentiment": [{"text": "$DB - upped to Buy at Deutsche Bank", "label": 1},
+                                                         {"text": "$X - cut to Sell", "label": 0},
+                                                         {"text": "$Z - to present at a conference", "label": 2}],
+           "TheFinAI/NWGI_test": [{"news": f"{t}, report {i}", "label": lab} for i in range(10) for t, lab in NWGI7_ROWS]}
+    # the download, not the code under test: rows shaped as the hub sets' rows
+    monkeypatch.setattr(sources, "hub_rows", lambda h, split: [RawRow(f"hf:{h.name}[{split}]", i, r)
+                                                               for i, r in enumerate(hub[h.name], start=1)])
+    out = tmp_path / "data"
+    defaults.prepare_default(None, hub=True, out_dir=out, token_check=False)
+    assert {input_text(r["context"]): r["target"] for r in read_out(out / "test/tfns_test.jsonl")} == {
+        "$DB - upped to Buy at Deutsche Bank": "neutral", "$X - cut to Sell": "negative",
+        "$Z - to present at a conference": "positive"}
+    trained = read_out(out / "train/sentiment_cpu_train.jsonl") + read_out(out / "test/fpb_heldout_test.jsonl")
+    assert {input_text(r["context"]): r["target"] for r in trained if input_text(r["context"]) in fpb} == fpb
 
 
 @needs_tokenizer

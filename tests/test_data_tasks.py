@@ -288,6 +288,7 @@ def test_bad_row_in_a_src_file_is_reported_by_line(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(tasks.RECIPE_TASKS, "formula", replace(rt, train=replace(rt.train, sha256=sha(p))))
     rc, _, err = run(capsys, "--task", "formula", "--src", src, "--out-dir", tmp_path / "d", "--no-token-check")
     assert rc == 1 and f"{p}:7: target 'about five' is not a number" in err
+    assert not (tmp_path / "d").exists()  # nor FinLoRA's test file: nothing is written before every check
 
 
 def test_published_overlap_is_left_out_and_listed(tmp_path, capsys, monkeypatch):
@@ -372,7 +373,8 @@ def test_make_data_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     mine.write_text("my own rows\n")
     rc, _, err = run(capsys, "--out-dir", out)
     assert rc == 1 and f"{mine} exists and `make data` did not write it" in err
-    assert mine.read_text() == "my own rows\n" and not (out / "train").exists()
+    assert mine.read_text() == "my own rows\n" and list((out / "test").iterdir()) == [mine]
+    assert not (out / "train").exists()
     mine.unlink()
     assert run(capsys, "--out-dir", out)[0] == 0
     assert run(capsys, "--out-dir", out)[0] == 0  # its own files: replaced

@@ -14,10 +14,10 @@ from finlora import recipes
 from finlora.data import sources
 from finlora.data.convert import Mapping
 from finlora.data.pipeline import DATA_DIR, Options, Unit, build
-from finlora.data.recipe_data import locate, source_folder, verified, write_published
+from finlora.data.recipe_data import locate, source_folder, verified
 from finlora.data.sources import RawRow, say
 from finlora.data.synthetic import generate
-from finlora.data.tasks import TASKS, TEST_SETS, fold_nwgi
+from finlora.data.tasks import FIXES, TASKS, TEST_SETS, fold_nwgi
 from finlora.errors import DataError
 from finlora.recipes import rel
 
@@ -64,19 +64,15 @@ def _build_dir(src: Path, opts: Options) -> None:
                   DEFAULT_TRAIN, TEST_SETS["fpb_heldout"].file, TEST_FRACTION, balance=True)]
     nwgi = locate(TEST_SETS["nwgi"].source, src)
     if nwgi is not None:
-        units.append(Unit.from_finlora(TASKS["nwgi"], nwgi, **_nwgi_split()))
+        units.append(Unit.from_finlora(TASKS["nwgi"], verified(TEST_SETS["nwgi"].source, nwgi), **_nwgi_split()))
     else:
         say(f"note: {src}/finlora/test/nwgi_test.jsonl not found: the train file is FPB alone, "
             f"data/test/{TEST_SETS['nwgi_heldout'].file} not written")
-    published = [(TEST_SETS[name], locate(TEST_SETS[name].source, src)) for name in PUBLISHED]
-    for s, p in published:
-        if p is None:
+    for s in (TEST_SETS[name] for name in PUBLISHED):
+        if (p := locate(s.source, src)) is None:
             say(f"note: {src}/finlora/{s.source.path} not found: data/test/{s.file} not written")
         else:
-            verified(s.source, p)  # all of them before any is written
-    for s, p in published:
-        if p is not None:
-            write_published(s, p, opts)
+            opts.published.append((s, verified(s.source, p)))
     build(units, opts)
 
 
@@ -103,10 +99,12 @@ def prepare_default(src: str | Path | None = None, *, hub: bool = False, synthet
         _build_dir(src, opts)
     elif hub:
         say("data: source Hugging Face hub")
+        tfns = Unit.from_hub(TASKS["tfns"], "validation", test_name=TEST_SETS["tfns"].file)
+        # make eval reads tfns_test.jsonl as FinLoRA's file, whose swap its strict block repairs: label it so
+        tfns.mapping.swap, tfns.source = FIXES[TEST_SETS["tfns"].fix], f"{tfns.source} ({TEST_SETS['tfns'].fix})"
         build([Unit.from_hub(TASKS["fpb"], "train", train_name=DEFAULT_TRAIN, test_name=TEST_SETS["fpb_heldout"].file,
                              test_fraction=TEST_FRACTION, balance=True),
-               Unit.from_hub(TASKS["fiqa"], "test", test_name=TEST_SETS["fiqa"].file),
-               Unit.from_hub(TASKS["tfns"], "validation", test_name=TEST_SETS["tfns"].file),
+               Unit.from_hub(TASKS["fiqa"], "test", test_name=TEST_SETS["fiqa"].file), tfns,
                Unit.from_hub(TASKS["nwgi"], "test", **_nwgi_split())], opts)
     else:
         missing = [p for p in SHIPPED_FILES if not (SHIPPED / p).is_file()]

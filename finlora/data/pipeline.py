@@ -7,20 +7,22 @@ where asked, prints the stats, and only then writes, tests first, each file rena
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from finlora.cli import flag
 from finlora import ROOT
-from finlora.atomic import write_json, write_jsonl
+from finlora.atomic import atomic_open, write_json, write_jsonl
 from finlora.data import sources, stats
 from finlora.data.convert import Example, Mapping, Problem, input_text
 from finlora.data.sources import RawRow, say
 from finlora.data.split import dedupe, overlaps, oversample, stratified_split
-from finlora.data.tasks import Task
+from finlora.data.tasks import FinLoRAFile, Task, TestSet
 from finlora.data.validate import LengthCheck, convert_all, count_tokens, load_length_check, too_long
 from finlora.errors import DataError, RefusedError
 from finlora.recipes import Recipe, rel
@@ -93,6 +95,9 @@ class Options:
     # Leave train rows whose input is in a test file out (listed) instead of failing: for
     # published train/test pairs (FinLoRA's xbrl_term shares 2 of 5,856 terms with its test).
     drop_overlap: bool = False
+    # FinLoRA's test files to copy as published (verified by the caller): written in step 6 with
+    # the rest, so a run that fails a check leaves none of them behind
+    published: list[tuple[TestSet, Path]] = field(default_factory=list)
 
 
 def write_examples(path: Path, examples: Iterable[Example]) -> int:
@@ -110,6 +115,27 @@ def not_ours(out_dir: Path, split: str, name: str) -> str | None:
         return None
     return (f"{dest} exists and `make data` did not write it (no {out_dir.name}/stats/{stem}.json beside it); "
             "nothing was written: move it away, or choose another --out-dir")
+
+
+def content_hash(f: FinLoRAFile, path: Path) -> tuple[str, str, str]:
+    """(kind, hash of the file at `path`, the registry's) for the strongest hash recorded."""
+    h = hashlib.sha256() if f.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        hashlib.file_digest(fh, lambda: h)
+    return ("sha256", h.hexdigest(), f.sha256) if f.sha256 else ("git blob id", h.hexdigest(), f.blob)
+
+
+def write_published(s: TestSet, path: Path, out_dir: Path) -> None:
+    """A test set's file as published, byte for byte, `<name>.source.json` beside it."""
+    dest = out_dir / "test" / s.file
+    with open(path, "rb") as src, atomic_open(dest, "wb", encoding=None) as out:
+        shutil.copyfileobj(src, out)
+    kind, digest, _ = content_hash(s.source, dest)
+    write_json(dest.with_name(dest.name.removesuffix(".jsonl") + ".source.json"), {
+        "set": s.name, "file": s.file, "rows": sum(1 for line in dest.open("rb") if line.strip()),
+        "source": f"{s.source.url}", "read_from": rel(path), "commit": s.source.commit, kind.replace(" ", "_"): digest,
+        "licence": s.licence, "as_published": True})
+    say(f"data: test/{s.file}: FinLoRA's file as published ({rel(path)}, {s.source.commit[:7]}), licence {s.licence}")
 
 
 def atomic_symlink(link: Path, target: str) -> None:
@@ -213,7 +239,10 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
                 problems += long
                 skipped = sorted(skipped + long)
                 ex = _without(ex, long)
-            kept, dups = dedupe(ex)
+            # a file several units write (FPB and NWGI -> the CPU train file) holds a row once too
+            base = dedupe([e for q in parts if (q.split, q.name) == (split, name) for e in q.examples])[0]
+            kept, dups = dedupe(base + ex)
+            kept = kept[len(base):]
             if u.keep_repeats:
                 if dups:
                     say(f"{name}: {len(dups)} repeated row(s) kept: the source repeats them on purpose")
@@ -232,7 +261,8 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         say("\n".join([f"skipping {len(problems)} bad row(s) (--skip-bad):"] + [f"  {p}" for p in problems]))
 
     # 3. leakage: no input text of a train file may appear in a test file
-    tests = [e for p in parts if p.split == "test" for e in p.examples] + _load_against(opts.against)
+    tests = [e for p in parts if p.split == "test" for e in p.examples] \
+        + _load_against(opts.against + [path for _, path in opts.published])
     leaks = [pair for p in parts if p.split == "train" for pair in overlaps(p.examples, tests)]
     if leaks:
         lines = [f"  {a.where} (train) = {b.where} (test): {a.text[:70]!r}" for a, b in leaks[:MAX_LISTED]]
@@ -251,17 +281,18 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
             raise DataError("\n".join(
                 [f"{len(leaks)} train example(s) also in a test split (same text after folding case and "
                  "white space); nothing was written:"] + lines + [f"add {flag('--allow-overlap')} to write them anyway"]))
-    # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl): say when a
-    # new one holds rows that a train file already there, and not rewritten now, trains on.
-    written = {p.name for p in parts if p.split == "train"}
-    if tests:
-        for old in sorted((opts.out_dir / "train").glob("*.jsonl")):
-            if old.name in written or not old.is_file():
+    # Test files are shared by recipes (make eval reads data/test/<set>_test.jsonl) and a task is
+    # scored on its own sets only: rows shared with files already there, not rewritten now, warn.
+    new = {"train": [e for p in parts if p.split == "train" for e in p.examples], "test": tests}
+    written = {(p.split, p.name) for p in parts} | {("test", s.file) for s, _ in opts.published}
+    for split, other in (("train", "test"), ("test", "train")):
+        for old in sorted((opts.out_dir / split).glob("*.jsonl")) if new[other] else ():
+            if (split, old.name) in written or not old.is_file():
                 continue
-            shared = overlaps(_load_against([old]), tests)
+            shared = overlaps(_load_against([old]), new[other])
             if shared:
-                say(f"warning: {len(shared)} row(s) of the existing {rel(old)} are in the test file(s) written now "
-                    f"(e.g. {shared[0][1].where}); scores of an adapter trained on {old.name} on them are not held out")
+                say(f"warning: {len(shared)} row(s) of the existing {rel(old)} are in the {other} file(s) written now "
+                    f"(e.g. {shared[0][1].where}); scores on them are not held out")
 
     # 4. class balance: on FPB's natural mix (59% neutral) a small model learns to answer "neutral",
     # on equal counts it over-answers the small classes; square-root sits between (docs/RESULTS.md)
@@ -296,11 +327,13 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
     say(stats.table([(f"{p.split}/{p.name}" + ("  [SYNTHETIC]" if p.unit.synthetic else ""), p.stats) for p in parts]))
 
     # 6. write: tests first, then train, then the link, then the stats; nothing a user put there is replaced
-    refused = [why for p in parts if (why := not_ours(opts.out_dir, p.split, p.name))]
+    refused = [why for split, name in sorted(written) if (why := not_ours(opts.out_dir, split, name))]
     if link is not None and (why := not_ours(opts.out_dir, "train", link[0])):
         refused.append(why)
     if refused:
         raise RefusedError("\n".join(refused))
+    for s, path in opts.published:
+        write_published(s, path, opts.out_dir)
     for p in sorted(parts, key=lambda p: p.split != "test"):
         write_examples(opts.out_dir / p.split / p.name, p.examples)
     if link is not None:
@@ -310,5 +343,5 @@ def build(units: list[Unit], opts: Options, link: tuple[str, str] | None = None)
         write_json(opts.out_dir / "stats" / f"{Path(p.name).stem}.json", p.stats)
         if link is not None and p.name == link[1]:
             write_json(opts.out_dir / "stats" / f"{Path(link[0]).stem}.json", p.stats | {"symlink_to": link[1]})
-    say(f"wrote {len(parts)} file(s) under {rel(opts.out_dir)}/ (stats in {rel(opts.out_dir / 'stats')}/)")
+    say(f"wrote {len(parts) + len(opts.published)} file(s) under {rel(opts.out_dir)}/ (stats in {rel(opts.out_dir / 'stats')}/)")
     return parts

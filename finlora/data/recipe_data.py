@@ -3,12 +3,11 @@ scores it on, as FinLoRA publishes them (docs/DATA.md, "Data for any recipe").
 
 Each of FinLoRA's files comes from SRC=dir, else data/cache/, else FinLoRA's repository at the
 commit the registry pins, and is checked against the registry's hash before it is used. A
-test file is written as published, byte for byte; a training file goes through `pipeline.build`.
+test file is written as published, byte for byte, and a training file validated, both by `pipeline.build`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -18,14 +17,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from finlora import recipes
-from finlora.atomic import atomic_open, write_json
 from finlora.cli import flag
 from finlora.data import tasks
-from finlora.data.pipeline import DATA_DIR, Options, Part, Unit, build, not_ours
+from finlora.data.pipeline import DATA_DIR, Options, Part, Unit, build, content_hash
 from finlora.data.sources import say
-from finlora.data.tasks import RECIPE_TASKS, TASKS, FinLoRAFile, TestSet
-from finlora.errors import DataError, RecipeError, RefusedError
-from finlora.recipes import rel
+from finlora.data.tasks import RECIPE_TASKS, TASKS, FinLoRAFile
+from finlora.errors import DataError, RecipeError
 
 ENV_SRC = "FINLORA_DATA_SRC"
 CACHE = DATA_DIR / "cache" / "finlora"
@@ -38,14 +35,6 @@ def source_folder(src: str | Path | None) -> Path | None:
     if src and not Path(src).is_dir():
         raise DataError(f"{given}: {src} does not exist (or is not a folder)")
     return Path(src) if src else None
-
-
-def content_hash(f: FinLoRAFile, path: Path) -> tuple[str, str, str]:
-    """(kind, hash of the file at `path`, the registry's) for the strongest hash recorded."""
-    h = hashlib.sha256() if f.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as fh:
-        hashlib.file_digest(fh, lambda: h)
-    return ("sha256", h.hexdigest(), f.sha256) if f.sha256 else ("git blob id", h.hexdigest(), f.blob)
 
 
 def verified(f: FinLoRAFile, path: Path) -> Path:
@@ -110,22 +99,6 @@ def fetch_all(files: list[FinLoRAFile], src: Path | None) -> dict[str, Path]:
     return {f.path: verified(f, found[f.path]) for f in files}
 
 
-def write_published(s: TestSet, path: Path, opts: Options) -> None:
-    """A test set's file as published, `<name>.source.json` beside it; the train rows are checked against it."""
-    dest = opts.out_dir / "test" / s.file
-    if why := not_ours(opts.out_dir, "test", s.file):
-        raise RefusedError(why)
-    with open(path, "rb") as src, atomic_open(dest, "wb", encoding=None) as out:
-        shutil.copyfileobj(src, out)
-    kind, digest, _ = content_hash(s.source, dest)
-    write_json(dest.with_name(dest.name.removesuffix(".jsonl") + ".source.json"), {
-        "set": s.name, "file": s.file, "rows": sum(1 for line in dest.open("rb") if line.strip()),
-        "source": f"{s.source.url}", "read_from": rel(path), "commit": s.source.commit, kind.replace(" ", "_"): digest,
-        "licence": s.licence, "as_published": True})
-    opts.against.append(dest)
-    say(f"data: test/{s.file}: FinLoRA's file as published ({rel(path)}, {s.source.commit[:7]}), licence {s.licence}")
-
-
 def task_of_recipe(recipe: recipes.Recipe | str) -> str:
     """The recipe task whose files `recipe` reads (its data/train/<task>_train.jsonl)."""
     r = recipe if isinstance(recipe, recipes.Recipe) else recipes.Recipe.open(recipe)
@@ -155,8 +128,7 @@ def prepare_task(task: str, src: str | Path | None, **options) -> list[Part]:
     say(f"data: task {task}: train {rt.train.path}, test sets {', '.join(s.name for s in sets)} "
         f"(from {'SRC=' + str(src) + ', then ' if src else ''}data/cache, then FinLoRA's repository)")
     paths = fetch_all([rt.train, *(s.source for s in sets)], src)
-    for s in sets:
-        write_published(s, paths[s.source.path], opts)
+    opts.published = [(s, paths[s.source.path]) for s in sets]
     opts.recipe = opts.recipe or recipes.Recipe.open(recipes.recipe_name(task, "r8"))
     opts.drop_overlap = True
     train = TASKS[rt.train_task]

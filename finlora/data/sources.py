@@ -79,21 +79,29 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 # --- delimited text -----------------------------------------------------------------
 
 def read_delimited(path: Path, delimiter: str = ",", header: list[str] | None = None) -> Iterator[RawRow]:
-    """CSV/TSV with a header row, or the given column names (a first line that repeats them is the header)."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
-    names = header
-    prev_end = 0
-    for record in reader:
-        start, prev_end = prev_end + 1, reader.line_num
-        if not record or all(not c.strip() for c in record):
-            continue  # a blank line is not a row
-        if names is None or (start == 1 and [c.strip().lower() for c in record] == names):
-            names = names or [c.strip() for c in record]
-            continue
-        if len(record) != len(names):
-            yield RawRow(str(path), start, error=f"{len(record)} fields, the header has {len(names)} ({', '.join(names)})")
-            continue
-        yield RawRow(str(path), start, dict(zip(names, record)))
+    """CSV/TSV with a header row, or the given column names (a first record that repeats them is the header).
+
+    TSV has no quoting: a quote is text. CSV is read strictly: an unclosed quote would otherwise
+    take the rest of the file into one field."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    names, first, prev_end = header, True, 0
+    try:
+        for record in reader:
+            start, prev_end = prev_end + 1, reader.line_num
+            if not record or all(not c.strip() for c in record):
+                continue  # a blank line is not a row
+            is_header, first = first and (names is None or [c.strip().lower() for c in record] == names), False
+            if is_header:
+                names = names or [c.strip() for c in record]
+                continue
+            if len(record) != len(names):
+                yield RawRow(str(path), start, error=f"{len(record)} fields, the header has {len(names)} ({', '.join(names)})")
+                continue
+            yield RawRow(str(path), start, dict(zip(names, record)))
+    except csv.Error as e:
+        raise SourceError(f"{path}:{prev_end + 1}: cannot read the record starting here: {e}; close its quoted field "
+                          '(a quote inside one is written ""), or give the file as JSONL') from None
 
 
 def read_fpb_txt(path: Path) -> Iterator[RawRow]:
