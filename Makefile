@@ -31,7 +31,7 @@ help:
 	@echo "make check [RECIPE=x] [RESUME=1]         check a recipe, its data, tokenizer, output folder, disk"
 	@echo "make train [RECIPE=x] [GPUS=n] [NODES=m]  train recipes/x.yml with Axolotl (default: $(RECIPE))"
 	@echo "make train RECIPE=x RESUME=1             continue from the newest complete checkpoint"
-	@echo "make eval [RECIPE=x] [DATASETS=a,b] [SAMPLE=0.1] [MERGED=dir] [BITS=8]  base vs adapter, FinLoRA's scoring and ours"
+	@echo "make eval [RECIPE=x] [DATASETS=a,b] [SAMPLE=0.1] [MERGED=dir] [BITS=16|8|4]  base vs adapter, FinLoRA's scoring and ours"
 	@echo "make seeds [RECIPE=x] SEEDS=1,2,3     train and score several seeds: mean, spread, t-interval"
 	@echo "make infer [RECIPE=x] PROMPT='...' | FILE=prompts.txt  ask the trained adapter (streams the answer)"
 	@echo "make merge [RECIPE=x] [OUT=dir] [VERIFY=1] fold the adapter into the base weights"

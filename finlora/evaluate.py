@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import time
 from contextlib import nullcontext
@@ -24,7 +25,10 @@ DATA_DIR = ROOT / "data" / "test"
 class Row:
     id: int          # 0-based row of the file
     context: str
-    target: str
+    target: str      # as the file holds it: the strict block's
+    # as FinLoRA reads it, str() of pandas' read_json(lines=True) column, which coerces a column of
+    # numbers ("1000000" beside "2.5" becomes "1000000.0"): the finlora block's
+    finlora_target: str
 
 
 def read_rows(s: TestSet, data_dir: Path, sample: float | None = None,
@@ -37,24 +41,27 @@ def read_rows(s: TestSet, data_dir: Path, sample: float | None = None,
         how = "make data" if s.recipe_task == "sentiment_cpu" else f"make data TASK={s.recipe_task}"
         raise EvalError(f"{path}: test set {s.name} not found; `{how}` writes it")
     raw = path.read_bytes()
-    rows, problems = [], []
-    for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
+    text = raw.decode("utf-8", errors="replace")
+    items, problems = [], []
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
             if not isinstance(d, dict) or not isinstance(d.get("context"), str) or d.get("target") is None:
                 raise ValueError("needs a string `context` and a `target`")
-            rows.append(Row(len(rows), d["context"], str(d["target"])))
+            items.append((d["context"], str(d["target"])))
         except ValueError as e:
             problems.append(f"  {path}:{i + 1}: {e}")
     if problems:
         raise EvalError(f"{len(problems)} bad row(s) in {path}:\n" + "\n".join(problems[:50]))
-    if not rows:
+    if not items:
         raise EvalError(f"{path}: no rows")
-    if sample is not None:
-        import pandas as pd
+    import pandas as pd
 
+    fin = pd.read_json(io.StringIO(text), lines=True)["target"].tolist()
+    rows = [Row(i, c, t, str(f)) for i, ((c, t), f) in enumerate(zip(items, fin, strict=True))]
+    if sample is not None:
         rows = [rows[i] for i in pd.DataFrame({"i": range(len(rows))}).sample(frac=sample, random_state=42)["i"]]
     return rows[:limit] if limit else rows, hashlib.sha256(raw).hexdigest()
 
@@ -64,11 +71,11 @@ def read_rows(s: TestSet, data_dir: Path, sample: float | None = None,
 def score_set(s: TestSet, rows: list[Row], generated: list[str], bertscore_model: str) -> dict:
     """Both blocks for one model's answers to one set, with their intervals."""
     answers = [scoring.answer_text(g) for g in generated]
-    targets = [r.target for r in rows]
+    fin_targets, targets = [r.finlora_target for r in rows], [r.target for r in rows]
     if s.scorer == "text":
-        fin = scoring.finlora_text(answers, targets, bertscore_model)
+        fin = scoring.finlora_text(answers, fin_targets, bertscore_model)
     else:
-        fin = scoring.finlora_labels(s, answers, targets) | {"metric": "accuracy"}
+        fin = scoring.finlora_labels(s, answers, fin_targets) | {"metric": "accuracy"}
     valid = [i for i, t in enumerate(targets) if scoring.strict_valid(s, scoring.strict_target(s, t))]
     strict = scoring.strict_blocks(s, [generated[i] for i in valid], [targets[i] for i in valid]) if valid else {}
     return {"finlora": fin, "strict": strict, "strict_rejected": len(rows) - len(valid)}
@@ -114,6 +121,18 @@ def fmt(metric: str, v: float) -> str:
     return f"{100 * v:.2f}" if metric == "accuracy" else f"{v:.3f}"
 
 
+def published(info: dict, column: str, metric: str) -> float | None:
+    """FinLoRA's published `column` figure ("base" or a variant) as a fraction, beside the metric
+    it is only: accuracy, or the other figure (weighted F1, BERTScore F1 of the free-text sets);
+    None beside any other (ROUGE-L where BERTScore could not be had)."""
+    p = (info.get("published") or {}).get(column)
+    if p is None:
+        return None
+    if metric == "accuracy":
+        return None if p[0] is None else p[0] / 100
+    return p[1] if metric in ("f1_weighted", "bertscore_f1") else None
+
+
 def cell(block: dict | None, metric: str, key: str = "ci", value: float | None = None) -> str:
     """`value [low, high]` of a block's metric (or of `value`, with the interval under `key`)."""
     if not block or metric not in block:
@@ -140,9 +159,8 @@ def report_table(doc: dict) -> str:
             gain = "-"
             if a and b and metric in b:
                 gain = ("+" if a[metric] >= b[metric] else "") + cell(a, metric, "ci_minus_base", a[metric] - b[metric])
-            pub = [(info.get("published") or {}).get(c) for c in ("base", variant)]
-            pub = ["-" if p is None or (metric == "accuracy" and p[0] is None) else
-                   f"{p[0]:.2f}" if metric == "accuracy" else f"{p[1]:.3f}" for p in pub]
+            pub = [published(info, c, metric) for c in ("base", variant)]
+            pub = ["-" if p is None else fmt(metric, p) for p in pub]
             strict = ["; ".join(f"{sn}: {cell(sb, metric if metric in sb else sb['metric'])}"
                                 for sn, sb in res[m]["strict"].items()) if m in res else "-" for m in ("base", tuned)]
             lines.append("| " + " | ".join([name if k == 0 else "", str(first["n"]) if k == 0 else "", metric,
@@ -178,19 +196,21 @@ def bar_chart(doc: dict, out: Path) -> None:
         vals = [b.get(b.get("metric"), 0) for b in blocks]
         cis = [b.get("ci", {}).get(b.get("metric"), [v, v]) for v, b in zip(vals, blocks)]
         series.append((m, vals, [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]))
+    first = next(iter(doc["results"].values()))
     for col in ("base", variant):
-        pub = [(doc["sets"][s].get("published") or {}).get(col) for s in sets]
-        series.append((f"FinLoRA {col}", [0 if p is None else p[1] if p[0] is None else p[0] / 100 for p in pub], None))
+        series.append((f"FinLoRA {col}", [published(doc["sets"][s], col, first[s]["finlora"]["metric"])
+                                          for s in sets], None))
     width = 0.8 / len(series)
     fig, ax = subplots(figsize=(max(6, 1.9 * len(sets) + 2), 4.2))
     for k, (label, vals, err) in enumerate(series):
-        bars = ax.bar([i + k * width for i in range(len(sets))], vals, width, label=label, yerr=err, capsize=2,
+        at = [i for i, v in enumerate(vals) if v is not None]  # no published figure for the metric: no bar
+        bars = ax.bar([i + k * width for i in at], [vals[i] for i in at], width, label=label, yerr=err, capsize=2,
                       hatch=None if err else "//", alpha=1.0 if err else 0.6)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(sets))])
     ax.set_xticklabels(sets, fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("FinLoRA's score (accuracy, or BERTScore F1)")
+    ax.set_ylabel("FinLoRA's score (accuracy, or BERTScore F1 / ROUGE-L F1)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     save_png(fig, out)
@@ -217,7 +237,9 @@ def parse_args(argv):
     p.add_argument("--sample", type=float, help="score the rows of FinLoRA's sample(frac, random_state=42)")
     p.add_argument("--limit", type=int, help="score only the first N rows of each set (after --sample)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--bits", type=int, choices=(8, 4), help="load the base quantized (bitsandbytes), as FinLoRA does")
+    p.add_argument("--bits", type=int, choices=(16, 8, 4),
+                   help="the base's precision: 16 unquantized, 8 or 4 (NF4) by bitsandbytes "
+                        "(default: the recipe's, as FinLoRA evaluates an adapter; without --recipe, 16)")
     p.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     p.add_argument("--rescore", action="store_true", help="score sets again even when already scored")
     p.add_argument("--bertscore-model", default=scoring.FINBERT, help="hub id or local folder (FinLoRA's FinBERT)")
@@ -237,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parse_args(argv)
     recipe = open_recipe(a, EvalError)
+    bits = a.bits or (recipe.bits if recipe is not None else 16)
+    quant = None if bits == 16 else bits  # None: unquantized, as recorded before 16 was a choice (kept in the cache)
     if recipe is not None and not a.merged and not a.adapter:
         a.adapter = str(recipe.output_dir)
     tuned = a.adapter or a.merged
@@ -257,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = loaded[s.name][0]
         print(f"eval: {s.name:18} {len(rows):6,} rows of {a.data_dir / s.file}"
               + (f" (sample {a.sample})" if a.sample else "") + f", {s.max_new_tokens} new tokens at most", flush=True)
+    print(f"eval: base {f'in {quant}-bit' if quant else 'unquantized'}, {a.dtype}"
+          + (" (the recipe's precision; --bits to change it)" if a.bits is None and recipe is not None else ""))
 
     out = a.out or (Path(tuned) / "eval" if tuned else ROOT / "outputs" / "eval")
     old = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() and not a.rescore else {}
     variant = recipes.variant_of(recipe.name) if recipe is not None else None
-    settings = {"dtype": a.dtype, "bits": a.bits, "batch_size": a.batch_size, "sample": a.sample, "limit": a.limit,
+    settings = {"dtype": a.dtype, "bits": quant, "batch_size": a.batch_size, "sample": a.sample, "limit": a.limit,
                 "prefix_cache": not a.no_prefix_cache, "bertscore_model": a.bertscore_model}
     models = ([] if a.no_base else [("base", (a.base,))]) + ([("merged" if a.merged else "adapter", (a.base, tuned))]
                                                            if tuned else [])
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if mine and (model is None or label == "merged"):
             model = tok = None  # the base leaves memory before the merged model loads
             model, tok = load_model(a.base, a.adapter, a.merged if label == "merged" else None, a.dtype,
-                                    f"{a.bits}bit" if a.bits else None, a.allow_base_mismatch)
+                                    f"{quant}bit" if quant else None, a.allow_base_mismatch)
         # the base is the adapter's own weights with the adapter switched off: one load
         with model.disable_adapter() if mine and label == "base" and a.adapter else nullcontext():
             for s in mine:
@@ -312,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             scored[label] = score_set(s, rows, gen, a.bertscore_model)
             write_jsonl(out / f"predictions_{label}_{s.name}.jsonl",
                         ({"id": r.id, "generated": g, "answer": scoring.answer_text(g), "target": r.target,
+                          **({"target_finlora": r.finlora_target} if r.finlora_target != r.target else {}),
                           **({"target_repaired": scoring.strict_target(s, r.target)} if s.fix else {})}
                          for r, g in zip(rows, gen)))
         for label, _ in models:

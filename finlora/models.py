@@ -59,7 +59,8 @@ def check_adapter(adapter_dir: str | Path, base: str, allow_mismatch: bool = Fal
 
 
 def load_base(path: str, dtype: str = "float32", quant: str | None = None):
-    """Tokenizer and model. `quant` is None, "8bit" or "4bit" (bitsandbytes; runs on CPU too)."""
+    """Tokenizer and model. `quant` is None, "8bit" or "4bit" (bitsandbytes; runs on CPU too):
+    4-bit is NF4 with double quantization, as FinLoRA evaluates and the r4 recipes train."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -72,7 +73,8 @@ def load_base(path: str, dtype: str = "float32", quant: str | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, dtype))
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval(), tok
@@ -185,7 +187,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
             gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **sampling, **extra)
-            for i, row in zip(idx, gen[:, width:]):
-                out[i] = tok.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for i, row in zip(idx, gen[:, width:]):  # the tokenizer's own clean-up, as FinLoRA decodes
+                out[i] = tok.decode(row, skip_special_tokens=True)
             bar.update(len(idx))
     return out

@@ -35,23 +35,25 @@ def first_label(answer: str, labels: list[str]) -> tuple[str | None, bool]:
     return max(at, key=len), len(at) > 1
 
 
-def finlora_items(s: TestSet, answers: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
-    """The (answer, target) items FinLoRA scores: one per row, or one per tag for FiNER/FNXL."""
+def finlora_items(s: TestSet, answers: list[str], targets: list[str]) -> tuple[list[str], list[str], list[int]]:
+    """The (answer, target) items FinLoRA scores, one per row or one per tag for FiNER/FNXL, and
+    the row of each (what the bootstrap draws)."""
     if s.scorer != "tags":
-        return list(answers), list(targets)
-    outs, tgts = [], []
-    for a, t in zip(answers, targets):
+        return list(answers), list(targets), list(range(len(targets)))
+    outs, tgts, rows = [], [], []
+    for r, (a, t) in enumerate(zip(answers, targets)):
         pa, pt = split_tags(a), split_tags(t)
         outs += (pa + [""] * len(pt))[:len(pt)]
         tgts += pt
-    return outs, tgts
+        rows += [r] * len(pt)
+    return outs, tgts, rows
 
 
 def finlora_labels(s: TestSet, answers: list[str], targets: list[str]) -> dict:
     """FinLoRA's accuracy and weighted F1 of label-like answers (see the module text)."""
     from sklearn.metrics import f1_score
 
-    outs, tgts = finlora_items(s, answers, targets)
+    outs, tgts, rows = finlora_items(s, answers, targets)
     labels = sorted({t.lower() for t in tgts})
     correct, response, ties = [], [], 0
     for x, y in zip(outs, tgts):
@@ -63,7 +65,7 @@ def finlora_labels(s: TestSet, answers: list[str], targets: list[str]) -> dict:
     n = len(tgts)
     return {"n": n, "accuracy": sum(correct) / n, "f1_weighted": float(f1_score(tgts, response, average="weighted",
                                                                                  zero_division=0)),
-            "ties": ties, "correct": correct, "response": response, "targets": tgts}
+            "ties": ties, "correct": correct, "response": response, "targets": tgts, "rows": rows}
 
 
 def bertscore_f1(preds: list[str], refs: list[str], model: str = FINBERT) -> list[float]:
@@ -146,9 +148,10 @@ def strict_blocks(s: TestSet, generated: list[str], targets: list[str]) -> dict[
         return {s.name: {"n": len(ok), "accuracy": sum(ok) / len(ok), "unparsed": sum(p is None for p in preds),
                          "metric": "accuracy", "correct": ok}}
     if not task.labels:  # tags and extraction: the whole answer (each tag) equal, case and spaces folded
-        outs, tgts = finlora_items(s, [answer_text(g) for g in generated], targets)
+        outs, tgts, rows = finlora_items(s, [answer_text(g) for g in generated], targets)
         ok = [" ".join(o.lower().split()) == " ".join(t.lower().split()) for o, t in zip(outs, tgts)]
-        return {s.name: {"n": len(ok), "accuracy": sum(ok) / len(ok), "metric": "accuracy", "correct": ok}}
+        return {s.name: {"n": len(ok), "accuracy": sum(ok) / len(ok), "metric": "accuracy", "correct": ok,
+                         "rows": rows}}
     views = [(s.name, task.labels, lambda x: x)]
     if task.labels == NWGI7:
         views = [(f"{s.name} (7 levels)", NWGI7, lambda x: x), (f"{s.name} (folded to 3)", SENTIMENT3, fold_nwgi)]
@@ -179,44 +182,53 @@ def strict_valid(s: TestSet, target: str) -> bool:
 
 # --------------------------------------------------------------------------- uncertainty
 
-def weighted_f1(y_true, y_pred, idx):
+def weighted_f1(y_true, y_pred, rows, m):
     """scikit-learn's weighted F1 (labels: the union of both; no support, no weight; 0 where a
-    label is neither true nor predicted) of every resample `idx` [rounds, rows] at once:
-    per label F1 = 2 TP / (support + predicted). tests/test_scoring.py pins it to scikit-learn.
-    Not `f1_score` per resample: ~2.3 ms a call on 2,388 rows, 1,000 resamples and up to 6 of
-    these per set and model (~15 s a set, and in every smoke), against 0.04 s here."""
+    label is neither true nor predicted) of every resample at once: `rows` is each item's row,
+    `m` [rounds, rows] how often a resample draws each row. Per label F1 = 2 TP / (support +
+    predicted), each count a sum of per-row counts weighted by m. tests/test_scoring.py pins it
+    to scikit-learn. Not `f1_score` per resample: ~2.3 ms a call on 2,388 rows, 1,000 resamples
+    and up to 6 of these per set and model (~15 s a set, and in every smoke), against 0.04 s here."""
     import numpy as np
+    from scipy.sparse import csr_array
 
     codes = {v: i for i, v in enumerate(dict.fromkeys([*y_true, *y_pred]))}
-    t, p = np.array([codes[v] for v in y_true])[idx], np.array([codes[v] for v in y_pred])[idx]
-    rounds, k = idx.shape[0], len(codes)
-    off = np.arange(rounds)[:, None] * k
+    t, p, rows = np.array([codes[v] for v in y_true]), np.array([codes[v] for v in y_pred]), np.asarray(rows)
 
-    def counts(x):
-        return np.bincount((x + off).ravel(), minlength=rounds * k).reshape(rounds, k)
+    def counts(r, x):  # [rounds, labels]: the items of each label in each resample
+        return m @ csr_array((np.ones(len(x)), (r, x)), shape=(m.shape[1], len(codes)))
 
-    support, predicted = counts(t), counts(p)
-    tp = np.bincount((t + off)[t == p], minlength=rounds * k).reshape(rounds, k)
+    hit = t == p
+    support, predicted, tp = counts(rows, t), counts(rows, p), counts(rows[hit], t[hit])
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
     return (support * f1).sum(axis=1) / support.sum(axis=1)
 
 
 def bootstrap(block: dict, other: dict | None = None, rounds: int = BOOTSTRAP, seed: int = SEED) -> dict:
-    """95% percentile intervals of the block's metrics over resampled rows; with `other` (the
-    same rows scored for another model), the interval of the paired difference block - other."""
+    """95% percentile intervals of the block's metrics over resampled rows (prompts: FiNER's and
+    FNXL's tags of one prompt are drawn together, as they are not independent); with `other`
+    (the same rows scored for another model), the interval of the paired difference block - other."""
     import numpy as np
 
-    idx = np.random.default_rng(seed).integers(0, block["n"], size=(rounds, block["n"]))
+    rows = np.asarray(block.get("rows", range(block["n"])))
+    n = int(rows[-1]) + 1
+    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    # float: the products below are BLAS ones, and exact (sums of integers)
+    m = np.bincount((idx + np.arange(rounds)[:, None] * n).ravel(), minlength=rounds * n).reshape(rounds, n) * 1.0
+    items = m @ np.bincount(rows, minlength=n)
 
     def metrics(b: dict) -> dict:
+        def mean(x):  # per resample: the mean over the items of the rows drawn
+            return (m @ np.bincount(rows, weights=np.asarray(x, dtype=float), minlength=n)) / items
+
         out = {}
         if "correct" in b:
-            out["accuracy"] = np.asarray(b["correct"], dtype=float)[idx].mean(axis=1)
+            out["accuracy"] = mean(b["correct"])
         if "values" in b:
-            out[b["metric"]] = np.asarray(b["values"])[idx].mean(axis=1)
+            out[b["metric"]] = mean(b["values"])
         if "f1_weighted" in b:
-            out["f1_weighted"] = weighted_f1(b.get("targets") or b["y_true"], b.get("response") or b["y_pred"], idx)
+            out["f1_weighted"] = weighted_f1(b.get("targets") or b["y_true"], b.get("response") or b["y_pred"], rows, m)
         return out
 
     mine, theirs = metrics(block), metrics(other) if other is not None else None
@@ -226,4 +238,5 @@ def bootstrap(block: dict, other: dict | None = None, rounds: int = BOOTSTRAP, s
 
 def public(block: dict) -> dict:
     """A block as metrics.json keeps it: the figures, not the per-row lists."""
-    return {k: v for k, v in block.items() if k not in ("correct", "response", "targets", "values", "y_true", "y_pred")}
+    return {k: v for k, v in block.items()
+            if k not in ("correct", "response", "rows", "targets", "values", "y_true", "y_pred")}

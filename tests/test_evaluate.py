@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from conftest import SENTIMENT_PROMPT, TINY_ROWS
+from conftest import SENTIMENT_PROMPT, TINY_ROWS, tiny_recipe
 from finlora import ROOT
 from finlora.data.tasks import RECIPE_TASKS, TEST_SETS
 from finlora.errors import EvalError, FinLoRAError
-from finlora.evaluate import default_sets, main, read_rows
+from finlora.evaluate import bar_chart, default_sets, main, read_rows, report_table, score_set
 from finlora.models import ModelError
 from finlora.recipes import Recipe
 
@@ -56,6 +56,66 @@ def test_bad_rows_are_listed_by_line_before_any_model(tmp_path):
     msg = str(e.value)
     assert f"{tmp_path / s.file}:2: needs a string `context` and a `target`" in msg
     assert f"{tmp_path / s.file}:3:" in msg and f"{tmp_path / s.file}:4:" in msg and ":1:" not in msg
+
+
+def _write(path, targets):
+    path.write_text("".join(json.dumps({"context": f"Question {i}. Answer:", "target": t}) + "\n"
+                            for i, t in enumerate(targets)))
+
+
+def test_the_finlora_block_scores_the_targets_pandas_reads(tmp_path):
+    """FinLoRA reads a test file with pandas' read_json(lines=True) and str()s each target, so a
+    column of numbers is coerced ("1000000" beside "2.5": "1000000.0"); the finlora block scores
+    those targets, the strict block the file's."""
+    import pandas as pd
+
+    s = TEST_SETS["formula"]
+    path = tmp_path / s.file
+
+    def finloras(sample=None):  # test_dataset.py's test_fin_tasks, as written
+        df = pd.read_json(path_or_buf=path, lines=True)
+        df = df.sample(frac=sample, random_state=42) if sample else df
+        return [str(x) for x in df["target"].tolist()]
+
+    for targets, want in ((["1000000", "2.5", "0.10", "3"], ["1000000.0", "2.5", "0.1", "3.0"]),
+                          (["1000000", "abc", "2.5"], ["1000000", "abc", "2.5"]),  # text in the column: kept
+                          (["1000000", "25"], ["1000000", "25"]),  # integers stay integers
+                          ([1000000, 2.5], ["1000000.0", "2.5"])):  # JSON numbers, as FinLoRA's pandas reads them
+        _write(path, targets)
+        rows, _ = read_rows(s, tmp_path)
+        assert [r.finlora_target for r in rows] == want == finloras()
+        assert [r.target for r in rows] == [str(t) for t in targets]
+    _write(path, ["1000000", "2.5", "7", "12.25"])
+    assert [r.finlora_target for r in read_rows(s, tmp_path, sample=0.5)[0]] == finloras(0.5)
+    rows, _ = read_rows(s, tmp_path)
+    res = score_set(s, rows, [" 1000000", " 2.5", " 7", " 12.25"], "unused")
+    # finlora: "1000000" holds no label ("1000000.0", ...) and "7" is not "7.0": 2.5 and 12.25 right
+    assert res["finlora"]["accuracy"] == 0.5 and res["finlora"]["targets"] == ["1000000.0", "2.5", "7.0", "12.25"]
+    assert res["strict"]["formula"]["accuracy"] == 1.0  # the file's numbers, to two decimals
+
+
+def test_finloras_published_figure_stands_only_beside_its_metric(tmp_path):
+    """FinLoRA published BERTScore F1 for xbrl_term: beside ROUGE-L F1 (the stand-in where the
+    BERTScore model cannot be had) the table shows "-" and the chart no bar of FinLoRA's."""
+    def block(metric, v):
+        return {"n": 2, metric: v, "metric": metric, "ci": {metric: [v - 0.1, v + 0.1]}}
+
+    def doc(text_metric):
+        return {"meta": {"variant": "r8"},
+                "sets": {n: {"published": dict(TEST_SETS[n].published)} for n in ("fpb", "xbrl_term")},
+                "results": {m: {"fpb": {"finlora": block("accuracy", 0.5) | {"f1_weighted": 0.4}, "strict": {}},
+                                "xbrl_term": {"finlora": block(text_metric, 0.3), "strict": {}}}
+                            for m in ("base", "adapter")}}
+
+    def cells(table, metric):  # FinLoRA base and r8 of the row of `metric`
+        return [line.split(" | ")[6:8] for line in table.splitlines() if f" | {metric} | " in line][0]
+
+    table = report_table(doc("rougeL_f1"))
+    assert cells(table, "rougeL_f1") == ["-", "-"]
+    assert cells(table, "accuracy") == ["68.73", "85.64"] and cells(table, "f1_weighted") == ["0.677", "0.922"]
+    assert cells(report_table(doc("bertscore_f1")), "bertscore_f1") == ["0.574", "0.599"]
+    bar_chart(doc("rougeL_f1"), tmp_path / "scores.png")
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_missing_set_names_the_command_that_writes_it(tmp_path):
@@ -199,8 +259,7 @@ def test_shared_prefix_batches_generate_what_one_prompt_at_a_time_does(base_mode
         for p in prompts:
             enc = tok(p, return_tensors="pt")
             g = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            plain.append(tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True,
-                                    clean_up_tokenization_spaces=False))
+            plain.append(tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     ids = [tok(p)["input_ids"] for p in prompts]
     assert len({len(i) for i in ids}) > 1  # uneven lengths: the padding sits between prefix and prompt
     for bs in (4, 6):
@@ -240,3 +299,65 @@ def test_bitsandbytes_int8_cast_notice_is_dropped(caplog):
         bnb_functions.logger.warning(msg, "torch.float32")
         bnb_functions.logger.warning("MatMul8bitLt: another notice")
     assert [r.getMessage() for r in caplog.records] == ["MatMul8bitLt: another notice"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A one-layer random Llama with a WordPiece tokenizer of a few words."""
+    import torch
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"question answer revenues goodwill , . :".split()]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(str(path / "vocab.txt"), clean_up_tokenization_spaces=True).save_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=2,
+                                 eos_token_id=3)).save_pretrained(path)
+    return path
+
+
+def test_generate_decodes_as_the_tokenizer_does(tiny_lm):
+    """FinLoRA decodes with the tokenizer's own defaults; so does generate. Here the tokenizer's
+    default cleans the spaces before "," and "." in Python (`clean_up_tokenization_spaces`) and
+    its Rust decoder does not, so passing the flag would change the text; the generation is
+    forced token by token. (For the BPE tokenizers of FinLoRA's models transformers 5 skips that
+    clean-up whatever the flag: docs/EVAL.md, "Generation".)"""
+    from tokenizers.decoders import WordPiece
+
+    from finlora.models import generate, load_base
+
+    model, tok = load_base(str(tiny_lm))
+    tok.backend_tokenizer.decoder = WordPiece(cleanup=False)
+    assert tok.clean_up_tokenization_spaces
+    prompt = "question answer :"
+    width = len(tok(prompt)["input_ids"])
+    forced = tok("revenues , goodwill .", add_special_tokens=False)["input_ids"]
+    out = generate(model, tok, [prompt], len(forced), progress=False,
+                   prefix_allowed_tokens_fn=lambda _b, ids: [forced[len(ids) - width]])
+    assert out == [tok.decode(forced, skip_special_tokens=True)] == ["revenues, goodwill."]
+
+
+def test_4bit_is_nf4_with_double_quantization(tiny_lm):
+    from finlora.models import load_base
+
+    model, _ = load_base(str(tiny_lm), quant="4bit")
+    q = model.config.quantization_config
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert model.model.layers[0].self_attn.q_proj.weight.quant_state.nested  # the scales quantized too
+
+
+def test_the_base_loads_at_the_recipes_precision_unless_bits_says(tiny_lm, tmp_path, capsys):
+    """--recipe of a 4-bit (QLoRA) recipe: the base loads in 4-bit, as FinLoRA evaluates an r4
+    adapter; --bits 16 loads it unquantized. (The merged "model" is the base itself.)"""
+    recipe, _ = tiny_recipe(tmp_path, TINY_ROWS, base_model=str(tiny_lm), load_in_4bit=True)
+    assert Recipe.open(recipe).bits == 4
+    s = _tiny_set(tmp_path)
+    for extra, bits, said in (([], 4, "eval: base in 4-bit, float32 (the recipe's precision; --bits to change it)"),
+                              (["--bits", "16"], None, "eval: base unquantized, float32\n")):
+        out = tmp_path / f"eval{bits}"
+        assert main(["--recipe", str(recipe), "--merged", str(tiny_lm), "--no-base", "--datasets", s.name,
+                     "--data-dir", str(tmp_path), "--out", str(out), "--limit", "2", *extra]) == 0
+        assert said in capsys.readouterr().out
+        assert json.loads((out / "metrics.json").read_text())["meta"]["bits"] == bits

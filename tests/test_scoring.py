@@ -85,8 +85,9 @@ def test_finer_tags_are_split_padded_and_cut_to_the_target():
     s = TEST_SETS["finer"]
     tgt = "Revenues,Goodwill,LongTermDebtFairValue,Goodwill"
     answers = ["Revenues, Goodwill", "Revenues,Goodwill,LongTermDebtFairValue,Goodwill,Extra"]
-    outs, tgts = scoring.finlora_items(s, [scoring.answer_text(a) for a in answers], [tgt, tgt])
+    outs, tgts, rows = scoring.finlora_items(s, [scoring.answer_text(a) for a in answers], [tgt, tgt])
     assert outs[:4] == ["Revenues", "Goodwill", "", ""] and len(outs) == len(tgts) == 8
+    assert rows == [0, 0, 0, 0, 1, 1, 1, 1]  # the prompt of each tag: what the bootstrap draws
     m = scoring.finlora_labels(s, answers, [tgt, tgt])
     # row 1: 2 of 4 tags right (the padded "" find no label); row 2: all 4 (Extra cut off) -> 6/8;
     # "longtermdebtfairvalue" is the only label starting there: no tie
@@ -117,25 +118,67 @@ def test_strict_formula_compares_numbers_to_two_decimals():
 
 
 def test_fast_bootstrap_f1_is_scikit_learns():
+    """Per resample of rows, holding 1 to 4 items each: scikit-learn's F1 of the drawn rows' items."""
     import numpy as np
     from sklearn.metrics import f1_score
 
     rng = random.Random(3)
-    y_true = [rng.choice(["a", "b", "c"]) for _ in range(300)]
-    y_pred = [rng.choice(["a", "b", "c", "raw text", "other"]) for _ in range(300)]
-    idx = np.random.default_rng(0).integers(0, 300, size=(50, 300))
-    fast = scoring.weighted_f1(y_true, y_pred, idx)
+    rows = [r for r in range(120) for _ in range(rng.randint(1, 4))]
+    y_true = [rng.choice(["a", "b", "c"]) for _ in rows]
+    y_pred = [rng.choice(["a", "b", "c", "raw text", "other"]) for _ in rows]
+    idx = np.random.default_rng(0).integers(0, 120, size=(50, 120))
+    m = np.array([np.bincount(i, minlength=120) for i in idx], dtype=float)
+    fast = scoring.weighted_f1(y_true, y_pred, rows, m)
+    items = {r: [k for k, row in enumerate(rows) if row == r] for r in range(120)}
     t, p = np.array(y_true, dtype=object), np.array(y_pred, dtype=object)
-    slow = [f1_score(t[i], p[i], average="weighted", zero_division=0) for i in idx]
+    slow = [f1_score(t[k], p[k], average="weighted", zero_division=0) for k in
+            ([k for r in i for k in items[r]] for i in idx)]
     assert np.allclose(fast, slow, atol=1e-12)
 
 
+def _percentiles(values):
+    import numpy as np
+
+    return [float(np.percentile(values, q)) for q in (2.5, 97.5)]
+
+
 def test_bootstrap_intervals_hold_the_estimate_and_pair_the_rows():
+    import numpy as np
+
     block = fin("fpb", ["positive"] * 60 + ["negative"] * 40, ["positive"] * 100)
     ci = scoring.bootstrap(block)
     assert ci["accuracy"][0] < block["accuracy"] == 0.6 < ci["accuracy"][1]
+    # one item a row: the mean of 1,000 resamples of the rows, drawn as numpy draws them with seed 0
+    idx = np.random.default_rng(0).integers(0, 100, size=(1000, 100))
+    assert ci["accuracy"] == _percentiles(np.array(block["correct"], dtype=float)[idx].mean(axis=1))
     # the same rows against themselves: every resample's difference is 0
     assert scoring.bootstrap(block, block)["accuracy"] == [0.0, 0.0]
+
+
+def test_a_tags_interval_resamples_prompts_not_tags():
+    """FiNER: 40 prompts of 1 to 6 tags, every tag of a prompt right or every one wrong. Tags of
+    one prompt rise and fall together, so drawing tags one by one narrows the interval; drawn by
+    prompt, each resample's accuracy is its prompts' right tags over their tags."""
+    import numpy as np
+
+    rng = random.Random(5)
+    n_tags = [rng.randint(1, 6) for _ in range(40)]
+    targets = [",".join(["Revenues"] * k) for k in n_tags]
+    answers = [t if p % 2 else "Goodwill" for p, t in enumerate(targets)]  # odd prompts all right
+    block = scoring.finlora_labels(TEST_SETS["finer"], answers, targets)
+    right = [k if p % 2 else 0 for p, k in enumerate(n_tags)]
+    assert block["n"] == sum(n_tags) and block["accuracy"] == sum(right) / sum(n_tags)
+    idx = np.random.default_rng(0).integers(0, 40, size=(1000, 40))
+    by_prompt = _percentiles([sum(right[p] for p in i) / sum(n_tags[p] for p in i) for i in idx])
+    ci = scoring.bootstrap(block)
+    assert ci["accuracy"] == by_prompt
+    n = block["n"]
+    by_tag = _percentiles(np.array(block["correct"], dtype=float)[np.random.default_rng(0).integers(0, n, (1000, n))]
+                          .mean(axis=1))
+    assert by_tag[1] - by_tag[0] < by_prompt[1] - by_prompt[0]
+    # the paired gain over a base that gets every tag wrong: the same prompts drawn for both
+    base = scoring.finlora_labels(TEST_SETS["finer"], ["Goodwill"] * 40, targets)
+    assert scoring.bootstrap(block, base)["accuracy"] == by_prompt
 
 
 def test_rouge_l_matches_the_lcs_definition():
