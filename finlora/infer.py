@@ -17,6 +17,7 @@ from finlora.models import add_model_args, generate, load_model, open_recipe, rs
 class Request:
     prompt: str
     adapter: str | None = None
+    task: str | None = None       # JSONL's "task": this prompt's template, when adapters of several tasks share a run
 
 
 @dataclass
@@ -27,12 +28,23 @@ class Template:
     format: str = "{instruction}"
     task: str | None = None       # FinLoRA task whose template wraps a bare sentence
 
-    def apply(self, text: str, tok) -> str:
-        if self.task and "Answer:" not in text:
-            from finlora.data.tasks import get_task
+    def filled(self, text: str, task: str | None = None) -> str:
+        """A bare sentence as the `{text}` of the task's template (a whole prompt, with its
+        `Answer:`, as given); InferError when the template needs more than the sentence."""
+        task = task or self.task
+        if not task or "Answer:" in text:
+            return text
+        from finlora.data.tasks import get_task
 
-            task = get_task(self.task)
-            text = task.render({**task.defaults, **{f: text for f in task.fields if f not in task.defaults}})
+        t = get_task(task)
+        missing = [f for f in t.fields if f != "text" and f not in t.defaults]
+        if missing:
+            raise InferError(f"task {t.name}'s template also needs {', '.join(missing)}, which a bare sentence does not "
+                             "give: write the whole prompt (ending in `Answer:`), or send it as is with --raw")
+        return t.render({**t.defaults, "text": text})
+
+    def apply(self, text: str, tok, task: str | None = None) -> str:
+        text = self.filled(text, task)
         if self.style == "chat":
             return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
@@ -72,19 +84,20 @@ def read_requests(path: Path, adapters: dict[str, str]) -> list[Request]:
             except json.JSONDecodeError as e:
                 problems.append(f"{where}: invalid JSON ({e.msg})")
                 continue
-            prompt, tag = obj.get("prompt"), obj.get("adapter")
+            prompt, tag, task = obj.get("prompt"), obj.get("adapter"), obj.get("task")
             if not isinstance(prompt, str) or not prompt.strip():
                 problems.append(f"{where}: field 'prompt' is missing or empty")
                 continue
+        # a line's end is kept as written: a FinLoRA prompt ends in "Answer: ", as it was trained
         elif line.startswith("[") and "]" in line:
-            tag, prompt = line[1:line.index("]")].strip(), line[line.index("]") + 1:].strip()
+            tag, prompt, task = line[1:line.index("]")].strip(), line[line.index("]") + 1:].lstrip(), None
         else:
-            tag, prompt = None, line.strip()
+            tag, prompt, task = None, line.lstrip(), None
         if tag is not None and tag not in adapters:
             known = ", ".join(adapters) or "none were given"
             problems.append(f"{where}: unknown adapter tag {tag!r} (adapters: {known})")
             continue
-        out.append(Request(prompt.replace("\\n", "\n"), tag))
+        out.append(Request(prompt.replace("\\n", "\n"), tag, task))
     if problems:
         raise InferError("bad prompt file:\n" + "\n".join(problems))
     return out
@@ -151,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.file and not a.file.is_file():
         raise InferError(f"--file {a.file}: no such file (one prompt a line, or JSONL)")
     requests = read_requests(a.file, adapters) if a.file else [Request(a.prompt)]
+    for req in requests:  # a prompt the template cannot take is refused before any model loads
+        template.filled(req.prompt, req.task)
     model, tok, _ = load(a.base, adapters, a.merged, a.dtype, quant, a.allow_base_mismatch, verbose=not a.json)
     stream = not (a.no_stream or a.json)
     sampling = {"do_sample": True, "temperature": a.temperature} if a.temperature > 0 else {}
@@ -164,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             model.set_adapter(name)
         if not a.json:
             print(f"--- [{name or ('merged' if a.merged else 'base')}] {req.prompt}", flush=True)
-        [answer] = generate(model, tok, [template.apply(req.prompt, tok)], a.max_new_tokens, progress=False, **sampling)
+        [answer] = generate(model, tok, [template.apply(req.prompt, tok, req.task)], a.max_new_tokens, progress=False,
+                            **sampling)
         if a.json:
             print(json.dumps({"adapter": name, "prompt": req.prompt, "answer": answer}, ensure_ascii=False), flush=True)
         elif not stream:

@@ -170,7 +170,7 @@ def written_rows(task: str, n: int, seed: int = 7) -> list[dict]:
                                     f"unitRef=\"usd\">{amount}</us-gaap:Revenues>\nQuestion: What was {co}'s "
                                     f"revenue in FY{year}?\nAnswer:", "target": amount})
         elif task == "xbrl_term":
-            term = tags[i % 4]
+            term = f"{tags[i % 4]}{'' if i < 4 else i}"  # each row its own term: no scored row is trained on
             rows.append({"context": TASKS["xbrl_term"].render({"text": term}),
                          "target": f"Amount of {term.lower()} reported by the entity for the period."})
         elif task == "formula":
@@ -378,6 +378,8 @@ def run(name: str) -> dict:
     adapter = {k: info[k] for k in want}
     if adapter != want:
         raise SmokeError(f"{out}: the adapter is {adapter}; the recipe says {want}")
+    if not info["verify"]["adapter_effect"] > 0:  # finite losses alone pass an adapter whose B never moved
+        raise SmokeError(f"{out}: the trained adapter leaves every logit as the base's: training did not update it")
 
     # Scoring: `make eval`'s code on a few held-out rows of the task's first test set, base
     # against merged, both scorers (BERTScore's FinBERT is not on this machine: ROUGE-L, said so).

@@ -223,6 +223,7 @@ def test_clean_outputs_lists_and_keeps_what_is_valuable_or_not_ours(tmp_path, mo
     run_dir = out / "myrun"
     (run_dir / "checkpoint-20").mkdir(parents=True)
     (run_dir / "adapter_config.json").write_text("{}")
+    (run_dir / "loss_log.jsonl").write_text("")  # what marks a `make train` folder (the plugin writes it)
     (run_dir / "prepared").mkdir()
     (run_dir / "merged").mkdir()
     (run_dir / "merged" / "merge_info.json").write_text("{}")
@@ -241,3 +242,34 @@ def test_clean_outputs_lists_and_keeps_what_is_valuable_or_not_ours(tmp_path, mo
     assert clean.main(["--all"]) == 0
     assert not (run_dir / "checkpoint-20").exists() and not (out / "base" / "SmolLM2").exists()
     assert (run_dir / "my-notes.txt").read_text() == "mine" and (out / "downloads").is_dir()
+
+
+def test_clean_outputs_never_takes_a_folder_holding_a_users_file_nor_follows_a_link(tmp_path, monkeypatch, capsys):
+    from finlora import clean
+
+    out, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    run_dir = out / "myrun"
+    (run_dir / "merged").mkdir(parents=True)
+    (run_dir / "loss_log.jsonl").write_text("")
+    for name in ("merge_info.json", "model.safetensors", "my_model.Q4.gguf"):  # a merge, and the user's own file
+        (run_dir / "merged" / name).write_text("x")
+    (run_dir / "prepared" / "abc").mkdir(parents=True)
+    (run_dir / "prepared" / "mydata.arrow").write_text("x")  # not Axolotl's cache layout
+    hub = out / "hub_adapter"  # a downloaded adapter: no mark of `make train`
+    hub.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (hub / name).write_text("x")
+    (elsewhere / "run1").mkdir(parents=True)
+    (elsewhere / "run1" / ".finlora-smoke").write_text("x")
+    (out / "smoke").symlink_to(elsewhere)
+    (out / "base").mkdir()
+    (out / "base" / "SmolLM2").mkdir()
+    (out / "base" / "SmolLM2" / "finlora_base_model.json").write_text('{"files": ["model.safetensors"]}')
+    (out / "base" / "SmolLM2" / "my_lora").mkdir()
+    monkeypatch.setattr(clean, "OUTPUTS", out)
+    assert clean.main(["--all"]) == 0
+    said = capsys.readouterr().out
+    for kept in (run_dir / "merged" / "my_model.Q4.gguf", run_dir / "prepared" / "mydata.arrow",
+                 hub / "adapter_model.safetensors", elsewhere / "run1" / ".finlora-smoke", out / "base" / "SmolLM2" / "my_lora"):
+        assert kept.exists(), kept
+    assert "a symbolic link: not followed" in said and "my_model.Q4.gguf" in said

@@ -47,6 +47,37 @@ def test_prompt_file_with_unknown_tag_names_the_line(tmp_path):
     assert parse_adapters(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
 
 
+def test_a_bare_sentence_fills_the_text_of_its_tasks_template_only(tmp_path):
+    import yaml
+
+    from finlora.infer import Template, template_from_recipe
+
+    sentiment = template_from_recipe(yaml.safe_load((ROOT / "recipes" / "sentiment_r8.yml").read_text()), "fpb")
+    assert sentiment.filled("Sales rose.") == SENTIMENT_PROMPT.format(text="Sales rose.")
+    assert sentiment.filled("x", "headline").startswith("Instruction: Does the news headline talk about price going up?")
+    ner = template_from_recipe(yaml.safe_load((ROOT / "recipes" / "ner_r8.yml").read_text()))
+    with pytest.raises(InferError, match="task ner's template also needs instruction"):
+        ner.filled("John works at IBM")  # the instruction is per row: not the sentence again
+    whole = "Instruction: What is the entity type of 'IBM'?\nInput: John works at IBM\nAnswer: "
+    assert ner.filled(whole) == whole
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"prompt": "Who?", "task": "ner"}) + "\n")
+    [req] = read_requests(f, {})
+    with pytest.raises(InferError, match="needs instruction"):
+        Template().filled(req.prompt, req.task)
+    # the refusal comes before any model loads
+    proc = subprocess.run([sys.executable, "scripts/infer.py", "--recipe", "ner_r8", "--prompt", "John works at IBM"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "needs instruction" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_prompt_files_line_keeps_its_trailing_space(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("[a] " + SENTIMENT_PROMPT.format(text="Sales rose.").replace("\n", "\\n") + "\n")
+    [req] = read_requests(f, {"a": "x"})
+    assert req.prompt == SENTIMENT_PROMPT.format(text="Sales rose.") and req.prompt.endswith("Answer: ")
+
+
 @pytest.mark.slow
 def test_make_infer_equals_direct_peft(tiny_run):
     proc = subprocess.run(["make", "-s", "infer", f"RECIPE={tiny_run['recipe']}", f"PROMPT={PROMPT}",
