@@ -350,7 +350,7 @@ class Checker:
                 except RowError as e:
                     problems.append(f"line {raw.line}: {e}")
                     continue
-                texts.append((raw.line, "".join(vals)))
+                texts.append((raw.line, (vals[0] if vals else "", "".join(vals[1:]))))  # (prompt, answer), as Axolotl tokenises them
             for msg in problems[:10]:
                 self.error(key, f"{rel(p)} {msg}")
             if len(problems) > 10:

@@ -1,7 +1,8 @@
 """The one rule for a training row's length, and the tokenizer that measures it.
 
-A row fits when its tokens as the trainer sees them (prompt + answer, with the recipe's
-tokenizer, plus the EOS token Axolotl appends) are at most `sequence_len`. `too_long`
+A row fits when its tokens as the trainer sees them (with the recipe's tokenizer: the prompt,
+and the answer tokenised on its own, as Axolotl's instruction strategy does, plus the EOS token
+it appends) are at most `sequence_len`. `too_long`
 applies that rule; `make data` (finlora.data.validate), `make check` and the Axolotl
 plugin (on Axolotl's own token counts) all call it.
 """
@@ -48,14 +49,21 @@ class Lengths:
 
         return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
-    def lengths(self, texts: list[str]) -> list[int]:
+    def lengths(self, texts: list[str], special: bool = True) -> list[int]:
         if self.fast is not None:
-            return [len(e.ids) for e in self.fast.encode_batch(texts, add_special_tokens=True)]
-        return [len(ids) for ids in self.hf(texts)["input_ids"]]
+            return [len(e.ids) for e in self.fast.encode_batch(texts, add_special_tokens=special)]
+        return [len(ids) for ids in self.hf(texts, add_special_tokens=special)["input_ids"]]
 
-    def trained_lengths(self, texts: list[str], batch: int = 512) -> list[int]:
-        # Axolotl appends the EOS token to every training row: it counts against sequence_len.
-        return [n + 1 for i in range(0, len(texts), batch) for n in self.lengths(texts[i:i + batch])]
+    def trained_lengths(self, rows: list[tuple[str, str]], batch: int = 512) -> list[int]:
+        """Tokens of (prompt, answer) rows as Axolotl 0.19 makes them (prompt_tokenizers.py
+        `_tokenize`): the prompt with the tokenizer's special tokens, the answer apart without
+        its BOS (so a prompt's trailing space is a token of its own), then the EOS it appends."""
+        out = []
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            out += [p + a + 1 for p, a in zip(self.lengths([r[0] for r in chunk]),
+                                              self.lengths([r[1] for r in chunk], special=False))]
+        return out
 
 
 @dataclass

@@ -252,25 +252,34 @@ def test_too_long_in_tokens(tmp_path, capsys):
 
 
 @needs_tokenizer
-def test_over_length_counts_the_eos_axolotl_appends():
-    """The one length rule of `make data` (too_long, n_tokens) and `make check`: a row's
-    tokens plus the EOS token Axolotl appends, longer than sequence_len."""
+def test_over_length_counts_as_axolotl_tokenises_a_row():
+    """The one length rule of `make data` (too_long, n_tokens) and `make check`: a row's tokens as
+    Axolotl's own prompt strategy for the default recipe makes them (the prompt, the answer apart,
+    so "Answer: "'s space is a token of its own, and the EOS it appends), longer than sequence_len."""
+    import yaml
+    from axolotl.prompt_strategies.user_defined import load
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.schemas.datasets import UserDefinedPrompterType
+    from transformers import AutoTokenizer
+
     from finlora.data.validate import LengthCheck, count_tokens, too_long
     from finlora.lengths import Lengths
     from finlora.lengths import too_long as rule
 
+    ds = yaml.safe_load((ROOT / "recipes" / "smollm2_sentiment_r8.yml").read_text())["datasets"][0]
+    axolotl = load(AutoTokenizer.from_pretrained(TOKENIZER), DictDefault({"train_on_inputs": False, "sequence_len": 512}),
+                   UserDefinedPrompterType(**ds["type"]))
+    pairs = [(news("Sales rose ."), "positive"), (news("profit " * 40), "negative"), ("Q: x?\nAnswer:", " 12.50")]
     lengths = Lengths.load(TOKENIZER)
-    texts = [news("Sales rose .") + "positive", news("profit " * 40) + "negative"]
-    n = lengths.lengths(texts)
-    trained = lengths.trained_lengths(texts)
-    assert rule(trained, n[1]) == [(1, n[1] + 1)]  # exactly sequence_len without the EOS: too long
-    assert rule(trained, n[1] + 1) == []
-    assert rule(trained, n[0]) == [(0, n[0] + 1), (1, n[1] + 1)]
-    rows = [Example(t[:-8], t[-8:], t, "mem", i + 1) for i, t in enumerate(texts)]
-    count_tokens(LengthCheck(n[1], lengths, str(TOKENIZER)), rows)
-    assert [e.n_tokens for e in rows] == [n[0] + 1, n[1] + 1]
-    assert [str(p) for p in too_long(LengthCheck(n[1], lengths, str(TOKENIZER)), rows)] == \
-        [f"mem:2: too long: {n[1] + 1} tokens > sequence_len {n[1]}"]
+    trained = lengths.trained_lengths(pairs)
+    assert trained == [len(axolotl.tokenize_prompt({"context": c, "target": t})["input_ids"]) for c, t in pairs]
+    assert trained[0] == lengths.lengths([pairs[0][0] + pairs[0][1]])[0] + 2  # the space apart, and the EOS
+    assert rule(trained, trained[1] - 1) == [(1, trained[1])] and rule(trained, trained[1]) == []
+    rows = [Example(c, t, c + t, "mem", i + 1) for i, (c, t) in enumerate(pairs[:2])]
+    count_tokens(LengthCheck(trained[1], lengths, str(TOKENIZER)), rows)
+    assert [e.n_tokens for e in rows] == trained[:2]
+    assert [str(p) for p in too_long(LengthCheck(trained[1] - 1, lengths, str(TOKENIZER)), rows)] == \
+        [f"mem:2: too long: {trained[1]} tokens > sequence_len {trained[1] - 1}"]
 
 
 def test_unknown_names_are_errors_not_exits():

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {f.path} | not measured here (not on this machine) | | | | | {seq} | |")
                 continue
             rows = [json.loads(line) for line in recipe_data.verified(f, path).read_text().splitlines() if line.strip()]
-            n = sorted(lengths.trained_lengths([r["context"] + str(r["target"]) for r in rows]))
+            n = sorted(lengths.trained_lengths([(r["context"], str(r["target"])) for r in rows]))
             print(f"| {name} | {f.path} | {len(n):,} | {percentile(n, 50):,} | {percentile(n, 95):,} | "
                   f"{percentile(n, 99):,} | {n[-1]:,} | {seq:,} | {len(too_long(n, seq)):,} |", flush=True)
     return 0

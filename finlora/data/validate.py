@@ -65,7 +65,7 @@ def count_tokens(check: LengthCheck, examples: list[Example]) -> None:
     """Set `n_tokens` on each example: context + target as trained (finlora.lengths)."""
     if check.tokenizer is None:
         return
-    for e, n in zip(examples, check.tokenizer.trained_lengths([e.context + e.target for e in examples])):
+    for e, n in zip(examples, check.tokenizer.trained_lengths([(e.context, e.target) for e in examples])):
         e.n_tokens = n
 
 
