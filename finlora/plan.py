@@ -89,20 +89,32 @@ def estimate(recipe: Recipe, gpus: int = 1, row_tokens: int | None = None) -> Pl
     # 1. frozen weights
     P_lin, P_oth = arch.linear_params, arch.total_params - arch.linear_params
     sum_out = L * sum(out for _, out in block_linears.values())
+    # c_oth = 4 (fp32) for 8/4-bit without ZeRO-3 is what the 0.55 GiB constant was fitted with;
+    # Axolotl 0.19 casts these modules back to bf16 before training, and whether FinLoRA's
+    # published figures hold them in fp32 is open (recipes/PLANNER.md, "Open question").
     c_oth = 4 if bits in (4, 8) and Z != 3 else 2
     if bits == 16:
         w_lin = 2.0 * P_lin
+        w_stats = 0.0
     elif bits == 8:
         w_lin = 1.0 * P_lin + 4.0 * sum_out
+        w_stats = 4.0 * sum_out
     else:
         w_lin = NF4_BYTES * P_lin
+        w_stats = (NF4_BYTES - 0.5) * P_lin
     weights = w_lin + c_oth * P_oth
     if c_oth == 4:
-        notes.append("embeddings/lm_head/norms upcast to fp32 by prepare_model_for_kbit_training")
+        notes.append("embeddings/lm_head/norms counted in fp32, as calibrated (Axolotl 0.19 casts them back "
+                     "to bf16 before training: recipes/PLANNER.md, open question)")
     layer_weights = w_lin / L
     whole_weights = weights
     if Z == 3:
-        weights /= N
+        # ZeRO-3 partitions nn.Parameters only (deepspeed partition_parameters.free_param swaps
+        # `param.data`). The quantisation statistics are plain tensors hung on the parameter:
+        # bitsandbytes' Params4bit.quant_state (NF4 absmax, uint8 per 64 weights, and its fp32
+        # state2 per 256; functional.quantize_4bit, compress_statistics) and Int8Params.SCB
+        # (LLM.int8's fp32 row scales). Each rank keeps them whole.
+        weights = (weights - w_stats) / N + w_stats
     largest_linear = max(fi * fo for fi, fo in block_linears.values())
     largest_param = 2.0 * max(V * h, largest_linear)  # 16-bit; ZeRO-3 gathers it whole
 
@@ -148,14 +160,30 @@ def estimate(recipe: Recipe, gpus: int = 1, row_tokens: int | None = None) -> Pl
     }
 
     # Load time (PLANNER.md, "Load peak"): a quantised model is whole on every rank until
-    # DeepSpeed partitions it; an unquantised one under ZeRO-3 is partitioned as it loads.
+    # DeepSpeed partitions it (transformers' from_pretrained skips zero.Init when quantised);
+    # an unquantised one under ZeRO-3 is partitioned as it loads.
+    # Whole on the rank, two moments. While transformers loads: the 16-bit embeddings, lm_head and
+    # norms, and one 16-bit Linear being quantised. Then Axolotl 0.19 (loaders/model.py L441-450,
+    # _configure_embedding_dtypes: `if not self.is_fsdp_enabled:` ... `dist_dtype=torch.float32,
+    # before_kbit_train_or_finetune=True`) casts embed_tokens, lm_head and every "norm" module to
+    # fp32 on every rank, ZeRO-3 included (DeepSpeed is not FSDP), and only later casts them back
+    # to bf16 (L484-490, `if should_convert:` ... `dist_dtype=self.cfg.torch_dtype`). The cast
+    # goes module by module (torch's Module._apply makes the fp32 copy before it drops the 16-bit
+    # one), so its peak is everything in fp32 while lm_head, cast last, still has its 16-bit copy.
+    largest_oth = V * h  # embed_tokens or lm_head (untied in Llama 3.1; a tied pair gives about the same)
     if Z == 3 and bits == 16:
         load = {"frozen weights (partitioned as loaded)": whole_weights / N,
                 "largest parameter, whole": largest_param}
     else:
-        load = {"frozen weights, whole on each rank" if Z == 3 else "frozen weights": whole_weights}
-        if bits in (4, 8):
-            load["16-bit tensor being quantised"] = 2.0 * largest_linear
+        quantising = w_lin + 2.0 * P_oth + (2.0 * largest_linear if bits in (4, 8) else 0.0)
+        upcast = w_lin + 4.0 * P_oth + 2.0 * largest_oth
+        where = ", whole on each rank" if Z == 3 else ""
+        if upcast >= quantising:
+            load = {f"frozen weights{where}, fp32 embeddings/lm_head/norms": w_lin + 4.0 * P_oth,
+                    "16-bit lm_head being upcast": 2.0 * largest_oth}
+        else:
+            load = {f"frozen weights{where}": w_lin + 2.0 * P_oth,
+                    "16-bit tensor being quantised": 2.0 * largest_linear}
     load.update(overhead)
     if Z == 3 and bits != 16:
         notes.append(f"load peak {sum(load.values()) / GiB:.1f} GiB: "
