@@ -255,7 +255,9 @@ class FinLoRAPlugin(BasePlugin):
     def pre_model_load(self, cfg):
         # Axolotl loads an 8-bit model's other modules (embeddings, head, norms) in fp16
         # whatever the precision (utils/config resolve_dtype); CPUs have no fast fp16 matmul:
-        # measured 247 s a step for the r8 smoke's 128k-token head in fp16.
+        # measured 247 s a step for the r8 smoke's 128k-token head in fp16. The loader has
+        # already taken the fp16 load dtype by now (loaders/model.py _set_device_map_config):
+        # what this sets is the dtype those modules are converted to after loading.
         if on_cpu() and cfg.get("torch_dtype") == torch.float16 and not cfg.get("fp16"):
             cfg["torch_dtype"] = torch.float32
 

@@ -14,6 +14,8 @@ PATCHES = {
     "accelerate.state.PartialState._prepare_backend": ("accelerate", "1.13.0", "deepspeed_on_cpu_backend"),
     "peft.tuners.lora.dora.dequantize_module_weight": ("peft", "0.20.0", "keep_int8_scale_on_cpu (CPU only: the "
                                                        "smoke's and bench-variants' plugin, eval of 8-bit DoRA)"),
+    # not patched, but what that patch repairs: Int8Params.to setting CB and not SCB
+    "bitsandbytes.nn.modules.Int8Params.to": ("bitsandbytes", "0.50.2", "keep_int8_scale_on_cpu"),
 }
 
 
