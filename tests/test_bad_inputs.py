@@ -151,7 +151,10 @@ def test_synthetic_training_data_is_a_warning(tmp_path):
 
 
 INTERRUPTED_MERGE = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal, whatever this test inherits (a job started in the background by a
+# shell without job control, as CI runners may start one, ignores SIGINT, and Python keeps that)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from finlora.cli import run
 from finlora.merge import merge
 def pause(name):
