@@ -102,7 +102,7 @@ def test_hub_code_path_on_local_files(tmp_path, capsys):
     """The hub reader is datasets.load_dataset; the same call reads a local JSON file."""
     src = tmp_path / "in.jsonl"
     _write("jsonl", src)
-    rows = hub_rows(HubSource("json", data_files=(("train", str(src)),)), "train")
+    rows = hub_rows(HubSource("json", data_files=str(src)), "train")
     assert [r.data["content"] for r in rows] == [t for t, _ in ROWS] and rows[0].line == 1
 
 
@@ -282,15 +282,13 @@ def test_over_length_counts_as_axolotl_tokenises_a_row():
         [f"mem:2: too long: {trained[1]} tokens > sequence_len {trained[1] - 1}"]
 
 
-def test_unknown_names_are_errors_not_exits():
-    from finlora.data import recipe_data
+def test_unknown_names_are_errors_not_exits(tmp_path, capsys):
     from finlora.data.tasks import get_task
-    from finlora.errors import DataError
 
     with pytest.raises(DataError, match="unknown task 'nope'; tasks are: sentiment, fpb"):
         get_task("nope")
-    with pytest.raises(DataError, match="unknown recipe task 'nope'"):
-        recipe_data.prepare_task("nope", None)
+    rc, _, err = run(capsys, "--task", "nope", "--input", tmp_path / "in.csv", "--out-dir", tmp_path / "d")
+    assert rc == 1 and err.startswith("error: unknown task 'nope'; tasks are: sentiment, fpb")
 
 
 # --- labels at the source -----------------------------------------------------------------

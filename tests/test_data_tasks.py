@@ -17,6 +17,7 @@ from finlora.data.convert import input_text
 from finlora.data.prepare import main
 from finlora.data.tasks import RECIPE_TASKS, TASKS
 from finlora.errors import DataError
+from finlora.recipes import Recipe
 
 from conftest import SHARED, needs_shared
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yml") if p.stem != "matrix")
@@ -141,7 +142,7 @@ def test_a_missing_src_folder_says_so(tmp_path, capsys):
 def test_every_recipe_maps_to_its_task():
     assert len([r for r in RECIPES if r != "smollm2_sentiment_r8"]) == 48
     for r in RECIPES:
-        task = recipe_data.task_of_recipe(r)
+        task = recipe_data.task_of_recipe(Recipe.open(r))
         if r == "smollm2_sentiment_r8":
             assert task == "sentiment_cpu"
         else:
@@ -312,12 +313,12 @@ def test_published_overlap_is_left_out_and_listed(tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("recipe,rows_train,rows_test", [("formula_r8", 800, 200), ("xbrl_term_r4", 5845, 651),
                                                         ("financebench_r8_dora", 86, 43)])
 def test_recipes_from_shared_data(tmp_path, capsys, recipe, rows_train, rows_test):
-    task = recipe_data.task_of_recipe(recipe)
+    task = recipe_data.task_of_recipe(Recipe.open(recipe))
     rc, _, err = run(capsys, "--recipe", recipe, "--src", SHARED, "--out-dir", tmp_path / "d")
     assert rc == 0, err
     assert len(rows(tmp_path / f"d/train/{task}_train.jsonl")) == rows_train
     (s,) = RECIPE_TASKS[task].test_sets
-    assert len(rows(tmp_path / "d/test" / s.file)) == rows_test == s.rows  # as published
+    assert len(rows(tmp_path / "d/test" / s.file)) == rows_test == s.source.rows  # as published
 
 
 @needs_shared
@@ -327,7 +328,7 @@ def test_recipes_shared_data_lacks_say_what_is_missing(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(tasks, "FINLORA_RAW", "https://127.0.0.1:9")
     monkeypatch.setattr(recipe_data, "CACHE", tmp_path / "cache")
-    task = recipe_data.task_of_recipe(recipe)
+    task = recipe_data.task_of_recipe(Recipe.open(recipe))
     rc, _, err = run(capsys, "--recipe", recipe, "--src", SHARED, "--out-dir", tmp_path / "d")
     assert rc == 1 and f"  {RECIPE_TASKS[task].train.path}: https://" in err
     if task == "ner":  # the test file is there: only the train file is missing

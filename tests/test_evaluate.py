@@ -38,7 +38,7 @@ def test_every_public_finlora_set_has_a_file_a_budget_and_published_figures():
     assert budgets["fpb"] == 10 and budgets["xbrl_tags_extract"] == 20 and budgets["xbrl_formula_calc_extract"] == 30
     assert budgets["xbrl_finer"] == budgets["xbrl_fnxl"] == 100 and budgets["financebench"] == 50
     for s in finlora:
-        assert s.source.name == s.file and set(s.published) == {"base", "r8", "r4", "r8_dora", "r8_rslora"}
+        assert s.source.path == f"test/{s.file}" and set(s.published) == {"base", "r8", "r4", "r8_dora", "r8_rslora"}
     assert TEST_SETS["fpb"].published["r8"] == (85.64, 0.922)  # FinLoRA README, LoRA 8-bit r8
 
 

@@ -99,9 +99,8 @@ def fetch_all(files: list[FinLoRAFile], src: Path | None) -> dict[str, Path]:
     return {f.path: verified(f, found[f.path]) for f in files}
 
 
-def task_of_recipe(recipe: recipes.Recipe | str) -> str:
-    """The recipe task whose files `recipe` reads (its data/train/<task>_train.jsonl)."""
-    r = recipe if isinstance(recipe, recipes.Recipe) else recipes.Recipe.open(recipe)
+def task_of_recipe(r: recipes.Recipe) -> str:
+    """The recipe task whose files recipe `r` reads (its data/train/<task>_train.jsonl)."""
     found = set()
     for d in r.get("datasets") or []:
         p = recipes.resolve_path(str((d or {}).get("path", "")))
@@ -118,9 +117,6 @@ def task_of_recipe(recipe: recipes.Recipe | str) -> str:
 
 def prepare_task(task: str, src: str | Path | None, **options) -> list[Part]:
     """The files recipe task `task` trains on and `make eval` scores it on; `options` are the pipeline's `Options`."""
-    if task not in RECIPE_TASKS or RECIPE_TASKS[task].train is None:
-        raise DataError(f"unknown recipe task {task!r}; tasks are: "
-                        + ", ".join(t for t, r in RECIPE_TASKS.items() if r.train is not None))
     rt = RECIPE_TASKS[task]
     src = source_folder(src)
     opts = Options(**options)

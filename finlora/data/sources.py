@@ -10,6 +10,7 @@ and says which lines were Latin-1 (docs/DATA.md).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -21,7 +22,6 @@ from finlora.cli import flag
 from finlora.errors import SourceError
 from finlora.recipes import rel
 
-FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "fpb-txt", "all-data-csv", "fiqa-json", "finlora")
 _BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "fpb-txt"}
 _SEPARATORS = re.compile(r"[\s,:]*")  # between the items of a JSON array or object (and a key and its value)
 
@@ -34,9 +34,7 @@ class RawRow:
     error: str | None = None
 
 
-def say(msg: str = "") -> None:
-    """Progress on stdout, flushed: it interleaves with the errors on stderr in order."""
-    print(msg, flush=True)
+say = functools.partial(print, flush=True)  # progress on stdout, flushed: in order with the errors on stderr
 
 
 def guess_format(path: str | Path) -> str:
@@ -203,26 +201,24 @@ def hub_rows(hub, split: str) -> list[RawRow]:
     from datasets import load_dataset
 
     where = f"hf:{hub.where}[{split}]"
-    files = dict(hub.data_files)
-    if files and split not in files:
-        raise SourceError(f"hf:{hub.where}: the registry names no file for split {split!r}")
     try:
-        ds = load_dataset(hub.name, hub.config, split=split, data_files={split: files[split]} if files else None)
+        ds = load_dataset(hub.name, split=split, data_files=hub.data_files)
     except Exception as e:  # noqa: BLE001 - one clear message, whatever datasets raised
         raise SourceError(f"cannot load {where}: {type(e).__name__}: {str(e)[:300]}") from None
     return [RawRow(where, i, dict(row)) for i, row in enumerate(ds, start=1)]
 
 
+READERS = {"csv": read_delimited, "tsv": lambda p: read_delimited(p, "\t"), "json": read_json, "jsonl": read_jsonl,
+           "parquet": read_parquet, "fpb-txt": read_fpb_txt,
+           # the widely shared Financial PhraseBank `all-data.csv`, with or without its header line
+           "all-data-csv": lambda p: read_delimited(p, header=["label", "content"]),
+           "fiqa-json": read_fiqa_json, "finlora": read_jsonl}
+FORMATS = tuple(READERS)
+
+
 def read(fmt: str, path: str | Path) -> Iterator[RawRow]:
-    """Rows of a local file in one of FORMATS."""
+    """Rows of a local file in one of FORMATS (`--format` takes no other)."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
-    readers = {"csv": read_delimited, "tsv": lambda p: read_delimited(p, "\t"), "json": read_json,
-               "jsonl": read_jsonl, "parquet": read_parquet, "fpb-txt": read_fpb_txt,
-               "fiqa-json": read_fiqa_json, "finlora": read_jsonl,
-               # the widely shared Financial PhraseBank `all-data.csv`, with or without its header line
-               "all-data-csv": lambda p: read_delimited(p, header=["label", "content"])}
-    if fmt not in readers:
-        raise SourceError(f"unknown format {fmt!r}; formats are: {', '.join(FORMATS)}")
-    return readers[fmt](path)
+    return READERS[fmt](path)

@@ -72,21 +72,19 @@ class HubSource:
 
     `name` is a hub repository that `datasets` 4.x loads as is (parquet, CSV or JSON files,
     no loading script), or a packaged builder ("parquet") with `data_files` naming the exact
-    files for a set whose own repository is a loading script, which `datasets` 4.x refuses
-    ("Dataset scripts are no longer supported"): FPB, from the hub's parquet conversion."""
+    file of its train split for a set whose own repository is a loading script, which `datasets`
+    4.x refuses ("Dataset scripts are no longer supported"): FPB, from the hub's parquet conversion."""
 
     name: str
-    config: str | None = None
     train_split: str | None = "train"
     test_split: str | None = "test"
     columns: Mapping = field(default_factory=Mapping)  # a copy for each read (`dataclasses.replace`)
-    licence: str = ""
-    data_files: tuple[tuple[str, str], ...] = ()  # (split, URL) for a builder name
+    data_files: str | None = None         # the train split's file (URL) for a builder name
     origin: str = ""                      # the set the files come from, for messages and docs
 
     @property
     def where(self) -> str:
-        return self.origin or self.name + (f"/{self.config}" if self.config else "")
+        return self.origin or self.name
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,6 @@ class Task:
     hub: HubSource | None = None
     defaults: dict = field(default_factory=dict)  # default values for placeholders
     variants: dict = field(default_factory=dict)  # kind -> template (FiQA posts read as tweets)
-    notes: str = ""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -107,7 +104,7 @@ class Task:
         return tuple(dict.fromkeys(re.findall(r"\{(\w+)\}", self.template)))
 
     def render(self, values: dict[str, str], kind: str | None = None) -> str:
-        out = self.variants.get(kind, self.template) if kind is not None else self.template
+        out = self.variants.get(kind, self.template)
         for name in self.fields:
             out = out.replace("{" + name + "}", values[name])
         return out
@@ -151,50 +148,42 @@ def fold_nwgi(label: str) -> str:
 _INSTRUCTION_COLUMNS = Mapping("input", "output", fields={"instruction": "instruction"})
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("sentiment", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-         notes="generic 3-class financial sentiment (news template); the CPU default"),
+    Task("sentiment", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label"),  # the CPU default's
     Task("fpb", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-         HubSource("parquet", None, "train", None, Mapping("sentence", label_map=LABEL_MAPS["fpb"]),
-                   licence="CC BY-NC-SA 3.0", data_files=(("train", FPB_PARQUET),),
-                   origin="takala/financial_phrasebank (sentences_50agree, the hub's parquet conversion)"),
-         notes="Financial PhraseBank; no test split on the hub: make one (--test-fraction)"),
+         HubSource("parquet", "train", None, Mapping("sentence", label_map=LABEL_MAPS["fpb"]), FPB_PARQUET,
+                   origin="takala/financial_phrasebank (sentences_50agree, the hub's parquet conversion)")),
     Task("fiqa", "sentiment", SENTIMENT_NEWS, SENTIMENT3, "label",
-         HubSource("TheFinAI/fiqa-sentiment-classification", None, "train", "test",
-                   Mapping("sentence", None, score_col="score", kind_col="type"), licence="MIT"),
-         variants={"post": SENTIMENT_TWEET, "headline": SENTIMENT_NEWS},
-         notes="score < -0.1 negative, < 0.1 neutral, else positive; posts use the tweet wording"),
+         HubSource("TheFinAI/fiqa-sentiment-classification", "train", "test",
+                   Mapping("sentence", None, score_col="score", kind_col="type")),
+         variants={"post": SENTIMENT_TWEET, "headline": SENTIMENT_NEWS}),
     Task("tfns", "sentiment", SENTIMENT_TWEET, SENTIMENT3, "label",
-         HubSource("zeroshot/twitter-financial-news-sentiment", None, "train", "validation",
-                   Mapping(label_map=LABEL_MAPS["tfns"]), licence="MIT"),
-         notes="ids 0 Bearish, 1 Bullish, 2 Neutral; FinLoRA's tfns_test.jsonl needs --fix tfns-swap"),
+         HubSource("zeroshot/twitter-financial-news-sentiment", "train", "validation",
+                   Mapping(label_map=LABEL_MAPS["tfns"]))),
     Task("nwgi", "sentiment", NWGI_TEMPLATE, NWGI7, "label",
-         HubSource("TheFinAI/NWGI_test", None, None, "test", Mapping("news"), licence="MIT"),
-         notes="7 levels; folded to 3 when scored"),
+         HubSource("TheFinAI/NWGI_test", None, "test", Mapping("news"))),
     Task("headline", "headline", INSTRUCTION_TEMPLATE, ("Yes", "No"), "label",
-         HubSource("FinGPT/fingpt-headline-cls", None, "train", "test", _INSTRUCTION_COLUMNS, licence="CC BY-SA 3.0"),
+         HubSource("FinGPT/fingpt-headline-cls", "train", "test", _INSTRUCTION_COLUMNS),
          defaults={"instruction": "Does the news headline talk about price going up? "
                                   "Please choose an answer from {Yes/No}."}),
     Task("ner", "ner", INSTRUCTION_TEMPLATE, ("person", "organization", "location"), "label",
-         HubSource("FinGPT/fingpt-ner-cls", None, "train", "test", _INSTRUCTION_COLUMNS, licence="CC BY-SA 3.0")),
-    Task("finer", "xbrl", "{text}", None, "text",
-         notes="FinLoRA's FiNER-139 prompts (data/process_finer.py): 4 questions a prompt, comma-separated tags"),
-    Task("fnxl", "xbrl", "{text}", None, "text", notes="FinLoRA's FNXL prompts (data/process_fnxl.py), as FiNER"),
-    Task("xbrl_extract", "xbrl", "{text}", None, "text",
-         notes="FinLoRA's XBRL extraction prompts (tags, values, formulas) over filings' XML"),
-    Task("xbrl_term", "xbrl", "Explain this XBRL term briefly in one sentence: {text}. Answer:", None, "text",
-         notes="XBRL-Agent terminology (MIT)"),
+         HubSource("FinGPT/fingpt-ner-cls", "train", "test", _INSTRUCTION_COLUMNS)),
+    # FinLoRA's FiNER-139 and FNXL prompts (its data/process_finer.py, process_fnxl.py): 4 questions a
+    # prompt, comma-separated tags; its XBRL extraction prompts (tags, values, formulas) over filings' XML
+    Task("finer", "xbrl", "{text}", None, "text"),
+    Task("fnxl", "xbrl", "{text}", None, "text"),
+    Task("xbrl_extract", "xbrl", "{text}", None, "text"),
+    # XBRL-Agent's terminology and financial math
+    Task("xbrl_term", "xbrl", "Explain this XBRL term briefly in one sentence: {text}. Answer:", None, "text"),
     Task("formula", "math",
          "Use formula {formula} to answer the question. Answer with a numerical answer with 2 decimal places "
          "and with no explanations or other text. Formula: {equation}, Explanation: {explanation}. "
-         "Question: \"{text}\". Answer:", None, "number",
-         notes="XBRL-Agent financial math (MIT)"),
+         "Question: \"{text}\". Answer:", None, "number"),
     Task("financebench", "qa",
          "Answer the following question very briefly using scanned text from pages. No explanation needed. "
          "Question: {question}\nDocument Pages Context:\n{text}\n\nAnswer:", None, "text"),
+    # FinLoRA's sentiment training mix (76.8K rows: FPB, FiQA-SA, TFNS, NWGI, with their instructions)
     Task("fingpt_sentiment", "sentiment", INSTRUCTION_TEMPLATE, SENTIMENT_MIX, "label",
-         HubSource("FinGPT/fingpt-sentiment-train", None, "train", None, _INSTRUCTION_COLUMNS, licence="MIT"),
-         notes="FinLoRA's sentiment training mix (76.8K rows: FPB, FiQA-SA, TFNS, NWGI, with their instructions); "
-               "the GPU sentiment recipes train on it"),
+         HubSource("FinGPT/fingpt-sentiment-train", "train", None, _INSTRUCTION_COLUMNS)),
 ]}
 
 
@@ -210,7 +199,6 @@ def get_task(name: str) -> Task:
 FINLORA_REPO = "Open-Finance-Lab/FinLoRA"
 FINLORA_RAW = "https://raw.githubusercontent.com"          # the files, at a commit
 FINLORA_LFS = "https://media.githubusercontent.com/media"  # the Git LFS ones
-FINLORA_README = "635333ba567eeb08f56168ecfdaf3ba8494127f1"  # the commit of the published table below
 
 
 @dataclass(frozen=True)
@@ -225,10 +213,6 @@ class FinLoRAFile:
     sha256: str | None = None
     rows: int | None = None
     lfs: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
 
     @property
     def url(self) -> str:
@@ -287,7 +271,7 @@ FILES: dict[str, FinLoRAFile] = {f.path: f for f in [
 
 # --------------------------------------------------------------------------- the test sets
 
-# FinLoRA's published Llama-3.1-8B-Instruct figures (README at FINLORA_README): the base and the
+# FinLoRA's published Llama-3.1-8B-Instruct figures (its README at 635333b): the base and the
 # adapters of each variant, (accuracy %, weighted F1), or (None, BERTScore F1) for free text.
 # Columns: base, LoRA 8-bit r8 (our r8), QLoRA 4-bit r4 (r4), DoRA (r8_dora), rsLoRA (r8_rslora).
 PUBLISHED_COLUMNS = ("base", "r8", "r4", "r8_dora", "r8_rslora")
@@ -317,10 +301,6 @@ class TestSet:
     finlora_name: str = ""        # FinLoRA's --dataset name
     published: dict = field(default_factory=dict)
     fix: str | None = None        # a labelling error the strict block repairs (FIXES)
-
-    @property
-    def rows(self) -> int | None:
-        return self.source.rows if self.source else None
 
 
 def _set(name, recipe_task, task, file, budget, scorer, licence, finlora_name=None, published=(), **kw) -> TestSet:
