@@ -21,24 +21,16 @@ from typing import Callable, Iterator
 from finlora.errors import FinLoRAError, RefusedError
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+_UMASK = os.umask(0)  # reading the umask sets it: put it back at once
+os.umask(_UMASK)
 
 
 class DiskFullError(FinLoRAError, OSError):
     """No space left while writing `path`; the previous `path` (if any) is untouched."""
 
-    def __init__(self, path: Path, cause: OSError | None = None):
-        path = Path(path)
+    def __init__(self, path: Path):
         kept = f"previous {path.name} kept" if path.exists() else "nothing was written"
         super().__init__(errno.ENOSPC, f"no space left on device writing {path}; {kept}")
-        self.path = path
-        self.__cause__ = cause
 
     def __str__(self) -> str:
         return self.strerror
@@ -70,7 +62,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         if _disk_full(e):
-            raise DiskFullError(path, e) from e
+            raise DiskFullError(path) from e
         raise
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
@@ -88,7 +80,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if _disk_full(e):  # `with f` may already have failed closing: the message says what survived
-            raise DiskFullError(path, e) from e
+            raise DiskFullError(path) from e
         raise
 
 
@@ -187,7 +179,7 @@ def atomic_dir(dest: str | Path, replace: Callable[[Path], str | None] | None = 
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e):
-            raise DiskFullError(dest, e) from e
+            raise DiskFullError(dest) from e
         raise
 
 

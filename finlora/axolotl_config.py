@@ -1,13 +1,10 @@
 """Axolotl's view of a recipe, offline: the checks every recipe (generated or
 hand-written) must pass before anything loads.
 
-- `unknown_keys`: keys Axolotl's schema does not know, or knows only as deprecated.
-  Axolotl itself drops unknown keys silently (`lora_rnak: 8` trains at the default
-  rank), so this check is ours.
-- `validate`: Axolotl's own validation, the steps `axolotl train` runs first
-  (`axolotl.cli.config.load_cfg`: plugins -> `validate_config` -> `normalize_config`
-  -> `normalize_cfg_datasets`), with the base model's architecture read from a
-  config.json shipped in the repo, so that no weights and no hub access are needed.
+- `unknown_keys`: Axolotl itself drops unknown keys silently (`lora_rnak: 8` trains at the
+  default rank), so this check is ours.
+- `validate`: the steps `axolotl train` runs first (`axolotl.cli.config.load_cfg`), with the
+  base model's architecture from a config.json shipped in the repo: no weights, no hub.
 - `check_deepspeed_json`: a recipe's DeepSpeed config, without importing DeepSpeed.
 """
 
@@ -82,14 +79,14 @@ def schema_keys() -> set[str]:
 def _plugin_keys(plugins: Sequence[str]) -> set[str]:
     import importlib
 
+    from axolotl.integrations.base import load_plugin
+
     keys: set[str] = set()
     for dotted in plugins or []:
-        mod, _, cls = dotted.rpartition(".")
         try:
-            plugin = getattr(importlib.import_module(mod), cls)()
+            args = load_plugin(dotted).get_input_args()
         except Exception:  # the validation proper reports unloadable plugins
             continue
-        args = plugin.get_input_args() if hasattr(plugin, "get_input_args") else None
         if args:
             amod, _, acls = args.rpartition(".")
             keys |= _field_names(getattr(importlib.import_module(amod), acls))
@@ -168,20 +165,17 @@ def _axolotl_log() -> Iterator[list]:
     records go to the collector only, other loggers' below ERROR nowhere (standard logging
     levels and handlers, set back afterwards)."""
     import logging
+    from logging.handlers import BufferingHandler
 
-    records: list[logging.LogRecord] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
+    collect = BufferingHandler(capacity=1 << 30)  # keeps every record: it empties itself only when full
+    collect.setLevel(logging.WARNING)
     ax, root = logging.getLogger("axolotl"), logging.getLogger()
     saved = (ax.handlers[:], ax.propagate, ax.level, root.level)
-    ax.handlers, ax.propagate = [_Collect(logging.WARNING)], False
+    ax.handlers, ax.propagate = [collect], False
     ax.setLevel(logging.WARNING)
     root.setLevel(logging.ERROR)
     try:
-        yield records
+        yield collect.buffer
     finally:
         ax.handlers, ax.propagate = saved[0], saved[1]
         ax.setLevel(saved[2])
@@ -203,11 +197,10 @@ GPU_CAPABILITIES = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compu
 
 def validate(recipe: Recipe) -> dict:
     """Validate a recipe's config (the file with its overrides) offline; return
-    Axolotl's normalized config.
+    Axolotl's normalized config. `make check` runs it only on a recipe without unknown keys
+    whose base_model has a config.json here (the shipped one, or the local folder's).
 
-    Raises RecipeError naming the bad keys (Axolotl's own exception as its __cause__).
-    The architecture comes from the shipped config.json for the recipe's base_model (or
-    the local base_model folder). A recipe naming a hub model, flash attention or
+    Raises RecipeError (Axolotl's own exception as its __cause__). A recipe naming a hub model, flash attention or
     bitsandbytes is validated with a GPU's capabilities (bf16, sm_90), as `axolotl train`
     on a GPU node would see them. A deprecation that one of Axolotl's validators logs
     (rather than marks in the schema) is refused too, with Axolotl's message. The
@@ -221,21 +214,14 @@ def validate(recipe: Recipe) -> dict:
 
     where = rel(recipe.path)
     raw = copy.deepcopy(recipe.config)  # Axolotl normalises datasets in place
-    bad = unknown_keys(raw)
-    if bad:
-        raise RecipeError(f"{where}: keys Axolotl does not accept: {', '.join(bad)}")
-    model_config_dir = recipe.config_dir
-    if model_config_dir is None:
-        raise RecipeError(f"{where}: no local config.json for base_model {raw.get('base_model')!r}")
-    gpu = bool(raw.get("flash_attention") or raw.get("load_in_8bit") or raw.get("load_in_4bit")
-               or str(raw.get("attn_implementation") or "").startswith("flash")
-               or not is_local(recipe.base_model))
+    gpu = bool(raw.get("load_in_8bit") or raw.get("load_in_4bit") or not is_local(recipe.base_model)
+               or str(raw.get("attn_implementation") or "").startswith("flash"))
 
     cfg = DictDefault(raw)
     cfg.axolotl_config_path = str(recipe.path)
     # Injected here, not written in the recipe: Axolotl also takes the tokenizer from
     # base_model_config, which holds no tokenizer; real runs read both from base_model.
-    cfg.base_model_config = str(model_config_dir)
+    cfg.base_model_config = str(recipe.config_dir)
     capabilities = dict(GPU_CAPABILITIES) if gpu else gpu_capabilities()[0]
     env_capabilities = {"torch_version": str(torch.__version__).split("+", maxsplit=1)[0]}
     if gpu and cfg.get("bf16") == "auto":
@@ -252,7 +238,6 @@ def validate(recipe: Recipe) -> dict:
             raise RecipeError(f"{where}: deprecated in Axolotl: {' | '.join(deprecations)}")
         # load_cfg's next steps, minus prepare_debug_log (writes into output_dir) and
         # prepare_optim_env (sets process env vars and imports deepspeed).
-        cfg.base_model_config = str(model_config_dir)
         normalize_config(cfg)
         normalize_cfg_datasets(cfg)
     return cfg

@@ -32,10 +32,6 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
-def on_cpu() -> bool:
-    return not torch.cuda.is_available()
-
-
 class LossLogCallback(TrainerCallback):
     """Keeps `loss_log.jsonl` (at every log) and `loss.png` (at the end) in the output folder.
 
@@ -126,10 +122,10 @@ def long_rows(ds, dataset_config, limit: int) -> list[dict]:
 def report_long_rows_of(cfg, dataset, dataset_config, split: str, listed: dict[Path, list[dict]]) -> None:
     """Print the rows of one dataset over sequence_len (or refuse them: `excess_length_strategy: raise`),
     and list them with those of this process's other datasets in `<output_dir>/long_rows.jsonl`."""
-    out = Path(str(cfg.get("output_dir") or "."))
+    out = Path(cfg["output_dir"])  # Axolotl's schema defaults it
     if out not in listed:
         listed[out] = []
-        if cfg.get("output_dir") and os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             # This run tokenises the data afresh: a previous run's list must not pass for its
             # own. (When Axolotl reuses its prepared cache, this is never called and the list
             # made with that cache stays, as it should.)
@@ -139,7 +135,7 @@ def report_long_rows_of(cfg, dataset, dataset_config, split: str, listed: dict[P
     rows = long_rows(dataset, dataset_config, limit)
     if not rows:
         return
-    strategy = str(cfg.get("excess_length_strategy") or "drop").lower()
+    strategy = cfg.get("excess_length_strategy") or "drop"  # validated by Axolotl: drop, truncate or raise
     where = [f"  {r['file']}:{r['line']}: {r['tokens']} tokens" if r["line"] else
              f"  {r['file']} row {r['row']}: {r['tokens']} tokens" for r in rows]
     shown = where[:20] + ([f"  ... and {len(where) - 20} more"] if len(where) > 20 else [])
@@ -169,12 +165,10 @@ def report_long_rows() -> None:
         return
     listed: dict[Path, list[dict]] = {}  # output folder -> the long rows this process found for it
 
-    def load_and_process_single_dataset(*args, **kwargs):
-        dataset, prompter = original(*args, **kwargs)
-        cfg, dataset_config = kwargs.get("cfg"), kwargs.get("dataset_config")
-        if cfg is not None and dataset_config is not None and not kwargs.get("streaming") and \
-                "input_ids" in (getattr(dataset, "column_names", None) or []):
-            report_long_rows_of(cfg, dataset, dataset_config, kwargs.get("split", "train"), listed)
+    def load_and_process_single_dataset(**kwargs):  # Axolotl's one call passes only keywords
+        dataset, prompter = original(**kwargs)
+        if not kwargs["streaming"] and "input_ids" in dataset.column_names:
+            report_long_rows_of(kwargs["cfg"], dataset, kwargs["dataset_config"], kwargs["split"], listed)
         return dataset, prompter
 
     load_and_process_single_dataset._finlora_long_rows = True
@@ -189,7 +183,7 @@ def check_cpu_launch(env, deepspeed: bool = False) -> None:
     from finlora.launch import cpu_launch
 
     world = int(env.get("WORLD_SIZE", "1") or 1)
-    if world <= 1 or not on_cpu():
+    if world <= 1 or torch.cuda.is_available():
         return
     # ACCELERATE_USE_CPU is a flag, read as Accelerate reads it (parse_flag_from_env: y/yes/t/true/on/1)
     wrong = [f"{k}={v}" for k, v in cpu_launch(world, deepspeed).items()
@@ -225,7 +219,8 @@ def deepspeed_on_cpu_backend() -> None:
 
 
 def _cpu_deepspeed(cfg) -> bool:
-    return on_cpu() and bool(cfg.get("deepspeed")) and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return not torch.cuda.is_available() and bool(cfg.get("deepspeed")) and world > 1
 
 
 class FinLoRAPlugin(BasePlugin):
@@ -236,35 +231,27 @@ class FinLoRAPlugin(BasePlugin):
         with exit_on_error():
             check_cpu_launch(os.environ, deepspeed=bool(cfg.get("deepspeed")))
         report_long_rows()
-        try:
-            redact_debug_log()
-        except (ImportError, AttributeError) as e:  # another Axolotl layout (PATCHES): said, not hidden
-            print(f"finlora: warning: Axolotl's debug log is not redacted while the run writes it ({e}); "
-                  "`make train` still redacts it when the run ends", file=sys.stderr, flush=True)
+        redact_debug_log()
         # Runs before Axolotl validates the config, so the resolved precision is
         # what validation, the model loader and the Trainer all see.
-        if on_cpu():
+        if not torch.cuda.is_available():
             if cfg.get("bf16") == "auto":
                 # Transformers accepts bf16 on a CPU only with use_cpu, which drops DeepSpeed.
                 cfg["bf16"] = cpu_has_native_bf16() and not _cpu_deepspeed(cfg)
-            if cfg.get("bf16") or cfg.get("fp16") is None:
-                cfg["fp16"] = False
             if _cpu_deepspeed(cfg):
                 deepspeed_on_cpu_backend()
 
     def pre_model_load(self, cfg):
-        # Axolotl loads an 8-bit model's other modules (embeddings, head, norms) in fp16
-        # whatever the precision (utils/config resolve_dtype); CPUs have no fast fp16 matmul:
-        # measured 247 s a step for the r8 smoke's 128k-token head in fp16. The loader has
-        # already taken the fp16 load dtype by now (loaders/model.py _set_device_map_config):
+        # Axolotl's fp16 for an 8-bit model's other modules (resolve_dtype) is slow on a CPU (docs/GPU.md).
+        # The loader has taken the fp16 load dtype by now (loaders/model.py _set_device_map_config):
         # what this sets is the dtype those modules are converted to after loading.
-        if on_cpu() and cfg.get("torch_dtype") == torch.float16 and not cfg.get("fp16"):
+        if not torch.cuda.is_available() and cfg.get("torch_dtype") == torch.float16 and not cfg.get("fp16"):
             cfg["torch_dtype"] = torch.float32
 
     def load_datasets(self, cfg, preprocess: bool = False):
         # The last hook that sees the final config before the model loader reads
         # cfg.device_map; returning None leaves dataset loading to Axolotl.
-        if on_cpu() and cfg.get("world_size", 1) > 1:
+        if not torch.cuda.is_available() and cfg.get("world_size", 1) > 1:
             cfg["device_map"] = {"": "cpu"}
         return None
 
@@ -285,7 +272,7 @@ class FinLoRAPlugin(BasePlugin):
                                  f"(loss_type {getattr(model, 'loss_type', None)!r}); remove the key")
 
     def get_training_args(self, cfg):
-        if on_cpu() and not _cpu_deepspeed(cfg):
+        if not torch.cuda.is_available() and not _cpu_deepspeed(cfg):
             return {"use_cpu": True}
         return None
 

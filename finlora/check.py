@@ -55,7 +55,6 @@ def torch_file_ok(path: Path) -> str | None:
 
 def checkpoint_problems(ckpt: Path) -> list[str]:
     """Why `ckpt` cannot be resumed from; [] when it is complete."""
-    ckpt = Path(ckpt)
     m = CHECKPOINT_RE.match(ckpt.name)
     problems = []
     state = ckpt / "trainer_state.json"
@@ -209,11 +208,6 @@ class Checker:
     def skip(self, what: str, why: str) -> None:
         self.r.skipped.append(f"{what} ({why})")
 
-    # -- values no run can use (checked first: Axolotl's own validation misses some)
-    def values(self) -> None:
-        for key, why in self.recipe.value_problems():
-            self.error(key, why)
-
     # -- keys: Axolotl ignores an unknown key silently, so each is one line here with file:line
     def keys(self) -> None:
         from finlora import axolotl_config
@@ -237,7 +231,6 @@ class Checker:
             self.skip("Axolotl's own validation",
                       f"base_model {self.recipe.base_model}: no config.json on this machine")
             return
-        # The overrides (ARGS) are part of what Axolotl will see: the recipe's config holds them.
         try:
             axolotl_config.validate(self.recipe)
         except RecipeError as e:
@@ -319,7 +312,7 @@ class Checker:
         if not (special.get("pad_token") or tok.pad_token):
             self.error("special_tokens.pad_token", f"the tokenizer ({found.where}) has no pad token; set one "
                                                    "(batches of unequal length cannot be padded)")
-        return Lengths.load(found.path)  # counted as `make data` counts (finlora.lengths)
+        return Lengths(tok)  # the tokenizer just loaded: the same ids as `make data`'s (finlora.lengths)
 
     # -- data
     def data(self, lengths) -> None:
@@ -373,10 +366,7 @@ class Checker:
         from finlora.atomic import writable
 
         out = self.recipe.output_dir
-        if out.exists() and not out.is_dir():
-            self.error("output_dir", f"{rel(out)} is a file, not a folder: the run could not write there")
-            return
-        why = writable(out)
+        why = writable(out)  # a file in the way too
         if why:
             self.error("output_dir", f"{rel(out)} cannot be written ({why})")
             return
@@ -466,7 +456,8 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, extra_args: Sequen
     for k, ln in recipe.duplicates:
         c.r.errors.append(f"error: {rel(recipe.path)}:{ln}: {k}: key appears twice (the last one wins silently)")
     c.keys()
-    c.values()
+    for key, why in recipe.value_problems():  # values no run can use: Axolotl's own validation misses some
+        c.error(key, why)
     c.safety()
     c.paths()
     if c.r.errors:

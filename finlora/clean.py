@@ -33,9 +33,8 @@ def plan(outputs: Path = OUTPUTS, everything: bool = False) -> tuple[list[tuple[
     """([(path, why it is deleted)], [(path, why it is kept)])."""
     delete, keep = [], []
 
-    def take(p: Path, what: str, valuable: bool = False) -> None:
-        (delete if everything or not valuable else keep).append((p, what if everything or not valuable
-                                                                 else f"{what}: ALL=1 deletes it"))
+    def take(p: Path, what: str) -> None:  # what is worth keeping: deleted only with --all
+        (delete if everything else keep).append((p, what if everything else f"{what}: ALL=1 deletes it"))
 
     from finlora.check import not_axolotls_cache
 
@@ -57,7 +56,7 @@ def plan(outputs: Path = OUTPUTS, everything: bool = False) -> tuple[list[tuple[
             for p in folders(top):
                 why = base_model_replaceable(p)
                 if why is None:
-                    take(p, "the base model `make base-model` built", valuable=True)
+                    take(p, "the base model `make base-model` built")
                 else:
                     keep.append((p, f"not only what `make base-model` built ({why})"))
         elif top.is_dir() and any((top / f).is_file() for f in RUN_MARKERS):
@@ -71,7 +70,7 @@ def plan(outputs: Path = OUTPUTS, everything: bool = False) -> tuple[list[tuple[
                 elif p.name.startswith("train_config.node") and p.suffix == ".yml" or p.name.startswith(
                         "checkpoint-") or p.name == "eval" or p.name in RUN_FILES:
                     take(p, "a checkpoint" if p.name.startswith("checkpoint-") else
-                         "evaluation reports" if p.name == "eval" else "the trained adapter and its logs", valuable=True)
+                         "evaluation reports" if p.name == "eval" else "the trained adapter and its logs")
                 else:
                     keep.append((p, "not written by a project command"))
         else:

@@ -1,10 +1,6 @@
 """How `make train` launches Axolotl's trainer: the command line for RECIPE/GPUS/NODES,
 the global batch kept across process counts, the child's environment, and its output
-(redacted on the way through).
-
-Axolotl's stdout/stderr pass through `finlora.redact` (byte chunks, so progress bars
-stream): values of secret-named environment variables never reach the terminal or a
-captured log.
+(redacted on the way through, `finlora.redact`).
 """
 
 from __future__ import annotations
@@ -60,17 +56,12 @@ def check_launch(gpus, nodes) -> tuple[int | None, int | None]:
 
 
 def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int | None = None) -> list[str]:
-    """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs: `axolotl train` with GPUS and
-    NODES unset (a CPU; `make train` passes GPUS=1 where CUDA GPUs exist, since Axolotl's
-    launcher would start one process per visible GPU), else `accelerate launch` with
-    recipes/accelerate/{single_gpu,multi_gpu,multi_node}.yaml; NODES>1 (GPUS per node) takes
-    the rank and main node from MACHINE_RANK / MASTER_ADDR / MASTER_PORT. Paths are written
-    relative to the repository root, where `make` runs."""
+    """The command `make train RECIPE=x [GPUS=n] [NODES=m]` runs, on arguments `check_launch`
+    passed (docs/GPU.md, "GPU nodes and launch"); paths relative to the repository root."""
     recipe = Path(recipe_path)
     if recipe.is_absolute() and recipe.is_relative_to(ROOT):
         recipe = recipe.relative_to(ROOT)
     recipe_s = str(recipe)
-    process_count(gpus, nodes)
     if gpus is None and nodes is None:
         return ["axolotl", "train", recipe_s]
     if nodes is not None and nodes > 1:
@@ -92,7 +83,7 @@ def launch_command(recipe_path: str | Path, gpus: int | None = None, nodes: int 
 def cuda_device_count() -> int:
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()  # 0 without CUDA
 
 
 def first_visible_gpu(env: dict) -> str:
@@ -109,13 +100,11 @@ def accumulation_for(accum: int, processes: int) -> int:
     return max(1, round(accum / processes))
 
 
-def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
-                devices: int) -> tuple[int | None, Recipe, list[str]]:
+def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None) -> tuple[int | None, Recipe, list[str]]:
     """What `make train` launches: (GPUs per node, the recipe with the overrides that
-    Axolotl gets, lines to print). GPUS unset on a machine with CUDA GPUs is one process on
-    the first visible GPU; the recipe's one-process global batch is kept on P processes
-    (docs/GPU.md, "GPU nodes and launch")."""
+    Axolotl gets, lines to print); the rules: docs/GPU.md, "GPU nodes and launch"."""
     lines: list[str] = []
+    devices = cuda_device_count()
     if gpus is None and (nodes or 1) == 1 and devices >= 1:
         gpus = 1
         more = f"; {devices} GPUs visible: GPUS={devices} trains on all of them" if devices > 1 else ""
@@ -144,7 +133,7 @@ def plan_launch(recipe: Recipe, gpus: int | None, nodes: int | None,
     return gpus, recipe, lines
 
 
-def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
+def axolotl_env(recipe: Recipe, processes: int) -> dict:
     env = dict(os.environ)
     env.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     env.setdefault("WANDB_MODE", "disabled")
@@ -167,10 +156,8 @@ def axolotl_env(recipe: Recipe, processes: int = 1) -> dict:
 
 
 def cpu_launch(processes: int, deepspeed: bool) -> dict[str, str]:
-    """The environment several training processes on a machine without CUDA need: the one
-    owner of that contract (`axolotl_env` sets it, the plugin refuses a launch without it).
-    Plain DDP: ACCELERATE_USE_CPU=1; DeepSpeed: its CPU accelerator and ACCELERATE_USE_CPU=0
-    (why each: docs/GPU.md, "Data parallel on a CPU" and "Smoke tests")."""
+    """The environment several training processes on a machine without CUDA need (`axolotl_env`
+    sets it, the plugin refuses a launch without it); why: docs/GPU.md, "Data parallel on a CPU"."""
     if processes <= 1:
         return {}
     return {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "0"} if deepspeed else {"ACCELERATE_USE_CPU": "1"}

@@ -1,11 +1,5 @@
-"""The one rule for a training row's length, and the tokenizer that measures it.
-
-A row fits when its tokens as the trainer sees them (with the recipe's tokenizer: the prompt,
-and the answer tokenised on its own, as Axolotl's instruction strategy does, plus the EOS token
-it appends) are at most `sequence_len`. `too_long`
-applies that rule; `make data` (finlora.data.validate), `make check` and the Axolotl
-plugin (on Axolotl's own token counts) all call it.
-"""
+"""The one rule for a training row's length (`too_long`: its tokens as Axolotl trains them,
+`Lengths.trained_lengths`, at most `sequence_len`), and the tokenizer that measures it."""
 
 from __future__ import annotations
 

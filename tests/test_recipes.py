@@ -3,6 +3,7 @@ Generation from the matrix is tested in test_generate.py."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,24 +54,30 @@ def _planted(tmp_path, **changes) -> Path:
     return p
 
 
+def refused_keys(path) -> str:
+    """The keys `make check` refuses before it runs Axolotl's validation."""
+    from finlora.axolotl_config import unknown_keys
+    from finlora.recipes import Recipe
+
+    return ", ".join(unknown_keys(Recipe.open(path).config))
+
+
 def test_unknown_key_is_refused_with_its_name(tmp_path):
-    with pytest.raises(RecipeError, match="lora_rnak"):
-        validate(_planted(tmp_path, lora_rnak=8))
+    assert "lora_rnak" in refused_keys(_planted(tmp_path, lora_rnak=8))
 
 
 def test_deprecated_and_nested_unknown_keys_are_refused(tmp_path):
-    with pytest.raises(RecipeError, match=r"rope_scaling \(deprecated"):
-        validate(_planted(tmp_path, rope_scaling={"type": "linear", "factor": 2.0}))
+    rope = {"rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert re.search(r"rope_scaling \(deprecated", refused_keys(_planted(tmp_path, **rope)))
     # deprecated through pydantic's Field(deprecated=...) in AxolotlInputConfig, with the hint
     for key, value, hint in (("flash_attention", True, "attn_implementation: flash_attention_2"),
                              ("sdp_attention", False, "attn_implementation: sdpa"),
                              ("gc_steps", 10, "torch_empty_cache_steps"),
                              ("flash_attn_d512", True, "large_head_attention"),  # by its description
                              ("sequence_parallel_degree", 1, "context_parallel_size")):
-        with pytest.raises(RecipeError, match=rf"{key} \(deprecated in Axolotl: .*{hint}"):
-            validate(_planted(tmp_path, **{key: value}))
-    with pytest.raises(RecipeError, match=r"datasets\[0\]\.fiel_output"):
-        validate(_planted(tmp_path, dataset_key="fiel_output"))
+        refused = refused_keys(_planted(tmp_path, **{key: value}))
+        assert re.search(rf"{key} \(deprecated in Axolotl: .*{hint}", refused), refused
+    assert re.search(r"datasets\[0\]\.fiel_output", refused_keys(_planted(tmp_path, dataset_key="fiel_output")))
 
 
 def test_every_deprecation_axolotls_schema_marks_is_flagged():
@@ -154,7 +161,7 @@ def test_slurm_script_is_valid_bash():
 
 def test_launch_command(monkeypatch):
     from finlora.errors import LaunchError
-    from finlora.launch import launch_command
+    from finlora.launch import check_launch, launch_command
 
     r = "recipes/sentiment_r8.yml"
     assert launch_command(r, None, None) == ["axolotl", "train", r]
@@ -173,10 +180,10 @@ def test_launch_command(monkeypatch):
         "accelerate", "launch", "--config_file", "recipes/accelerate/multi_node.yaml",
         "--num_machines", "2", "--num_processes", "16", "--machine_rank", "1",
         "--main_process_ip", "node001", "--main_process_port", "29500", "-m", "axolotl.cli.train", r]
-    with pytest.raises(LaunchError, match="GPUS"):
-        launch_command(r, None, 2)
+    with pytest.raises(LaunchError, match="GPUS"):  # make train checks its arguments first
+        check_launch(None, 2)
     with pytest.raises(LaunchError):
-        launch_command(r, 0, None)
+        check_launch(0, None)
     monkeypatch.delenv("MASTER_ADDR")
     with pytest.raises(LaunchError, match="MASTER_ADDR"):
         launch_command(r, 8, 2)

@@ -71,10 +71,8 @@ def count_tokens(check: LengthCheck, examples: list[Example]) -> None:
 
 def too_long(check: LengthCheck, examples: list[Example]) -> list[Problem]:
     """The examples over sequence_len by the one rule (finlora.lengths.too_long)."""
-    if not check.active:
+    if not check.active:  # else `count_tokens` has run on `examples`
         return []
-    if any(e.n_tokens is None for e in examples):
-        count_tokens(check, examples)
     return [Problem(examples[i].file, examples[i].line, f"too long: {n} tokens > sequence_len {check.sequence_len}")
             for i, n in rule([e.n_tokens for e in examples], check.sequence_len)]
 
