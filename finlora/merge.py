@@ -43,8 +43,8 @@ COPY_FILES = (
 # caught by the shape check of the embedding instead.)
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "intermediate_size", "head_dim")
-EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
-HEAD_NAMES = ("lm_head", "embed_out", "output")
+# the input embedding and the output head, which tie_word_embeddings makes one matrix
+TIED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "lm_head", "embed_out", "output")
 
 # --verify tolerances on logits. Both models are evaluated in float32 on the same
 # prompts, so the only differences left are (a) float reassociation, W0x + s*B(Ax)
@@ -95,9 +95,8 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     single = base_dir / "model.safetensors"
     if index.is_file():
         wmap = _read_json(index).get("weight_map") or {}
-        files = list(dict.fromkeys(wmap.values()))
         out: dict[str, TensorInfo] = {}
-        for name in files:
+        for name in dict.fromkeys(wmap.values()):  # each shard once, in the index's order
             path = base_dir / name
             if not path.is_file():
                 raise MergeError(f"{index} names shard {name}, which is missing")
@@ -153,7 +152,6 @@ class ModuleDelta:
     keys: dict = field(default_factory=dict)   # role (A, B, m, copy) -> adapter key
     r: int = 0
     alpha: float = 0.0
-    scale: float = 0.0
 
     @property
     def base_key(self) -> str:
@@ -187,11 +185,8 @@ _UNMERGEABLE = {
     "monteclora_config": "MonteCLoRA is not supported by this merger",
     "mica": "MiCA is not supported by this merger",
 }
-# Initialisations that move the adapter's starting product out of the base weights while it
-# trains (PEFT's lora/layer.py *_init), so the adapter fits that residual base. PiSSA's full SVD
-# and OLoRA's QR rebuild it from the base exactly, and merged_weight lets PEFT's layer do so (as
-# PeftModel.from_pretrained does); these need what the base alone does not hold (a random SVD's
-# draw, activations, gradients, a quantised base), so their merge is refused.
+# Initialisations whose residual base (PEFT's lora/layer.py *_init) PEFT's layer cannot rebuild
+# from the base alone, unlike PiSSA's full SVD and OLoRA's QR: refused (docs/MERGE.md).
 _NOT_REBUILT_INIT = ("pissa_niter", "corda", "lora_ga", "loftq")
 
 
@@ -236,7 +231,6 @@ def adapter_modules(cfg: dict, weights: dict[str, torch.Tensor], path: Path, whe
                              f"{'lora_B' if 'A' in d.keys else 'lora_A'}")
         d.r = int(_pattern_value(cfg.get("rank_pattern"), d.module, r0))
         d.alpha = float(_pattern_value(cfg.get("alpha_pattern"), d.module, a0))
-        d.scale = d.alpha / math.sqrt(d.r) if cfg.get("use_rslora") else d.alpha / d.r  # for merge_info; PEFT's layer applies its own
         if bool(cfg.get("use_dora")) != ("m" in d.keys):
             raise MergeError(f"{path}: module {d.module}: use_dora={bool(cfg.get('use_dora'))} in "
                              f"adapter_config.json but the magnitude vector is "
@@ -297,9 +291,8 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
     candidates = [adapter / "config.json"]
     if claimed:
         for root in (Path.cwd(), ROOT, adapter):
-            p = Path(claimed) if Path(claimed).is_absolute() else root / claimed
-            if (p / "config.json").is_file():
-                candidates.append(p / "config.json")
+            if (root / claimed / "config.json").is_file():  # an absolute `claimed` is itself
+                candidates.append(root / claimed / "config.json")
                 break
     for c in candidates:
         if c.is_file():
@@ -321,14 +314,12 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
     deltas: dict[str, ModuleDelta] = {}
     copies: dict[str, ModuleDelta] = {}
     for d in mods.values():
-        short = d.short
-        is_tied_weight = d.kind == "embedding" or short in EMBED_NAMES or short in HEAD_NAMES
-        if tied and is_tied_weight:
+        if tied and (d.kind == "embedding" or d.short in TIED_NAMES):
             raise MergeError(
                 f"module {d.module}: the base ties its input embeddings and output head (tie_word_embeddings=true), "
                 f"and the adapter targets {d.module}. PEFT applied the adapter to that module alone; merging it into "
                 f"the shared matrix would change the other one too, so the merge is refused. Retrain without "
-                f"{short} in lora_target_modules.")
+                f"{d.short} in lora_target_modules.")
         if d.base_key not in tensors:
             raise MergeError(f"module {d.module} (targeted by the adapter) is not in the base model: no tensor "
                              f"{d.base_key} in {base}. Was the adapter trained on another model?")
@@ -372,7 +363,7 @@ def plan(base: Path, adapter: Path, allow_pickle: bool = False, recipe_cfg: dict
                                  f"expected [{out_dim}]")
         deltas[d.base_key] = d
     lora = LoraConfig(use_rslora=bool(acfg.get("use_rslora")), use_dora=bool(acfg.get("use_dora")), fan_in_fan_out=fifo,
-                      init_lora_weights=acfg.get("init_lora_weights", True))  # PiSSA, OLoRA: see _NOT_REBUILT_INIT
+                      init_lora_weights=acfg.get("init_lora_weights", True))  # PiSSA, OLoRA: the layer rebuilds them
     return Plan(base, acfg, lora, tensors, deltas, copies, weights, adapter_file,
                 _quantization_notes(adapter, recipe_cfg), warnings)
 
@@ -413,10 +404,11 @@ def merged_weight(w0: torch.Tensor, d: ModuleDelta, weights: dict[str, torch.Ten
     return layer.get_base_layer().weight.data.to(w0.dtype)
 
 
-def _summary_scales(deltas: dict[str, ModuleDelta]) -> dict:
+def _summary_scales(deltas: dict[str, ModuleDelta], rslora: bool) -> dict:
+    """Each module name's scale, for the log and merge_info (PEFT's layer applies its own)."""
     by_kind: dict[str, set] = {}
     for d in deltas.values():
-        by_kind.setdefault(d.short, set()).add(d.scale)
+        by_kind.setdefault(d.short, set()).add(d.alpha / math.sqrt(d.r) if rslora else d.alpha / d.r)
     return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in sorted(by_kind.items())}
 
 
@@ -566,7 +558,7 @@ def merge(base: Path, adapter: Path, out: Path, *, force: bool = False, max_shar
     for w in p.warnings:
         log(f"merge: warning: {w}")
     t0 = time.time()
-    kinds = _summary_scales(p.deltas)
+    kinds = _summary_scales(p.deltas, p.lora.use_rslora)
     log(f"merge: {len(p.deltas)} modules ({', '.join(kinds)}) of {base} + {adapter}; scale "
         + ", ".join(f"{k}={v}" for k, v in kinds.items())
         + (" (rsLoRA)" if p.adapter_cfg.get("use_rslora") else "") + (" (DoRA)" if p.adapter_cfg.get("use_dora") else ""))

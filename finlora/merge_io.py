@@ -1,9 +1,5 @@
-"""Streamed safetensors I/O for `finlora.merge`: one tensor in memory at a time.
-
-Each tensor is read from its own short-lived `safetensors.safe_open` (an open file's mapped pages
-stay resident until it closes; reopening costs one header parse); each output shard's header is
-written first and its tensors streamed after it (no library writes tensor by tensor). docs/MERGE.md.
-"""
+"""Streamed safetensors I/O for `finlora.merge`, one tensor in memory at a time: how and why,
+docs/MERGE.md ("Streamed")."""
 
 from __future__ import annotations
 
@@ -54,7 +50,8 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """The tensor in its stored dtype, its file open only while it is read (see above)."""
+    """The tensor in its stored dtype, its file open only while it is read: an open file's
+    mapped pages stay resident until it closes; reopening costs one header parse."""
     try:
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(info.name)
