@@ -246,7 +246,6 @@ class Checker:
         except Exception as e:  # noqa: BLE001 - a plugin or schema failure is one line too
             self.error("config", f"Axolotl's validation failed: {type(e).__name__}: {str(e)[:200]}")
 
-    # -- safety
     def safety(self) -> None:
         if self.cfg.get("trust_remote_code"):
             self.warn("trust_remote_code", "true runs Python code shipped with the model repository; "
@@ -254,7 +253,6 @@ class Checker:
         if self.cfg.get("save_safetensors") is False:
             self.error("save_safetensors", "false saves pickled .bin files, which run code when loaded; set it to true")
 
-    # -- paths
     def paths(self) -> None:
         if not self.recipe.base_model:
             self.error("base_model", "missing")
@@ -314,7 +312,6 @@ class Checker:
                                                    "(batches of unequal length cannot be padded)")
         return Lengths(tok)  # the tokenizer just loaded: the same ids as `make data`'s (finlora.lengths)
 
-    # -- data
     def data(self, lengths) -> None:
         from finlora.data.convert import RowError, field_value
         from finlora.data.sources import read_jsonl
@@ -361,7 +358,6 @@ class Checker:
             if not long:
                 self.note(f"{rel(p)}: {len(texts)} rows, longest {max(counts)} tokens <= sequence_len {seq}")
 
-    # -- output folder
     def output(self) -> None:
         from finlora.atomic import writable
 

@@ -94,8 +94,8 @@ def _count(config_dir: str, r: int, targets: tuple[str, ...], dora: bool) -> Par
     from peft.tuners.lora import LoraLayer
 
     try:
-        peft_model = get_peft_model(meta_model(config_dir), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                      use_dora=dora))
+        peft_model = get_peft_model(meta_model(config_dir), LoraConfig(r=r, lora_alpha=2 * r,
+                                                                       target_modules=list(targets), use_dora=dora))
     except ValueError as e:  # a target module the model does not have
         raise RecipeError(f"lora_target_modules {list(targets)}: {e}") from None
     trainable, with_lora = peft_model.get_nb_trainable_parameters()

@@ -16,9 +16,8 @@ from finlora.lengths import too_long as rule
 
 
 def convert_all(task: Task, mapping: Mapping, rows: Iterable[RawRow]) -> tuple[list[Example], list[Problem]]:
-    examples, problems, n = [], [], 0
+    examples, problems = [], []
     for raw in rows:
-        n += 1
         out = convert_row(task, mapping, raw)
         (problems if isinstance(out, Problem) else examples).append(out)
     # A column missing from every row of a file is one problem, not thousands.
